@@ -1,0 +1,35 @@
+# nestlearn — set-up and entry points. Two commands matter: `make demo` and `make test`.
+# Both create .venv when missing, install the pinned CPU torch when no torch is present
+# (an open `torch` requirement would pull a multi-GB CUDA build), then the package itself.
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_VERSION ?= 2.13.0
+STAMP := $(VENV)/.nestlearn-installed
+
+.PHONY: install demo test lint bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "torch==$(TORCH_VERSION)"
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+demo: install
+	$(PY) -m nestlearn.demo
+
+test: install
+	$(PY) -m pytest -q
+
+lint: install
+	$(VENV)/bin/ruff check nestlearn tests benchmarks
+	$(VENV)/bin/ruff format --check nestlearn tests benchmarks
+
+bench: install
+	$(PY) benchmarks/memory_op.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

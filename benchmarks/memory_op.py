@@ -1,0 +1,183 @@
+"""Benchmark: tokens/s of the deep-memory op, `naive` (per-token) vs `chunk`, with causal SDPA attention
+at the same B, H, T, d timed in the same process. Prints a ratio table last; `--json` keeps the raw numbers.
+
+What it times: forward, and forward + backward (gradients to q, k, v, gates and the initial state), after
+warm-ups, median over repeats, with device synchronisation around each timed call only. Memory runs in
+float32 (D8); SDPA runs in bf16 on CUDA (the dtype attention is trained in) and float32 on CPU.
+
+    python benchmarks/memory_op.py                      # CPU defaults (2-core CI machine: T = 1024)
+    python benchmarks/memory_op.py --device cuda        # GPU defaults (T = 4096 and more)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from nestlearn.ops.memory import MemorySpec, init_state, memory_chunk, memory_naive
+
+# (B, T, C, H, d)
+CPU_CASES = [(1, 1024, 16, 4, 64), (1, 1024, 64, 4, 64), (2, 1024, 64, 8, 64)]
+GPU_CASES = [(4, 4096, 64, 8, 64), (4, 4096, 16, 8, 64), (4, 4096, 256, 8, 64), (1, 16384, 64, 8, 64)]
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def timeit(fn: Callable[[], object], device: str, warmup: int, reps: int) -> float:
+    """Median seconds of `fn()` over `reps` after `warmup` calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        sync(device)
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def memory_inputs(B: int, T: int, H: int, d: int, spec: MemorySpec, device: str) -> dict:
+    g = torch.Generator(device=device).manual_seed(0)
+
+    def rnd(*s: int) -> torch.Tensor:
+        return torch.randn(*s, device=device, generator=g)
+
+    def unif(*s: int) -> torch.Tensor:
+        return torch.rand(*s, device=device, generator=g)
+
+    st = init_state(spec, B, H, d, device=device)
+    return {
+        "q": F.normalize(rnd(B, T, H, d), dim=-1),
+        "k": F.normalize(rnd(B, T, H, d), dim=-1),
+        "v": rnd(B, T, H, d),
+        "eta": 0.1 * unif(B, T, H),
+        "alpha": 1 - 0.1 * unif(B, T, H),
+        "beta": 0.9 * unif(B, T, H),
+        "weights": list(st.weights),
+        "momenta": list(st.momenta),
+    }
+
+
+def memory_call(op, x: dict, spec: MemorySpec, C: int, backward: bool) -> Callable[[], object]:
+    from nestlearn.ops.memory import MemoryState
+
+    leaves = [x[n] for n in ("q", "k", "v", "eta", "alpha", "beta")] + x["weights"] + x["momenta"]
+
+    def call() -> None:
+        ins = [t.detach().requires_grad_(backward) for t in leaves]
+        q, k, v, eta, alpha, beta, *rest = ins
+        n = len(x["weights"])
+        st = MemoryState(tuple(rest[:n]), tuple(rest[n:]))
+        o, s = op(q, k, v, eta, alpha, beta, state=st, spec=spec, chunk_size=C)
+        if backward:
+            (o.sum() + sum(w.sum() for w in s.weights)).backward()
+
+    return call
+
+
+def sdpa_call(B: int, T: int, H: int, d: int, device: str, backward: bool) -> Callable[[], object]:
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    q, k, v = (torch.randn(B, H, T, d, device=device, dtype=dtype) for _ in range(3))
+
+    def call() -> None:
+        qq, kk, vv = (t.detach().requires_grad_(backward) for t in (q, k, v))
+        o = F.scaled_dot_product_attention(qq, kk, vv, is_causal=True)
+        if backward:
+            o.sum().backward()
+
+    return call
+
+
+def bench_case(case: tuple[int, ...], kind: str, device: str, args: argparse.Namespace) -> dict:
+    B, T, C, H, d = case
+    spec = MemorySpec(kind=kind)
+    x = memory_inputs(B, T, H, d, spec, device)
+    row: dict = {"B": B, "T": T, "C": C, "H": H, "d": d, "kind": kind}
+    for bwd in (False, True):
+        tag = "fwdbwd" if bwd else "fwd"
+        t_chunk = timeit(memory_call(memory_chunk, x, spec, C, bwd), device, args.warmup, args.reps)
+        # the naive loop is linear in T: time it on at most --naive-tokens and report tokens/s
+        Tn = min(T, args.naive_tokens)
+        xn = memory_inputs(B, Tn, H, d, spec, device)
+        t_naive = timeit(memory_call(memory_naive, xn, spec, C, bwd), device, 1, args.naive_reps)
+        t_sdpa = timeit(sdpa_call(B, T, H, d, device, bwd), device, args.warmup, args.reps)
+        row[f"{tag}_chunk_tok_s"] = B * T / t_chunk
+        row[f"{tag}_naive_tok_s"] = B * Tn / t_naive
+        row[f"{tag}_naive_T"] = Tn
+        row[f"{tag}_sdpa_tok_s"] = B * T / t_sdpa
+        row[f"{tag}_chunk_ms"] = 1000 * t_chunk
+    return row
+
+
+def header(device: str) -> str:
+    commit = os.environ.get("NESTLEARN_COMMIT", "")
+    if not commit:
+        try:
+            commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout
+        except OSError:
+            commit = "?"
+    card = torch.cuda.get_device_name() if device == "cuda" else platform.processor() or platform.machine()
+    threads = torch.get_num_threads()
+    return (
+        f"# device={device} card={card} torch={torch.__version__} threads={threads} "
+        f"commit={commit.strip() or '?'} date={time.strftime('%Y-%m-%d')}"
+    )
+
+
+def table(rows: list[dict]) -> str:
+    cols = "| kind | B | T | C | H | d | pass | naive tok/s | chunk tok/s | SDPA tok/s | chunk/naive | chunk/SDPA |"
+    lines = [cols, "|" + "---|" * 12]
+    for r in rows:
+        for tag in ("fwd", "fwdbwd"):
+            n, c, s = r[f"{tag}_naive_tok_s"], r[f"{tag}_chunk_tok_s"], r[f"{tag}_sdpa_tok_s"]
+            lines.append(
+                f"| {r['kind']} | {r['B']} | {r['T']} | {r['C']} | {r['H']} | {r['d']} | {tag} | "
+                f"{n:,.0f} | {c:,.0f} | {s:,.0f} | {c / n:.1f}x | {c / s:.3f}x |"
+            )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--kinds", default="mlp,linear")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--naive-reps", type=int, default=2)
+    p.add_argument("--naive-tokens", type=int, default=None, help="cap on T for the naive loop")
+    p.add_argument("--threads", type=int, default=2 if not torch.cuda.is_available() else None)
+    p.add_argument("--json", default=None, help="write raw rows here")
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.naive_tokens is None:
+        args.naive_tokens = 1 << 30 if args.device == "cpu" else 4096
+    torch.backends.cuda.matmul.allow_tf32 = False
+    cases = GPU_CASES if args.device == "cuda" else CPU_CASES
+    rows = []
+    for kind in args.kinds.split(","):
+        for case in cases:
+            rows.append(bench_case(case, kind, args.device, args))
+            print(json.dumps(rows[-1]), flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"header": header(args.device), "rows": rows}, f, indent=1)
+    print(header(args.device))
+    print(table(rows))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Pure tensor functions (no parameters, no nn.Module). Each op has a per-token `naive` reference."""

@@ -1,0 +1,233 @@
+"""Shared conventions of the deep-memory op: configuration, state, input checks, activations.
+
+What this is: the types and small tensor helpers that both `naive.py` (the per-token reference) and
+`chunk.py` (the chunk-parallel form) use, so the two agree on every convention of decisions D1-D5.
+What it is not: an nn.Module or anything that owns parameters; layers build on these functions.
+
+Conventions (column vectors, as in the paper):
+- a memory weight is stored `[B, H, d_out, d_in]` and acts as `y = W x` (D1: per sequence, per head);
+- linear memory `M(x) = W x`; residual MLP memory `M(x) = x + W1 σ(W2 x)` (Eq. 89), `W1: [d, e]`,
+  `W2: [e, d]`, `e = expansion * d` (D2);
+- inner objectives (D3): L2 `l = 1/2 ||M(k) - v||^2`, so `dl/dy = M(k) - v`; dot product
+  `l = -<M(k), v>`, so `dl/dy = -v` (plain gradient descent on it writes `+eta v k^T`; Eq. 92 prints the
+  opposite sign, which would be gradient ascent).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal, NamedTuple
+
+import torch
+from torch import Tensor
+
+MemoryKind = Literal["linear", "mlp"]
+Objective = Literal["l2", "dot"]
+Activation = Literal["silu", "gelu", "tanh"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class MemorySpec:
+    """What memory is learned in context and how (D2-D4).
+
+    kind: "linear" (`W x`) or "mlp" (`x + W1 σ(W2 x)`, Eq. 89).
+    objective: "l2" (`1/2 ||M(k) - v||^2`, Eq. 86) or "dot" (`-<M(k), v>`).
+    activation: σ of the MLP memory.
+    expansion: hidden width of the MLP memory as a multiple of the head dim.
+    dgd: apply the DGD projector `(alpha I - eta x̂ x̂^T)` (Eq. 88); False is plain GD with decay (Titans).
+    momentum: keep a momentum `S_t = beta_t S_{t-1} - eta_t G_t`; False means `beta = 0`.
+    decay: use the retention gate `alpha_t`; False means `alpha = 1`.
+    norm_eps: `x̂ = x / sqrt(||x||^2 + norm_eps^2)` for the projector's normalised layer input.
+    """
+
+    kind: MemoryKind = "mlp"
+    objective: Objective = "l2"
+    activation: Activation = "silu"
+    expansion: int = 4
+    dgd: bool = True
+    momentum: bool = True
+    decay: bool = True
+    norm_eps: float = 1e-6
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("linear", "mlp"):
+            raise ValueError(f"MemorySpec.kind must be 'linear' or 'mlp', got {self.kind!r}")
+        if self.objective not in ("l2", "dot"):
+            raise ValueError(f"MemorySpec.objective must be 'l2' or 'dot', got {self.objective!r}")
+        if self.activation not in _ACTIVATIONS:
+            raise ValueError(
+                f"MemorySpec.activation must be one of {sorted(_ACTIVATIONS)}, got {self.activation!r}"
+            )
+        if not isinstance(self.expansion, int) or self.expansion < 1:
+            raise ValueError(f"MemorySpec.expansion must be a positive int, got {self.expansion!r}")
+        if not self.norm_eps > 0:
+            raise ValueError(f"MemorySpec.norm_eps must be > 0, got {self.norm_eps!r}")
+
+    def weight_shapes(self, dim: int) -> tuple[tuple[int, int], ...]:
+        """Shapes `(d_out, d_in)` of the fast weights, in state order: linear (W,), mlp (W1, W2)."""
+        if self.kind == "linear":
+            return ((dim, dim),)
+        hidden = self.expansion * dim
+        return ((dim, hidden), (hidden, dim))
+
+
+class MemoryState(NamedTuple):
+    """Fast weights and their momenta, each `[B, H, d_out, d_in]`, in `MemorySpec.weight_shapes` order."""
+
+    weights: tuple[Tensor, ...]
+    momenta: tuple[Tensor, ...]
+
+
+def init_state(
+    spec: MemorySpec,
+    batch: int,
+    heads: int,
+    dim: int,
+    *,
+    std: float | None = None,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str | None = None,
+    generator: torch.Generator | None = None,
+) -> MemoryState:
+    """A fresh state: weights ~ N(0, std^2) (default `1/sqrt(d_in)`), momenta zero.
+
+    Layers instead hold a learned `[H, d_out, d_in]` initial state and `expand` it over the batch (D1).
+    """
+    weights, momenta = [], []
+    for d_out, d_in in spec.weight_shapes(dim):
+        scale = std if std is not None else 1.0 / math.sqrt(d_in)
+        w = torch.randn(batch, heads, d_out, d_in, dtype=dtype, device=device, generator=generator)
+        weights.append(w * scale)
+        momenta.append(torch.zeros(batch, heads, d_out, d_in, dtype=dtype, device=device))
+    return MemoryState(tuple(weights), tuple(momenta))
+
+
+# ---------------------------------------------------------------------------------------------
+# activations with their derivatives (the frozen inner gradient needs σ'; outer gradients
+# differentiate through it, so both are written with differentiable torch ops)
+
+
+def _silu_grad(z: Tensor) -> Tensor:
+    s = torch.sigmoid(z)
+    return s * (1 + z * (1 - s))
+
+
+def _gelu_grad(z: Tensor) -> Tensor:
+    cdf = 0.5 * (1 + torch.erf(z / math.sqrt(2.0)))
+    pdf = torch.exp(-0.5 * z * z) / math.sqrt(2 * math.pi)
+    return cdf + z * pdf
+
+
+def _tanh_grad(z: Tensor) -> Tensor:
+    return 1 - torch.tanh(z) ** 2
+
+
+_ACTIVATIONS: dict[str, tuple[Callable[[Tensor], Tensor], Callable[[Tensor], Tensor]]] = {
+    "silu": (torch.nn.functional.silu, _silu_grad),
+    "gelu": (torch.nn.functional.gelu, _gelu_grad),
+    "tanh": (torch.tanh, _tanh_grad),
+}
+
+
+def activation(name: str) -> tuple[Callable[[Tensor], Tensor], Callable[[Tensor], Tensor]]:
+    """`(σ, σ')` for an activation name of `MemorySpec`."""
+    return _ACTIVATIONS[name]
+
+
+def normalize(x: Tensor, eps: float) -> Tensor:
+    """`x / sqrt(||x||^2 + eps^2)` over the last dim: smooth, and finite for `x = 0`."""
+    return x * torch.rsqrt((x * x).sum(-1, keepdim=True) + eps * eps)
+
+
+def output_grad(y: Tensor, v: Tensor, objective: str) -> Tensor:
+    """`dl/dy` of the inner objective (D3): L2 -> `y - v`, dot -> `-v`."""
+    return y - v if objective == "l2" else -v
+
+
+def compute_dtype(*tensors: Tensor) -> torch.dtype:
+    """float64 if any input is float64, else float32 (D8: fast weights and accumulations in fp32)."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+# ---------------------------------------------------------------------------------------------
+# input checks shared by every implementation
+
+
+def check_inputs(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    eta: Tensor,
+    alpha: Tensor | None,
+    beta: Tensor | None,
+    state: MemoryState,
+    spec: MemorySpec,
+    chunk_size: int,
+    check_gates: bool,
+) -> tuple[Tensor, Tensor]:
+    """Raise ValueError naming the bad argument; return `(alpha, beta)` with switched-off gates filled.
+
+    Shapes: q, k, v `[B, T, H, D]`; eta, alpha, beta `[B, T, H]`; state as `MemorySpec.weight_shapes`.
+    """
+    if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    if q.dim() != 4:
+        raise ValueError(f"q must be [B, T, H, D], got shape {tuple(q.shape)}")
+    for name, x in (("k", k), ("v", v)):
+        if x.shape != q.shape:
+            raise ValueError(f"{name} must have the shape of q {tuple(q.shape)}, got {tuple(x.shape)}")
+    for name, x in (("q", q), ("k", k), ("v", v), ("eta", eta)):
+        if not x.is_floating_point():
+            raise ValueError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
+        if x.device != q.device:
+            raise ValueError(f"{name} is on {x.device} but q is on {q.device}; move all inputs to one device")
+    B, T, H, D = q.shape
+    if T == 0:
+        raise ValueError("q has an empty time axis (T = 0); pass at least one token")
+    gates = {"eta": eta, "alpha": alpha, "beta": beta}
+    switches = {"alpha": ("decay", spec.decay), "beta": ("momentum", spec.momentum)}
+    for name, (flag, on) in switches.items():
+        if on and gates[name] is None:
+            raise ValueError(f"{name} is required when spec.{flag} is True (or set spec.{flag}=False)")
+        if not on and gates[name] is not None:
+            raise ValueError(f"{name} was given but spec.{flag} is False; pass {name}=None")
+    for name, g in gates.items():
+        if g is None:
+            continue
+        if g.shape != (B, T, H):
+            raise ValueError(f"{name} must be [B, T, H] = {(B, T, H)}, got {tuple(g.shape)}")
+        if not g.is_floating_point() or g.device != q.device:
+            raise ValueError(f"{name} must be a floating-point tensor on {q.device}")
+        if check_gates and bool(((g < 0) | (g > 1)).any()):
+            lo, hi = float(g.min()), float(g.max())
+            raise ValueError(f"{name} must lie in [0, 1] (D4), got values in [{lo:.4g}, {hi:.4g}]")
+    _check_state(state, spec, B, H, D, q.device)
+    alpha = alpha if alpha is not None else torch.ones_like(eta)
+    beta = beta if beta is not None else torch.zeros_like(eta)
+    return alpha, beta
+
+
+def _check_state(state: MemoryState, spec: MemorySpec, B: int, H: int, D: int, device: torch.device) -> None:
+    if not isinstance(state, MemoryState):
+        raise ValueError(f"state must be a MemoryState, got {type(state).__name__}")
+    shapes = spec.weight_shapes(D)
+    for field in ("weights", "momenta"):
+        tensors = getattr(state, field)
+        if len(tensors) != len(shapes):
+            raise ValueError(
+                f"state.{field} has {len(tensors)} tensors but a {spec.kind!r} memory needs {len(shapes)}; "
+                "the state comes from another memory configuration"
+            )
+        for i, (t, (d_out, d_in)) in enumerate(zip(tensors, shapes, strict=True)):
+            want = (B, H, d_out, d_in)
+            if tuple(t.shape) != want:
+                raise ValueError(
+                    f"state.{field}[{i}] must be {want} for this spec and input, got {tuple(t.shape)}; "
+                    "the state comes from another configuration (kind, expansion, heads, head dim or batch)"
+                )
+            if t.dtype not in (torch.float32, torch.float64):
+                raise ValueError(f"state.{field}[{i}] must be float32 or float64 (D8), got {t.dtype}")
+            if t.device != device:
+                raise ValueError(f"state.{field}[{i}] is on {t.device} but the inputs are on {device}")

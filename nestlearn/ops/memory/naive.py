@@ -1,0 +1,124 @@
+"""Per-token reference of the deep-memory op: the recurrence of D4 with the chunk semantics of D5.
+
+What this is: the specification. One Python step per token, written as the paper's equations, exact in
+float64, differentiable end to end. `chunk.py` must reproduce it for every chunk size.
+What it is not: fast. Use `memory_chunk` for training and inference.
+
+For each weight matrix `W` of the memory, with layer input `x_t` and its normalised `x̂_t`:
+
+    G_t = dl/dW at the chunk-start state                       (Eq. 91: gradient frozen per chunk)
+    S_t = beta_t S_{t-1} - eta_t G_t                           (momentum, D4; beta = 0 gives Eq. 88)
+    W_t = W_{t-1} (alpha_t I - eta_t x̂_t x̂_t^T) + S_t          (DGD with decay, Eqs. 57 / 88)
+    W_t = alpha_t W_{t-1} + S_t                                (plain GD, Titans Eqs. 13-14, when dgd=False)
+    o_t = M_t(q_t)                                              (inclusive read, D5)
+
+The layer inputs `x_t` (the key for `W2` or `W`, the hidden activation for `W1`) are also taken at the
+chunk-start state, so the same `x_t` enters the gradient and the projector. With chunk_size = 1 this is the
+exact per-token recurrence.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .common import MemorySpec, MemoryState, activation, check_inputs, compute_dtype, normalize, output_grad
+
+
+def memory_naive(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    eta: Tensor,
+    alpha: Tensor | None = None,
+    beta: Tensor | None = None,
+    *,
+    state: MemoryState,
+    spec: MemorySpec,
+    chunk_size: int = 1,
+    check_gates: bool = False,
+) -> tuple[Tensor, MemoryState]:
+    """Run the memory over a sequence token by token.
+
+    Args:
+        q: read inputs `[B, T, H, D]`.
+        k: keys (memory inputs) `[B, T, H, D]`.
+        v: targets `[B, T, H, D]` (the self-generated `v_hat` in self-modifying Titans, Eq. 84).
+        eta, alpha, beta: step size, retention and momentum gates `[B, T, H]` in [0, 1]; alpha (beta)
+            must be None when `spec.decay` (`spec.momentum`) is False.
+        state: initial fast weights and momenta (`MemoryState`, each `[B, H, d_out, d_in]`).
+        spec: the memory and its inner optimizer.
+        chunk_size: tokens whose gradients share one chunk-start state (D5).
+        check_gates: verify that the gates lie in [0, 1] (a host sync).
+
+    Returns:
+        `o [B, T, H, D]` in q's dtype, and the final `MemoryState` in the compute dtype.
+    """
+    alpha, beta = check_inputs(q, k, v, eta, alpha, beta, state, spec, chunk_size, check_gates)
+    dt, out_dtype = compute_dtype(q, k, v, *state.weights), q.dtype
+    q, k, v, eta, alpha, beta = (x.to(dt) for x in (q, k, v, eta, alpha, beta))
+    weights = [w.to(dt) for w in state.weights]
+    momenta = [s.to(dt) for s in state.momenta]
+    T = q.shape[1]
+    outputs = []
+    for start in range(0, T, chunk_size):
+        frozen = [w for w in weights]  # the chunk-start state (Eqs. 90-91)
+        for t in range(start, min(start + chunk_size, T)):
+            inputs, errors = _frozen_terms(frozen, k[:, t], v[:, t], eta[:, t], spec)
+            for i, (x, e) in enumerate(zip(inputs, errors, strict=True)):
+                weights[i], momenta[i] = _step(
+                    weights[i], momenta[i], x, e, eta[:, t], alpha[:, t], beta[:, t], spec
+                )
+            outputs.append(_read(weights, q[:, t], spec))
+    o = torch.stack(outputs, dim=1).to(out_dtype)
+    return o, MemoryState(tuple(weights), tuple(momenta))
+
+
+def _frozen_terms(
+    weights: list[Tensor], k: Tensor, v: Tensor, eta: Tensor, spec: MemorySpec
+) -> tuple[list[Tensor], list[Tensor]]:
+    """Layer inputs `x` and momentum inputs `E = -eta dl/d(layer output)` of one token, per weight.
+
+    The momentum input of weight `i` is the outer product `E_i x_i^T = -eta G_i`. Shapes: k, v `[B, H, D]`,
+    eta `[B, H]`; returns lists in state order.
+    """
+    step = -eta[..., None]
+    if spec.kind == "linear":
+        (w,) = weights
+        y = _matvec(w, k)
+        return [k], [step * output_grad(y, v, spec.objective)]
+    sigma, dsigma = activation(spec.activation)
+    w1, w2 = weights
+    z = _matvec(w2, k)  # Eq. 89: M(k) = k + W1 σ(W2 k)
+    h = sigma(z)
+    y = k + _matvec(w1, h)
+    r = output_grad(y, v, spec.objective)
+    back = _matvec(w1.transpose(-1, -2), r) * dsigma(z)  # dl/dz = (W1^T r) ⊙ σ'(z)
+    return [h, k], [step * r, step * back]
+
+
+def _step(
+    w: Tensor, s: Tensor, x: Tensor, e: Tensor, eta: Tensor, alpha: Tensor, beta: Tensor, spec: MemorySpec
+) -> tuple[Tensor, Tensor]:
+    """One token's update of one weight `[B, H, o, i]` (D4)."""
+    s = beta[..., None, None] * s + e[..., :, None] * x[..., None, :]  # S_t = beta S - eta G
+    if spec.dgd:
+        xh = normalize(x, spec.norm_eps)
+        w = alpha[..., None, None] * w - eta[..., None, None] * _matvec(w, xh)[..., :, None] * xh[..., None, :]
+    else:
+        w = alpha[..., None, None] * w
+    return w + s, s  # Eq. 88 with momentum
+
+
+def _read(weights: list[Tensor], q: Tensor, spec: MemorySpec) -> Tensor:
+    """`M_t(q_t)` with the state after token t's update (inclusive read, D5)."""
+    if spec.kind == "linear":
+        return _matvec(weights[0], q)
+    sigma, _ = activation(spec.activation)
+    w1, w2 = weights
+    return q + _matvec(w1, sigma(_matvec(w2, q)))
+
+
+def _matvec(w: Tensor, x: Tensor) -> Tensor:
+    """`W x` for `W [..., o, i]`, `x [..., i]`."""
+    return (w @ x[..., :, None])[..., 0]
