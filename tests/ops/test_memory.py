@@ -241,8 +241,14 @@ def test_dgd_step_by_hand(fn) -> None:
     spec = MemorySpec(kind="linear", momentum=False)
     one = torch.ones(1, 1, 1, dtype=torch.float64)
     o, st = fn(
-        _seq((1.0, 1.0)), _seq((1.0, 0.0)), _seq((0.0, 1.0)), 0.5 * one, one,
-        state=_linear_state([[1, 0], [0, 1]]), spec=spec, chunk_size=1,
+        _seq((1.0, 1.0)),
+        _seq((1.0, 0.0)),
+        _seq((0.0, 1.0)),
+        0.5 * one,
+        one,
+        state=_linear_state([[1, 0], [0, 1]]),
+        spec=spec,
+        chunk_size=1,
     )
     # W (I - 0.5 e1 e1^T) = diag(0.5, 1); W k - v = (1, -1); minus 0.5 (1, -1) e1^T -> [[0, 0], [0.5, 1]]
     want = torch.tensor([[0.0, 0.0], [0.5, 1.0]], dtype=torch.float64)
@@ -317,8 +323,18 @@ def test_extreme_gates_no_nan(fn, kind: str) -> None:
 def _bad(fn, x: dict, spec: MemorySpec, match: str, C: int = 4, **changes) -> None:
     y = dict(x, **changes)
     with pytest.raises(ValueError, match=match):
-        fn(y["q"], y["k"], y["v"], y["eta"], y["alpha"], y["beta"], state=y["state"], spec=spec,
-           chunk_size=C, check_gates=True)
+        fn(
+            y["q"],
+            y["k"],
+            y["v"],
+            y["eta"],
+            y["alpha"],
+            y["beta"],
+            state=y["state"],
+            spec=spec,
+            chunk_size=C,
+            check_gates=True,
+        )
 
 
 @pytest.mark.parametrize("fn", [memory_naive, memory_chunk])

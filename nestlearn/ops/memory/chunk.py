@@ -5,6 +5,9 @@ is taken at the chunk-start state (D5, Eq. 91), so each weight matrix follows a 
 the weights; it is solved for the whole chunk at once with masked matrix products and one unit-triangular
 system (the UT/WY structure of DeltaNet). Only the loop over chunks is sequential. The derivation is in
 `README.md` beside this file.
+Two paths, the same math: the weight whose input is the key (`W`, or `W2` of the MLP) has state-independent
+grams, so its whole chunk is one precomputed linear operator applied to `[W_c^T; S_c^T; E]` (one matmul per
+chunk); the MLP's `W1` sees chunk-start hidden activations, so its grams are built inside the chunk loop.
 What it is not: a fused kernel. Each chunk still costs a few dozen kernel launches; a later Triton kernel
 keeps the state on chip.
 
@@ -50,53 +53,52 @@ def memory_chunk(
     N = -(-T // n)
     pad = N * n - T
     q, k, v = (_vector_chunks(x.to(dt), n, pad) for x in (q, k, v))  # [B, H, N, n, D]
-    # inert padding: eta = 0 writes nothing; alpha = beta = 1 leave rows <= the last real token untouched
+    # inert padding: eta = 0 writes nothing; alpha = beta = 1; the final state is read at the last real token
     eta, alpha, beta = (_gate_chunks(g.to(dt), n, pad, fill) for g, fill in ((eta, 0), (alpha, 1), (beta, 1)))
-    coef = _coefficients(eta, alpha, beta)  # all chunks at once: state-independent
-    kh = normalize(k, spec.norm_eps)
-    key_gram = _grams(k, kh, q, coef, spec.dgd, invert=True)  # the key-input weight's grams, all chunks
+    coef = _coefficients(eta, alpha, beta, last=T - (N - 1) * n)  # all chunks at once: state-independent
+    key_op = _key_operator(k, normalize(k, spec.norm_eps), q, coef, spec.dgd)
+    coefs, key_ops = coef.per_chunk(), key_op.per_chunk()
+    qs, ks, vs = q.unbind(2), k.unbind(2), v.unbind(2)
     weights = [w.to(dt) for w in state.weights]
     momenta = [s.to(dt) for s in state.momenta]
     outputs = []
     for j in range(N):
-        end = n if j < N - 1 else T - (N - 1) * n
-        c, g = coef.select(j), key_gram.select(j)
-        chunk = (q[:, :, j], k[:, :, j], kh[:, :, j], v[:, :, j])
         if spec.kind == "linear":
-            o = _linear_chunk(weights, momenta, chunk, c, g, end, spec)
+            o = _linear_chunk(weights, momenta, ks[j], vs[j], coefs[j], key_ops[j], spec)
         else:
-            o = _mlp_chunk(weights, momenta, chunk, c, g, end, spec)
+            o = _mlp_chunk(weights, momenta, (qs[j], ks[j], vs[j]), coefs[j], key_ops[j], spec)
         outputs.append(o)
     o = torch.stack(outputs, dim=2).reshape(B, H, N * n, D)[:, :, :T]
     return o.transpose(1, 2).to(out_dtype), MemoryState(tuple(weights), tuple(momenta))
 
 
 # ---------------------------------------------------------------------------------------------
-# per-chunk steps of the two memories (they update `weights`/`momenta` in place, as lists)
+# per-chunk steps of the two memories (they replace `weights`/`momenta` entries in place)
 
 
 def _linear_chunk(
-    weights: list[Tensor], momenta: list[Tensor], chunk: tuple[Tensor, ...], c: _Coef, g: _Gram,
-    end: int, spec: MemorySpec,
+    weights: list[Tensor], momenta: list[Tensor], k: Tensor, v: Tensor, c: _Coef, op: _KeyOp, spec: MemorySpec
 ) -> Tensor:
-    """`M(x) = W x`: frozen error `E_s = -eta_s dl/dy(W_c k_s)` (Eq. 93), then one matrix chunk."""
-    q, k, kh, v = chunk
-    (w,), (s,) = weights, momenta
-    e = -c.eta[..., None] * output_grad(k @ w.mT, v, spec.objective)
-    o, weights[0], momenta[0] = _matrix_chunk(w, s, k, kh, e, q, c, g, end, spec.dgd)
+    """`M(x) = W x`: frozen error `E_s = -eta_s dl/dy(W_c k_s)` (Eq. 93), then the chunk operator."""
+    e = -c.eta[..., None] * output_grad(k @ weights[0].mT, v, spec.objective)
+    o, weights[0], momenta[0] = _apply_key_operator(op, c, weights[0], momenta[0], e, spec.dgd)
     return o
 
 
 def _mlp_chunk(
-    weights: list[Tensor], momenta: list[Tensor], chunk: tuple[Tensor, ...], c: _Coef, g: _Gram,
-    end: int, spec: MemorySpec,
+    weights: list[Tensor],
+    momenta: list[Tensor],
+    chunk: tuple[Tensor, Tensor, Tensor],
+    c: _Coef,
+    op: _KeyOp,
+    spec: MemorySpec,
 ) -> Tensor:
     """`M(x) = x + W1 σ(W2 x)` (Eq. 89): both layers' errors frozen at the chunk start, reads chained.
 
-    W2 sees the keys and is read at q; W1 sees the chunk-start hidden activations and is read at
-    σ(W2_t q_t), so only W1's grams depend on the state.
+    W2 sees the keys and is read at q (precomputed operator); W1 sees the chunk-start hidden
+    activations and is read at σ(W2_t q_t), so its grams are built here.
     """
-    q, k, kh, v = chunk
+    q, k, v = chunk
     (w1, w2), (s1, s2) = weights, momenta
     sigma, dsigma = activation(spec.activation)
     z = k @ w2.mT  # [B, H, n, e]
@@ -104,23 +106,19 @@ def _mlp_chunk(
     r = output_grad(k + h @ w1.mT, v, spec.objective)
     step = -c.eta[..., None]
     e1, e2 = step * r, step * (r @ w1) * dsigma(z)  # -eta dl/dy and -eta dl/dz
-    z_read, weights[1], momenta[1] = _matrix_chunk(w2, s2, k, kh, e2, q, c, g, end, spec.dgd)
-    a = sigma(z_read)
-    hh = normalize(h, spec.norm_eps)
-    g1 = _grams(h, hh, a, c, spec.dgd, invert=False)
-    o1, weights[0], momenta[0] = _matrix_chunk(w1, s1, h, hh, e1, a, c, g1, end, spec.dgd)
+    z_read, weights[1], momenta[1] = _apply_key_operator(op, c, w2, s2, e2, spec.dgd)
+    o1, weights[0], momenta[0] = _matrix_chunk(w1, s1, h, normalize(h, spec.norm_eps), e1, sigma(z_read), c, spec.dgd)
     return q + o1
 
 
 # ---------------------------------------------------------------------------------------------
-# one weight matrix over one chunk
+# one weight matrix over one chunk, direct form (inputs known only inside the loop)
 
 
 def _matrix_chunk(
-    w: Tensor, s: Tensor, x: Tensor, xh: Tensor, e: Tensor, q: Tensor, c: _Coef, g: _Gram, end: int,
-    dgd: bool,
+    w: Tensor, s: Tensor, x: Tensor, xh: Tensor, e: Tensor, q: Tensor, c: _Coef, dgd: bool
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Reads `W_t q_t` for t = 1..n and the state `(W, S)` after token `end`.
+    """Reads `W_t q_t` for t = 1..n and the state `(W, S)` after the chunk's last real token.
 
     Shapes: w, s `[B, H, o, i]`; x, xh, q `[B, H, n, i]`; e `[B, H, n, o]`. With `u_r = -eta_r W_{r-1} x̂_r`:
         W_t = Γ_t W_c + m_t S_c + sum_r R[t, r] u_r x̂_r^T + sum_s D[t, s] E_s x_s^T
@@ -128,21 +126,22 @@ def _matrix_chunk(
     and the `u` solve `(I + diag(eta) (R_prev ⊙ X̂ X̂^T)) U = -eta ⊙ (Γ_prev X̂ W_c^T + m_prev X̂ S_c^T
     + (D_prev ⊙ X̂ X^T) E)`, where `_prev` rows are those of token r-1.
     """
-    pa, pb, d, m = c.pa, c.pb, c.d, c.m
     wt, st = w.mT, s.mT
-    read = pa[..., 1:, 0, None] * (q @ wt) + m[..., 1:, None] * (q @ st) + g.qx @ e
-    w_end = _scale(pa[..., end, 0], w) + _scale(m[..., end], s) + (e * d[..., end, :, None]).mT @ x
+    read = c.gam[..., None] * (q @ wt) + c.m[..., None] * (q @ st) + (c.D * (q @ x.mT)) @ e
+    w_end = _scale(c.gam_e, wt) + _scale(c.m_e, st) + (x.mT * c.D_e[..., None, :]) @ e
     if dgd:
-        rhs = pa[..., :-1, 0, None] * (xh @ wt) + m[..., :-1, None] * (xh @ st) + g.xx @ e
-        rhs = -c.eta[..., None] * rhs
-        if g.inv is not None:
-            u = g.inv @ rhs
-        else:
-            u = torch.linalg.solve_triangular(g.system, rhs, upper=False, unitriangular=True)
-        read = read + g.qxh @ u
-        w_end = w_end + (u * pa[..., end, 1:, None]).mT @ xh
-    s_end = _scale(pb[..., end, 0], s) + (e * pb[..., end, 1:, None]).mT @ x
-    return read, w_end, s_end
+        rhs = c.gam_prev[..., None] * (xh @ wt) + c.m_prev[..., None] * (xh @ st) + (c.D_prev * (xh @ x.mT)) @ e
+        u = torch.linalg.solve_triangular(_system(xh, c), -c.eta[..., None] * rhs, upper=False, unitriangular=True)
+        read = read + (c.R * (q @ xh.mT)) @ u
+        w_end = w_end + (xh.mT * c.R_e[..., None, :]) @ u
+    s_end = _scale(c.b_e, st) + (x.mT * c.Lb_e[..., None, :]) @ e
+    return read, w_end.mT, s_end.mT
+
+
+def _system(xh: Tensor, c: _Coef) -> Tensor:
+    """`I + diag(eta) (R_prev ⊙ X̂ X̂^T)`: unit lower triangular `[..., n, n]` (R_prev is strictly lower)."""
+    eye = torch.eye(xh.shape[-2], dtype=xh.dtype, device=xh.device)
+    return eye + c.eta[..., None] * (c.R_prev * (xh @ xh.mT))
 
 
 def _scale(a: Tensor, w: Tensor) -> Tensor:
@@ -151,42 +150,117 @@ def _scale(a: Tensor, w: Tensor) -> Tensor:
 
 
 # ---------------------------------------------------------------------------------------------
-# state-independent coefficients and grams
+# the key-input weight: the chunk as one linear operator on Z = [W_c^T; S_c^T; E]
+
+
+class _KeyOp(NamedTuple):
+    """State-independent operator of a chunk whose layer inputs are the keys.
+
+    rows `[2n, 2i+n]` (dgd) maps Z to `[U; reads]`; `[n, 2i+n]` without dgd maps Z to reads.
+    pe `[i, 2n]` (dgd) or `[i, n]` maps `[U; E]` (or E) to W's increment; ke `[i, n]` maps E to S's.
+    """
+
+    rows: Tensor
+    pe: Tensor
+    ke: Tensor
+
+    def per_chunk(self) -> list[_KeyOp]:
+        return [_KeyOp(*fs) for fs in zip(*(f.unbind(2) for f in self), strict=True)]
+
+
+def _key_operator(x: Tensor, xh: Tensor, q: Tensor, c: _Coef, dgd: bool) -> _KeyOp:
+    """Build the operator for all chunks at once from inputs `x, x̂, q [B, H, N, n, i]`.
+
+    Reads: `Q W_t` rows are `[Γ ⊙ Q | m ⊙ Q | D ⊙ Q X^T] Z + (R ⊙ Q X̂^T) U`, and `U = Mu Z` with
+    `Mu = system^{-1} (-eta ⊙ [Γ_prev ⊙ X̂ | m_prev ⊙ X̂ | D_prev ⊙ X̂ X^T])` (see `_matrix_chunk`).
+    """
+    qx = c.D * (q @ x.mT)
+    fq = torch.cat([c.gam[..., None] * q, c.m[..., None] * q, qx], dim=-1)
+    ke = x.mT * c.Lb_e[..., None, :]
+    if not dgd:
+        return _KeyOp(fq, x.mT * c.D_e[..., None, :], ke)
+    ax = torch.cat([c.gam_prev[..., None] * xh, c.m_prev[..., None] * xh, c.D_prev * (xh @ x.mT)], dim=-1)
+    mu = torch.linalg.solve_triangular(_system(xh, c), -c.eta[..., None] * ax, upper=False, unitriangular=True)
+    rows = torch.cat([mu, fq + (c.R * (q @ xh.mT)) @ mu], dim=-2)
+    pe = torch.cat([xh.mT * c.R_e[..., None, :], x.mT * c.D_e[..., None, :]], dim=-1)
+    return _KeyOp(rows, pe, ke)
+
+
+def _apply_key_operator(
+    op: _KeyOp, c: _Coef, w: Tensor, s: Tensor, e: Tensor, dgd: bool
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Reads `[B, H, n, o]` and the new `(W, S)` from the chunk-start `(W, S)` and errors `e [B, H, n, o]`."""
+    wt, st = w.mT, s.mT
+    y = op.rows @ torch.cat([wt, st, e], dim=-2)
+    n = e.shape[-2]
+    if dgd:
+        read, ue = y[..., n:, :], torch.cat([y[..., :n, :], e], dim=-2)
+    else:
+        read, ue = y, e
+    w_end = _scale(c.gam_e, wt) + _scale(c.m_e, st) + op.pe @ ue
+    s_end = _scale(c.b_e, st) + op.ke @ e
+    return read, w_end.mT, s_end.mT
+
+
+# ---------------------------------------------------------------------------------------------
+# state-independent gate coefficients
 
 
 class _Coef(NamedTuple):
-    """Gate products of each chunk (see the module docstring); leading dims `[B, H]` (+ `[N]`)."""
+    """Gate products of each chunk (module docstring), leading dims `[B, H, N]` or, per chunk, `[B, H]`.
 
-    eta: Tensor  # [..., n]
-    pa: Tensor  # [..., n+1, n+1]  decay products
-    pb: Tensor  # [..., n+1, n+1]  momentum products
-    d: Tensor  # [..., n+1, n]    D = R Lβ
-    m: Tensor  # [..., n+1]       m = R b
+    Rows `t = 1..n`; `_prev` fields are the rows of token t-1 (row 0 = the chunk start); `_e` fields are the
+    row of the chunk's last real token (n, or fewer in the final chunk).
+    """
 
-    def select(self, j: int) -> _Coef:
-        return _Coef(*(f[:, :, j] for f in self))
+    eta: Tensor  # [n]
+    gam: Tensor  # [n]     Γ_t
+    gam_prev: Tensor  # [n]     Γ_{t-1}
+    m: Tensor  # [n]     m_t
+    m_prev: Tensor  # [n]     m_{t-1}
+    R: Tensor  # [n, n]  R[t, r]
+    R_prev: Tensor  # [n, n]  R[t-1, r] (strictly lower)
+    D: Tensor  # [n, n]  D[t, s]
+    D_prev: Tensor  # [n, n]  D[t-1, s]
+    gam_e: Tensor  # []
+    m_e: Tensor  # []
+    b_e: Tensor  # []
+    R_e: Tensor  # [n]
+    D_e: Tensor  # [n]
+    Lb_e: Tensor  # [n]
+
+    def per_chunk(self) -> list[_Coef]:
+        return [_Coef(*fs) for fs in zip(*(f.unbind(2) for f in self), strict=True)]
 
 
-class _Gram(NamedTuple):
-    """Masked inner products of one weight's inputs; `[..., n, n]` each."""
-
-    qx: Tensor  # D ⊙ (Q X^T)
-    qxh: Tensor | None  # R ⊙ (Q X̂^T)                       (dgd only)
-    xx: Tensor | None  # D_prev ⊙ (X̂ X^T)                   (dgd only)
-    system: Tensor | None  # I + diag(eta) (R_prev ⊙ X̂ X̂^T)  (dgd only; unit lower triangular)
-    inv: Tensor | None  # its inverse, when precomputed
-
-    def select(self, j: int) -> _Gram:
-        return _Gram(*(None if f is None else f[:, :, j] for f in self))
-
-
-def _coefficients(eta: Tensor, alpha: Tensor, beta: Tensor) -> _Coef:
-    """Decay and momentum products for gates `[..., n]` (all chunks at once)."""
-    pa, pb = _segment_products(alpha), _segment_products(beta)
+def _coefficients(eta: Tensor, alpha: Tensor, beta: Tensor, last: int) -> _Coef:
+    """Decay and momentum products for gates `[B, H, N, n]` (all chunks at once)."""
+    N, n = eta.shape[-2:]
+    pa, pb = _segment_products(alpha), _segment_products(beta)  # [..., n+1, n+1]
     ra = pa[..., :, 1:]  # R with the chunk-start row: [n+1, n]
     d = ra @ pb[..., 1:, 1:]  # D[t, s] = sum_r R[t, r] Lβ[r, s]
     m = (ra @ pb[..., 1:, 0, None])[..., 0]  # m_t = sum_r R[t, r] b_r
-    return _Coef(eta, pa, pb, d, m)
+    idx = torch.arange(N, device=eta.device)
+    ends = torch.full((N,), n, device=eta.device)
+    ends[-1] = last
+    pa_e, pb_e, d_e, m_e = pa[:, :, idx, ends], pb[:, :, idx, ends], d[:, :, idx, ends], m[:, :, idx, ends]
+    return _Coef(
+        eta=eta,
+        gam=pa[..., 1:, 0],
+        gam_prev=pa[..., :-1, 0],
+        m=m[..., 1:],
+        m_prev=m[..., :-1],
+        R=pa[..., 1:, 1:],
+        R_prev=pa[..., :-1, 1:],
+        D=d[..., 1:, :],
+        D_prev=d[..., :-1, :],
+        gam_e=pa_e[..., 0],
+        m_e=m_e,
+        b_e=pb_e[..., 0],
+        R_e=pa_e[..., 1:],
+        D_e=d_e,
+        Lb_e=pb_e[..., 1:],
+    )
 
 
 def _segment_products(g: Tensor) -> Tensor:
@@ -201,22 +275,6 @@ def _segment_products(g: Tensor) -> Tensor:
     factors = torch.where(after, g1[..., None, :], torch.ones_like(g1[..., None, :]))
     prods = torch.cumprod(factors, dim=-1).transpose(-1, -2)  # [t, s]
     return prods.masked_fill(after, 0)  # in [t, s] layout `after` marks s > t
-
-
-def _grams(x: Tensor, xh: Tensor, q: Tensor, c: _Coef, dgd: bool, invert: bool) -> _Gram:
-    """Masked grams of a weight's inputs `x, x̂ [..., n, i]` and read inputs `q [..., n, i]`."""
-    qx = c.d[..., 1:, :] * (q @ x.mT)
-    if not dgd:
-        return _Gram(qx, None, None, None, None)
-    qxh = c.pa[..., 1:, 1:] * (q @ xh.mT)
-    xx = c.d[..., :-1, :] * (xh @ x.mT)
-    strict = c.pa[..., :-1, 1:] * (xh @ xh.mT)  # R[r-1, j] x̂_j^T x̂_r, zero for j >= r
-    eye = torch.eye(x.shape[-2], dtype=x.dtype, device=x.device)
-    system = eye + c.eta[..., None] * strict
-    inv = None
-    if invert:
-        inv = torch.linalg.solve_triangular(system, eye.expand_as(system), upper=False, unitriangular=True)
-    return _Gram(qx, qxh, xx, system, inv)
 
 
 # ---------------------------------------------------------------------------------------------

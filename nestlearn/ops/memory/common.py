@@ -57,9 +57,7 @@ class MemorySpec:
         if self.objective not in ("l2", "dot"):
             raise ValueError(f"MemorySpec.objective must be 'l2' or 'dot', got {self.objective!r}")
         if self.activation not in _ACTIVATIONS:
-            raise ValueError(
-                f"MemorySpec.activation must be one of {sorted(_ACTIVATIONS)}, got {self.activation!r}"
-            )
+            raise ValueError(f"MemorySpec.activation must be one of {sorted(_ACTIVATIONS)}, got {self.activation!r}")
         if not isinstance(self.expansion, int) or self.expansion < 1:
             raise ValueError(f"MemorySpec.expansion must be a positive int, got {self.expansion!r}")
         if not self.norm_eps > 0:

@@ -66,9 +66,7 @@ def memory_naive(
         for t in range(start, min(start + chunk_size, T)):
             inputs, errors = _frozen_terms(frozen, k[:, t], v[:, t], eta[:, t], spec)
             for i, (x, e) in enumerate(zip(inputs, errors, strict=True)):
-                weights[i], momenta[i] = _step(
-                    weights[i], momenta[i], x, e, eta[:, t], alpha[:, t], beta[:, t], spec
-                )
+                weights[i], momenta[i] = _step(weights[i], momenta[i], x, e, eta[:, t], alpha[:, t], beta[:, t], spec)
             outputs.append(_read(weights, q[:, t], spec))
     o = torch.stack(outputs, dim=1).to(out_dtype)
     return o, MemoryState(tuple(weights), tuple(momenta))
