@@ -349,6 +349,7 @@ def test_bad_input(fn) -> None:
     _bad(fn, x, spec, "^eta must be", eta=x["eta"][..., None])
     _bad(fn, x, spec, r"alpha must lie in \[0, 1\]", alpha=x["alpha"] + 1)
     _bad(fn, x, spec, r"eta must lie in \[0, 1\]", eta=-x["eta"])
+    _bad(fn, x, spec, r"beta must lie in \[0, 1\]", beta=torch.full_like(x["beta"], float("nan")))
     _bad(fn, x, spec, "beta is required", beta=None)
     other = init_state(MemorySpec(kind="linear"), 2, 2, 8, dtype=torch.float64)
     _bad(fn, x, spec, "another memory configuration", state=other)

@@ -37,7 +37,7 @@ def memory_chunk(
     *,
     state: MemoryState,
     spec: MemorySpec,
-    chunk_size: int = 64,
+    chunk_size: int,
     check_gates: bool = False,
 ) -> tuple[Tensor, MemoryState]:
     """Run the memory over a sequence chunk by chunk; arguments and results as `memory_naive`.

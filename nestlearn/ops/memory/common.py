@@ -198,7 +198,7 @@ def check_inputs(
             raise ValueError(f"{name} must be [B, T, H] = {(B, T, H)}, got {tuple(g.shape)}")
         if not g.is_floating_point() or g.device != q.device:
             raise ValueError(f"{name} must be a floating-point tensor on {q.device}")
-        if check_gates and bool(((g < 0) | (g > 1)).any()):
+        if check_gates and not bool(((g >= 0) & (g <= 1)).all()):  # NaN fails too
             lo, hi = float(g.min()), float(g.max())
             raise ValueError(f"{name} must lie in [0, 1] (D4), got values in [{lo:.4g}, {hi:.4g}]")
     _check_state(state, spec, B, H, D, q.device)

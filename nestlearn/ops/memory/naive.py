@@ -35,7 +35,7 @@ def memory_naive(
     *,
     state: MemoryState,
     spec: MemorySpec,
-    chunk_size: int = 1,
+    chunk_size: int,
     check_gates: bool = False,
 ) -> tuple[Tensor, MemoryState]:
     """Run the memory over a sequence token by token.
@@ -48,7 +48,8 @@ def memory_naive(
             must be None when `spec.decay` (`spec.momentum`) is False.
         state: initial fast weights and momenta (`MemoryState`, each `[B, H, d_out, d_in]`).
         spec: the memory and its inner optimizer.
-        chunk_size: tokens whose gradients share one chunk-start state (D5).
+        chunk_size: tokens whose gradients share one chunk-start state (D5); it changes the semantics,
+            so it has no default. 1 is the exact per-token recurrence.
         check_gates: verify that the gates lie in [0, 1] (a host sync).
 
     Returns:
