@@ -47,7 +47,7 @@ def memory_chunk(
     state is read at the last real token.
     """
     alpha, beta = check_inputs(q, k, v, eta, alpha, beta, state, spec, chunk_size, check_gates)
-    dt, out_dtype = compute_dtype(q, k, v, *state.weights), q.dtype
+    dt, out_dtype = compute_dtype(q, k, v, eta, *state.weights, *state.momenta), q.dtype
     B, T, H, D = q.shape
     n = min(chunk_size, T)
     N = -(-T // n)

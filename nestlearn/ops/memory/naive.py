@@ -56,7 +56,7 @@ def memory_naive(
         `o [B, T, H, D]` in q's dtype, and the final `MemoryState` in the compute dtype.
     """
     alpha, beta = check_inputs(q, k, v, eta, alpha, beta, state, spec, chunk_size, check_gates)
-    dt, out_dtype = compute_dtype(q, k, v, *state.weights), q.dtype
+    dt, out_dtype = compute_dtype(q, k, v, eta, *state.weights, *state.momenta), q.dtype
     q, k, v, eta, alpha, beta = (x.to(dt) for x in (q, k, v, eta, alpha, beta))
     weights = [w.to(dt) for w in state.weights]
     momenta = [s.to(dt) for s in state.momenta]
