@@ -1,0 +1,91 @@
+"""Small building blocks shared by the sequence layers: RMSNorm, causal short convolution, rotary embedding,
+SwiGLU MLP.
+
+What this is: plain `nn.Module`s on `[B, T, D]` tensors; the short convolution carries an explicit decoding
+state so that one pass equals the same tokens fed in pieces. What it is not: a sequence mixer (attention and the
+memories live in their own files) or anything with in-context learning.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class RMSNorm(nn.Module):
+    """`x / rms(x) * weight`, computed in float32 and cast back to x's dtype."""
+
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (y * self.weight.to(y.dtype)).to(x.dtype)
+
+
+class ShortConv(nn.Module):
+    """Causal depthwise convolution over time (width 4 by default, D6), with an explicit decoding state.
+
+    forward(x `[B, T, C]`, state `[B, width-1, C]` or None) -> (y `[B, T, C]`, state): the state holds the last
+    `width - 1` inputs, zeros at the start of a sequence.
+    """
+
+    def __init__(self, channels: int, width: int = 4, activation: bool = True) -> None:
+        super().__init__()
+        if width < 1:
+            raise ValueError(f"ShortConv width must be >= 1, got {width}")
+        self.width = width
+        self.activation = activation
+        self.weight = nn.Parameter(torch.empty(channels, width))
+        nn.init.normal_(self.weight, std=width**-0.5)
+
+    def initial_state(self, batch: int, like: Tensor) -> Tensor:
+        return like.new_zeros(batch, self.width - 1, self.weight.shape[0])
+
+    def forward(self, x: Tensor, state: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        B, _, C = x.shape
+        if state is None:
+            state = self.initial_state(B, x)
+        if state.shape != (B, self.width - 1, C):
+            raise ValueError(f"ShortConv state must be {(B, self.width - 1, C)}, got {tuple(state.shape)}")
+        padded = torch.cat([state.to(x.dtype), x], dim=1)  # [B, width-1+T, C]
+        y = F.conv1d(padded.transpose(1, 2), self.weight.to(x.dtype)[:, None, :], groups=C).transpose(1, 2)
+        new_state = padded[:, padded.shape[1] - (self.width - 1) :]
+        return (F.silu(y) if self.activation else y), new_state
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotary position embedding on `[B, T, H, D]` (D even), positions `offset .. offset + T - 1`."""
+
+    def __init__(self, head_dim: int, base: float = 10000.0) -> None:
+        super().__init__()
+        if head_dim % 2:
+            raise ValueError(f"RotaryEmbedding needs an even head dim, got {head_dim}")
+        inv_freq = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+        self.register_buffer("inv_freq", inv_freq.float(), persistent=False)
+
+    def forward(self, x: Tensor, offset: int | Tensor = 0) -> Tensor:
+        T = x.shape[1]
+        pos = torch.arange(T, device=x.device, dtype=torch.float32) + offset
+        angles = pos[:, None] * self.inv_freq.to(x.device)[None, :]  # [T, D/2]
+        cos, sin = angles.cos()[None, :, None, :], angles.sin()[None, :, None, :]
+        x1, x2 = x.float()[..., 0::2], x.float()[..., 1::2]
+        out = torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).flatten(-2)
+        return out.to(x.dtype)
+
+
+class SwiGLU(nn.Module):
+    """Llama-style gated MLP: `W_down (silu(W_gate x) ⊙ W_up x)`."""
+
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.gate = nn.Linear(dim, hidden, bias=False)
+        self.up = nn.Linear(dim, hidden, bias=False)
+        self.down = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down(F.silu(self.gate(x)) * self.up(x))
