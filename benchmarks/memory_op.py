@@ -23,7 +23,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from nestlearn.ops.memory import MemorySpec, init_state, memory_chunk, memory_naive
+from nestlearn.ops.memory import MemorySpec, MemoryState, init_state, memory_chunk, memory_naive
 
 # (B, T, C, H, d)
 CPU_CASES = [(1, 1024, 16, 4, 64), (1, 1024, 64, 4, 64), (2, 1024, 64, 8, 64)]
@@ -72,8 +72,6 @@ def memory_inputs(B: int, T: int, H: int, d: int, spec: MemorySpec, device: str)
 
 
 def memory_call(op, x: dict, spec: MemorySpec, C: int, backward: bool) -> Callable[[], object]:
-    from nestlearn.ops.memory import MemoryState
-
     leaves = [x[n] for n in ("q", "k", "v", "eta", "alpha", "beta")] + x["weights"] + x["momenta"]
 
     def call() -> None:
@@ -105,13 +103,13 @@ def bench_case(case: tuple[int, ...], kind: str, device: str, args: argparse.Nam
     B, T, C, H, d = case
     spec = MemorySpec(kind=kind)
     x = memory_inputs(B, T, H, d, spec, device)
+    # the naive loop is linear in T: time it on at most --naive-tokens and report tokens/s
+    Tn = min(T, args.naive_tokens)
+    xn = memory_inputs(B, Tn, H, d, spec, device)
     row: dict = {"B": B, "T": T, "C": C, "H": H, "d": d, "kind": kind}
     for bwd in (False, True):
         tag = "fwdbwd" if bwd else "fwd"
         t_chunk = timeit(memory_call(memory_chunk, x, spec, C, bwd), device, args.warmup, args.reps)
-        # the naive loop is linear in T: time it on at most --naive-tokens and report tokens/s
-        Tn = min(T, args.naive_tokens)
-        xn = memory_inputs(B, Tn, H, d, spec, device)
         t_naive = timeit(memory_call(memory_naive, xn, spec, C, bwd), device, 1, args.naive_reps)
         t_sdpa = timeit(sdpa_call(B, T, H, d, device, bwd), device, args.warmup, args.reps)
         row[f"{tag}_chunk_tok_s"] = B * T / t_chunk

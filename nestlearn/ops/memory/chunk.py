@@ -128,13 +128,14 @@ def _matrix_chunk(
     """
     wt, st = w.mT, s.mT
     read = c.gam[..., None] * (q @ wt) + c.m[..., None] * (q @ st) + (c.D * (q @ x.mT)) @ e
-    w_end = _scale(c.gam_e, wt) + _scale(c.m_e, st) + (x.mT * c.D_e[..., None, :]) @ e
+    w_end, s_end = _carried(c, wt, st)
+    w_end = w_end + (x.mT * c.D_e[..., None, :]) @ e
     if dgd:
         rhs = c.gam_prev[..., None] * (xh @ wt) + c.m_prev[..., None] * (xh @ st) + (c.D_prev * (xh @ x.mT)) @ e
         u = torch.linalg.solve_triangular(_system(xh, c), -c.eta[..., None] * rhs, upper=False, unitriangular=True)
         read = read + (c.R * (q @ xh.mT)) @ u
         w_end = w_end + (xh.mT * c.R_e[..., None, :]) @ u
-    s_end = _scale(c.b_e, st) + (x.mT * c.Lb_e[..., None, :]) @ e
+    s_end = s_end + (x.mT * c.Lb_e[..., None, :]) @ e
     return read, w_end.mT, s_end.mT
 
 
@@ -142,6 +143,11 @@ def _system(xh: Tensor, c: _Coef) -> Tensor:
     """`I + diag(eta) (R_prev ⊙ X̂ X̂^T)`: unit lower triangular `[..., n, n]` (R_prev is strictly lower)."""
     eye = torch.eye(xh.shape[-2], dtype=xh.dtype, device=xh.device)
     return eye + c.eta[..., None] * (c.R_prev * (xh @ xh.mT))
+
+
+def _carried(c: _Coef, wt: Tensor, st: Tensor) -> tuple[Tensor, Tensor]:
+    """The chunk-start state's share of the chunk-end state: `(Γ_e W_c^T + m_e S_c^T, b_e S_c^T)`."""
+    return _scale(c.gam_e, wt) + _scale(c.m_e, st), _scale(c.b_e, st)
 
 
 def _scale(a: Tensor, w: Tensor) -> Tensor:
@@ -197,8 +203,8 @@ def _apply_key_operator(
         read, ue = y[..., n:, :], torch.cat([y[..., :n, :], e], dim=-2)
     else:
         read, ue = y, e
-    w_end = _scale(c.gam_e, wt) + _scale(c.m_e, st) + op.pe @ ue
-    s_end = _scale(c.b_e, st) + op.ke @ e
+    w_end, s_end = _carried(c, wt, st)
+    w_end, s_end = w_end + op.pe @ ue, s_end + op.ke @ e
     return read, w_end.mT, s_end.mT
 
 
