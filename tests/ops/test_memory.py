@@ -111,6 +111,8 @@ VARIANTS = {
     "dot": dict(objective="dot"),
     "gelu": dict(activation="gelu"),
     "tanh_expansion2": dict(activation="tanh", expansion=2),
+    "self_values": dict(self_values=True),
+    "self_values_plain_gd": dict(self_values=True, dgd=False),
 }
 
 
@@ -171,21 +173,61 @@ def test_gradcheck(fn, kind: str) -> None:
 # state and independence
 
 
+def _slice(x: dict, lo: int, hi: int, state: MemoryState) -> dict:
+    y = {n: (t[:, lo:hi] if t is not None and n != "state" else t) for n, t in x.items()}
+    y["state"] = state
+    return y
+
+
+def _assert_same_state(a: MemoryState, b: MemoryState, tol: float) -> None:
+    assert a.offset == b.offset
+    for u, w in zip(a.weights + a.momenta + a.anchor, b.weights + b.momenta + b.anchor, strict=True):
+        torch.testing.assert_close(w, u, rtol=0, atol=tol)
+
+
+@pytest.mark.parametrize("fn", [memory_naive, memory_chunk])
 @pytest.mark.parametrize("kind", ["linear", "mlp"])
-@pytest.mark.parametrize(("C", "split"), [(1, 13), (8, 16), (8, 40)])
-def test_state_carry(kind: str, C: int, split: int) -> None:
-    """One call == two calls with the state passed on (split at a chunk boundary)."""
-    spec = MemorySpec(kind=kind)
+@pytest.mark.parametrize(("C", "splits"), [(1, [13]), (8, [16]), (8, [5, 11, 40]), (16, [3, 4, 30, 31])])
+def test_state_carry(fn, kind: str, C: int, splits: list[int]) -> None:
+    """One call == the same tokens in pieces with the state passed on, at and inside chunk boundaries (D12)."""
+    spec = MemorySpec(kind=kind, self_values=kind == "mlp")
     x = make_inputs(spec, B=2, T=61, H=2, D=8)
-    o, st = run(memory_chunk, x, spec, C)
-    first = {n: (t[:, :split] if t is not None and n != "state" else t) for n, t in x.items()}
-    second = {n: (t[:, split:] if t is not None and n != "state" else t) for n, t in x.items()}
-    o1, st1 = run(memory_chunk, first, spec, C)
-    second["state"] = st1
-    o2, st2 = run(memory_chunk, second, spec, C)
-    torch.testing.assert_close(torch.cat([o1, o2], dim=1), o, rtol=0, atol=1e-12)
-    for a, b in zip(flat(o, st)[1:], flat(o2, st2)[1:], strict=True):
-        torch.testing.assert_close(b, a, rtol=0, atol=1e-12)
+    o, st = run(fn, x, spec, C)
+    outs, carried = [], x["state"]
+    for lo, hi in itertools.pairwise([0, *splits, 61]):
+        oi, carried = run(fn, _slice(x, lo, hi, carried), spec, C)
+        outs.append(oi)
+    torch.testing.assert_close(torch.cat(outs, dim=1), o, rtol=0, atol=1e-12)
+    _assert_same_state(st, carried, 1e-12)
+
+
+@pytest.mark.parametrize("kind", ["linear", "mlp"])
+def test_token_by_token_equals_one_pass(kind: str) -> None:
+    """Decoding one token per call (the chunk form) equals one pass of the reference, chunks of 8 included."""
+    spec = MemorySpec(kind=kind, self_values=True)
+    x = make_inputs(spec, B=2, T=21, H=2, D=8, seed=5)
+    o, st = run(memory_naive, x, spec, 8)
+    outs, carried = [], x["state"]
+    for t in range(21):
+        oi, carried = run(memory_chunk, _slice(x, t, t + 1, carried), spec, 8)
+        outs.append(oi)
+    torch.testing.assert_close(torch.cat(outs, dim=1), o, rtol=0, atol=1e-12)
+    _assert_same_state(st, carried, 1e-12)
+
+
+def test_self_values_by_hand() -> None:
+    """Linear memory, L2, plain GD, C = 2: targets are `W_c v` at the chunk start (Eq. 91)."""
+    spec = MemorySpec(kind="linear", dgd=False, momentum=False, decay=False, self_values=True)
+    w0 = torch.tensor([[1.0, 2.0], [0.0, 1.0]], dtype=torch.float64)
+    k = _seq((1.0, 0.0), (0.0, 1.0))
+    v = _seq((0.0, 1.0), (1.0, 1.0))
+    eta = torch.full((1, 2, 1), 0.5, dtype=torch.float64)
+    _, st = memory_chunk(k, k, v, eta, state=_linear_state(w0.tolist()), spec=spec, chunk_size=2)
+    want = w0.clone()
+    for t in range(2):
+        kt, vt = k[0, t, 0], v[0, t, 0]
+        want = want - 0.5 * torch.outer(w0 @ kt - w0 @ vt, kt)  # gradient and target both at W_0
+    torch.testing.assert_close(st.weights[0][0, 0], want, rtol=0, atol=1e-14)
 
 
 @pytest.mark.parametrize("fn", [memory_naive, memory_chunk])
@@ -287,7 +329,7 @@ def test_low_precision_against_fp64(kind: str, dtype: torch.dtype, tol: float) -
     x = make_inputs(spec, B=2, T=100, H=2, D=16)
     ref, ref_st = run(memory_naive, x, spec, 16)
     y = {n: (t.to(dtype) if t is not None and n != "state" else t) for n, t in x.items()}
-    y["state"] = MemoryState(*(tuple(t.float() for t in ts) for ts in x["state"]))
+    y["state"] = x["state"].map(torch.Tensor.float)
     out, st = run(memory_chunk, y, spec, 16)
     assert out.dtype == dtype and all(w.dtype == torch.float32 for w in st.weights)
 
@@ -304,7 +346,7 @@ def test_extreme_gates_no_nan(fn, kind: str) -> None:
     """Gates exactly at 0 and 1, and all-zero keys, give finite outputs and gradients."""
     spec = MemorySpec(kind=kind)
     x = make_inputs(spec, B=2, T=20, H=2, D=8, dtype=torch.float32)
-    x["state"] = MemoryState(*(tuple(t.float() for t in ts) for ts in x["state"]))
+    x["state"] = x["state"].map(torch.Tensor.float)
     g = torch.Generator().manual_seed(5)
     for name in ("eta", "alpha", "beta"):
         x[name] = torch.randint(0, 2, x[name].shape, generator=g).float()
@@ -358,6 +400,9 @@ def test_bad_input(fn) -> None:
     half = MemoryState(tuple(w.half() for w in x["state"].weights), x["state"].momenta)
     _bad(fn, x, spec, "float32 or float64", state=half)
     _bad(fn, x, dataclasses.replace(spec, momentum=False), "beta was given")
+    st = x["state"]
+    _bad(fn, x, spec, "state.offset must be", C=4, state=MemoryState(st.weights, st.momenta, st.weights, 4))
+    _bad(fn, x, spec, "needs state.anchor", C=4, state=MemoryState(st.weights, st.momenta, (), 2))
 
 
 def test_bad_spec() -> None:
@@ -381,7 +426,7 @@ def test_cuda_matches_cpu_reference(kind: str) -> None:
     x = make_inputs(spec, B=2, T=100, H=2, D=16)
     ref, _ = run(memory_naive, x, spec, 16)
     cuda = {n: (t.cuda() if isinstance(t, torch.Tensor) else t) for n, t in x.items()}
-    cuda["state"] = MemoryState(*(tuple(t.cuda() for t in ts) for ts in x["state"]))
+    cuda["state"] = x["state"].map(torch.Tensor.cuda)
     out, _ = run(memory_chunk, cuda, spec, 16)
     assert (out.cpu() - ref).abs().max().item() <= FP64_TOL * max(1.0, ref.abs().max().item())
     f32 = {n: (t.float() if isinstance(t, torch.Tensor) else t) for n, t in cuda.items()}

@@ -24,7 +24,16 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from .common import MemorySpec, MemoryState, activation, check_inputs, compute_dtype, normalize, output_grad
+from .common import (
+    MemorySpec,
+    MemoryState,
+    activation,
+    check_inputs,
+    compute_dtype,
+    memory_apply,
+    normalize,
+    output_grad,
+)
 
 
 def memory_chunk(
@@ -48,28 +57,59 @@ def memory_chunk(
     """
     alpha, beta = check_inputs(q, k, v, eta, alpha, beta, state, spec, chunk_size, check_gates)
     dt, out_dtype = compute_dtype(q, k, v, eta, *state.weights, *state.momenta), q.dtype
+    seq = [x.to(dt) for x in (q, k, v, eta, alpha, beta)]
+    weights = [w.to(dt) for w in state.weights]
+    momenta = [s.to(dt) for s in state.momenta]
+    T = q.shape[1]
+    head = min((chunk_size - state.offset) % chunk_size, T)  # tokens that finish a chunk an earlier call opened
+    parts = []
+    if head > 0:
+        frozen = [w.to(dt) for w in state.anchor]
+        o, anchor = _run([x[:, :head] for x in seq], weights, momenta, frozen, head, spec)
+        parts.append(o)
+    if head < T:
+        o, anchor = _run([x[:, head:] for x in seq], weights, momenta, None, chunk_size, spec)
+        parts.append(o)
+    offset = (state.offset + T) % chunk_size
+    o = torch.cat(parts, dim=1).to(out_dtype)
+    return o, MemoryState(tuple(weights), tuple(momenta), tuple(anchor if offset else weights), offset)
+
+
+def _run(
+    seq: list[Tensor],
+    weights: list[Tensor],
+    momenta: list[Tensor],
+    frozen: list[Tensor] | None,
+    C: int,
+    spec: MemorySpec,
+) -> tuple[Tensor, list[Tensor]]:
+    """Chunks of size C from the start of `seq = (q, k, v, eta, alpha, beta)`; updates `weights`, `momenta`.
+
+    `frozen` replaces the first chunk's start weights for its gradients (a chunk an earlier call opened).
+    Returns `o [B, T, H, D]` and the start weights of the last chunk (the next call's anchor).
+    """
+    q, k, v, eta, alpha, beta = seq
     B, T, H, D = q.shape
-    n = min(chunk_size, T)
+    n = min(C, T)
     N = -(-T // n)
     pad = N * n - T
-    q, k, v = (_vector_chunks(x.to(dt), n, pad) for x in (q, k, v))  # [B, H, N, n, D]
+    q, k, v = (_vector_chunks(x, n, pad) for x in (q, k, v))  # [B, H, N, n, D]
     # inert padding: eta = 0 writes nothing; alpha = beta = 1; the final state is read at the last real token
-    eta, alpha, beta = (_gate_chunks(g.to(dt), n, pad, fill) for g, fill in ((eta, 0), (alpha, 1), (beta, 1)))
+    eta, alpha, beta = (_gate_chunks(g, n, pad, fill) for g, fill in ((eta, 0), (alpha, 1), (beta, 1)))
     coef = _coefficients(eta, alpha, beta, last=T - (N - 1) * n)  # all chunks at once: state-independent
     key_op = _key_operator(k, normalize(k, spec.norm_eps), q, coef, spec.dgd)
     coefs, key_ops = coef.per_chunk(), key_op.per_chunk()
     qs, ks, vs = q.unbind(2), k.unbind(2), v.unbind(2)
-    weights = [w.to(dt) for w in state.weights]
-    momenta = [s.to(dt) for s in state.momenta]
     outputs = []
     for j in range(N):
+        start = frozen if (j == 0 and frozen is not None) else list(weights)
         if spec.kind == "linear":
-            o = _linear_chunk(weights, momenta, ks[j], vs[j], coefs[j], key_ops[j], spec)
+            o = _linear_chunk(weights, momenta, start, ks[j], vs[j], coefs[j], key_ops[j], spec)
         else:
-            o = _mlp_chunk(weights, momenta, (qs[j], ks[j], vs[j]), coefs[j], key_ops[j], spec)
+            o = _mlp_chunk(weights, momenta, start, (qs[j], ks[j], vs[j]), coefs[j], key_ops[j], spec)
         outputs.append(o)
     o = torch.stack(outputs, dim=2).reshape(B, H, N * n, D)[:, :, :T]
-    return o.transpose(1, 2).to(out_dtype), MemoryState(tuple(weights), tuple(momenta))
+    return o.transpose(1, 2), start
 
 
 # ---------------------------------------------------------------------------------------------
@@ -77,10 +117,18 @@ def memory_chunk(
 
 
 def _linear_chunk(
-    weights: list[Tensor], momenta: list[Tensor], k: Tensor, v: Tensor, c: _Coef, op: _KeyOp, spec: MemorySpec
+    weights: list[Tensor],
+    momenta: list[Tensor],
+    start: list[Tensor],
+    k: Tensor,
+    v: Tensor,
+    c: _Coef,
+    op: _KeyOp,
+    spec: MemorySpec,
 ) -> Tensor:
-    """`M(x) = W x`: frozen error `E_s = -eta_s dl/dy(W_c k_s)` (Eq. 93), then the chunk operator."""
-    e = -c.eta[..., None] * output_grad(k @ weights[0].mT, v, spec.objective)
+    """`M(x) = W x`: frozen error `E_s = -eta_s dl/dy(W_c k_s)` at the chunk start (Eq. 93), then the operator."""
+    v = _targets(start, v, spec)
+    e = -c.eta[..., None] * output_grad(k @ start[0].mT, v, spec.objective)
     o, weights[0], momenta[0] = _apply_key_operator(op, c, weights[0], momenta[0], e, spec.dgd)
     return o
 
@@ -88,6 +136,7 @@ def _linear_chunk(
 def _mlp_chunk(
     weights: list[Tensor],
     momenta: list[Tensor],
+    start: list[Tensor],
     chunk: tuple[Tensor, Tensor, Tensor],
     c: _Coef,
     op: _KeyOp,
@@ -96,19 +145,26 @@ def _mlp_chunk(
     """`M(x) = x + W1 σ(W2 x)` (Eq. 89): both layers' errors frozen at the chunk start, reads chained.
 
     W2 sees the keys and is read at q (precomputed operator); W1 sees the chunk-start hidden
-    activations and is read at σ(W2_t q_t), so its grams are built here.
+    activations and is read at σ(W2_t q_t), so its grams are built here. `start` holds the chunk-start
+    weights the errors are taken at; the recurrence runs from the current `weights`.
     """
     q, k, v = chunk
-    (w1, w2), (s1, s2) = weights, momenta
+    (w1, w2), (s1, s2), (f1, f2) = weights, momenta, start
+    v = _targets(start, v, spec)
     sigma, dsigma = activation(spec.activation)
-    z = k @ w2.mT  # [B, H, n, e]
+    z = k @ f2.mT  # [B, H, n, e]
     h = sigma(z)
-    r = output_grad(k + h @ w1.mT, v, spec.objective)
+    r = output_grad(k + h @ f1.mT, v, spec.objective)
     step = -c.eta[..., None]
-    e1, e2 = step * r, step * (r @ w1) * dsigma(z)  # -eta dl/dy and -eta dl/dz
+    e1, e2 = step * r, step * (r @ f1) * dsigma(z)  # -eta dl/dy and -eta dl/dz
     z_read, weights[1], momenta[1] = _apply_key_operator(op, c, w2, s2, e2, spec.dgd)
     o1, weights[0], momenta[0] = _matrix_chunk(w1, s1, h, normalize(h, spec.norm_eps), e1, sigma(z_read), c, spec.dgd)
     return q + o1
+
+
+def _targets(start: list[Tensor], v: Tensor, spec: MemorySpec) -> Tensor:
+    """The inner targets: `v`, or the self-generated `M_{chunk start}(v)` (Eqs. 84, 91)."""
+    return memory_apply(start, v, spec) if spec.self_values else v
 
 
 # ---------------------------------------------------------------------------------------------

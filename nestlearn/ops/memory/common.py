@@ -39,6 +39,8 @@ class MemorySpec:
     dgd: apply the DGD projector `(alpha I - eta x̂ x̂^T)` (Eq. 88); False is plain GD with decay (Titans).
     momentum: keep a momentum `S_t = beta_t S_{t-1} - eta_t G_t`; False means `beta = 0`.
     decay: use the retention gate `alpha_t`; False means `alpha = 1`.
+    self_values: the target of token t is `v_hat_t = M(v_t)`, the memory applied to the given value at the
+        chunk-start state (self-generated values, Eqs. 84 / 91); False uses `v_t` itself.
     norm_eps: `x̂ = x / sqrt(||x||^2 + norm_eps^2)` for the projector's normalised layer input.
     """
 
@@ -49,6 +51,7 @@ class MemorySpec:
     dgd: bool = True
     momentum: bool = True
     decay: bool = True
+    self_values: bool = False
     norm_eps: float = 1e-6
 
     def __post_init__(self) -> None:
@@ -72,10 +75,27 @@ class MemorySpec:
 
 
 class MemoryState(NamedTuple):
-    """Fast weights and their momenta, each `[B, H, d_out, d_in]`, in `MemorySpec.weight_shapes` order."""
+    """Fast weights and their momenta, each `[B, H, d_out, d_in]`, in `MemorySpec.weight_shapes` order.
+
+    A call may end inside a chunk; the next call then finishes that chunk exactly as one long call would
+    (D5, D12): `offset` counts the tokens of the current chunk already processed and `anchor` holds the
+    weights at that chunk's start, at which the rest of its gradients (and self-generated values) are taken.
+    `anchor = ()` means "the current weights" and is only valid with `offset = 0`. The ops always return
+    a full anchor (the current weights when `offset = 0`), so a state's structure never changes.
+    """
 
     weights: tuple[Tensor, ...]
     momenta: tuple[Tensor, ...]
+    anchor: tuple[Tensor, ...] = ()
+    offset: int = 0
+
+    def map(self, fn: Callable[[Tensor], Tensor]) -> MemoryState:
+        """The same state with `fn` applied to every tensor (e.g. `.float()`, `.to(device)`, `.detach()`)."""
+        return MemoryState(*(tuple(fn(t) for t in ts) for ts in self[:3]), self.offset)
+
+    def frozen(self) -> tuple[Tensor, ...]:
+        """The weights at the current chunk's start (Eqs. 90-91)."""
+        return self.anchor if self.offset > 0 else self.weights
 
 
 def init_state(
@@ -132,6 +152,18 @@ _ACTIVATIONS: dict[str, tuple[Callable[[Tensor], Tensor], Callable[[Tensor], Ten
 def activation(name: str) -> tuple[Callable[[Tensor], Tensor], Callable[[Tensor], Tensor]]:
     """`(σ, σ')` for an activation name of `MemorySpec`."""
     return _ACTIVATIONS[name]
+
+
+def memory_apply(weights: tuple[Tensor, ...] | list[Tensor], x: Tensor, spec: MemorySpec) -> Tensor:
+    """`M(x)` without any update: `W x` (linear) or `x + W1 σ(W2 x)` (Eq. 89).
+
+    Shapes: weights `[B, H, d_out, d_in]`; x `[B, H, n, D]` -> `[B, H, n, D]`.
+    """
+    if spec.kind == "linear":
+        return x @ weights[0].mT
+    sigma, _ = activation(spec.activation)
+    w1, w2 = weights
+    return x + sigma(x @ w2.mT) @ w1.mT
 
 
 def normalize(x: Tensor, eps: float) -> Tensor:
@@ -201,17 +233,27 @@ def check_inputs(
         if check_gates and not bool(((g >= 0) & (g <= 1)).all()):  # NaN fails too
             lo, hi = float(g.min()), float(g.max())
             raise ValueError(f"{name} must lie in [0, 1] (D4), got values in [{lo:.4g}, {hi:.4g}]")
-    _check_state(state, spec, B, H, D, q.device)
+    _check_state(state, spec, B, H, D, q.device, chunk_size)
     alpha = alpha if alpha is not None else torch.ones_like(eta)
     beta = beta if beta is not None else torch.zeros_like(eta)
     return alpha, beta
 
 
-def _check_state(state: MemoryState, spec: MemorySpec, B: int, H: int, D: int, device: torch.device) -> None:
+def _check_state(
+    state: MemoryState, spec: MemorySpec, B: int, H: int, D: int, device: torch.device, chunk_size: int
+) -> None:
     if not isinstance(state, MemoryState):
         raise ValueError(f"state must be a MemoryState, got {type(state).__name__}")
+    if not isinstance(state.offset, int) or not 0 <= state.offset < chunk_size:
+        raise ValueError(
+            f"state.offset must be an int in [0, chunk_size = {chunk_size}), got {state.offset!r}; "
+            "a state must be continued with the chunk size it was produced with"
+        )
+    if state.offset > 0 and not state.anchor:
+        raise ValueError("state.offset > 0 needs state.anchor, the weights at the current chunk's start")
     shapes = spec.weight_shapes(D)
-    for field in ("weights", "momenta"):
+    fields = ("weights", "momenta", "anchor") if state.anchor else ("weights", "momenta")
+    for field in fields:
         tensors = getattr(state, field)
         if len(tensors) != len(shapes):
             raise ValueError(

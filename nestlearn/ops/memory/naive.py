@@ -14,7 +14,8 @@ For each weight matrix `W` of the memory, with layer input `x_t` and its normali
 
 The layer inputs `x_t` (the key for `W2` or `W`, the hidden activation for `W1`) are also taken at the
 chunk-start state, so the same `x_t` enters the gradient and the projector. With chunk_size = 1 this is the
-exact per-token recurrence.
+exact per-token recurrence. A state ending inside a chunk carries that chunk's start (`MemoryState.anchor`),
+so any split of a sequence into calls gives the result of one call.
 """
 
 from __future__ import annotations
@@ -22,7 +23,16 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .common import MemorySpec, MemoryState, activation, check_inputs, compute_dtype, normalize, output_grad
+from .common import (
+    MemorySpec,
+    MemoryState,
+    activation,
+    check_inputs,
+    compute_dtype,
+    memory_apply,
+    normalize,
+    output_grad,
+)
 
 
 def memory_naive(
@@ -60,17 +70,19 @@ def memory_naive(
     q, k, v, eta, alpha, beta = (x.to(dt) for x in (q, k, v, eta, alpha, beta))
     weights = [w.to(dt) for w in state.weights]
     momenta = [s.to(dt) for s in state.momenta]
-    T = q.shape[1]
+    frozen = [w.to(dt) for w in state.frozen()]  # the chunk-start state (Eqs. 90-91), maybe of an earlier call
     outputs = []
-    for start in range(0, T, chunk_size):
-        frozen = [w for w in weights]  # the chunk-start state (Eqs. 90-91)
-        for t in range(start, min(start + chunk_size, T)):
-            inputs, errors = _frozen_terms(frozen, k[:, t], v[:, t], eta[:, t], spec)
-            for i, (x, e) in enumerate(zip(inputs, errors, strict=True)):
-                weights[i], momenta[i] = _step(weights[i], momenta[i], x, e, eta[:, t], alpha[:, t], beta[:, t], spec)
-            outputs.append(_read(weights, q[:, t], spec))
+    for t in range(q.shape[1]):
+        if (state.offset + t) % chunk_size == 0:
+            frozen = list(weights)
+        inputs, errors = _frozen_terms(frozen, k[:, t], v[:, t], eta[:, t], spec)
+        for i, (x, e) in enumerate(zip(inputs, errors, strict=True)):
+            weights[i], momenta[i] = _step(weights[i], momenta[i], x, e, eta[:, t], alpha[:, t], beta[:, t], spec)
+        outputs.append(_read(weights, q[:, t], spec))
     o = torch.stack(outputs, dim=1).to(out_dtype)
-    return o, MemoryState(tuple(weights), tuple(momenta))
+    offset = (state.offset + q.shape[1]) % chunk_size
+    anchor = frozen if offset > 0 else weights
+    return o, MemoryState(tuple(weights), tuple(momenta), tuple(anchor), offset)
 
 
 def _frozen_terms(
@@ -82,6 +94,8 @@ def _frozen_terms(
     eta `[B, H]`; returns lists in state order.
     """
     step = -eta[..., None]
+    if spec.self_values:
+        v = _read(weights, v, spec)  # v_hat = M_{chunk start}(v) (Eqs. 84, 91)
     if spec.kind == "linear":
         (w,) = weights
         y = _matvec(w, k)
@@ -110,12 +124,8 @@ def _step(
 
 
 def _read(weights: list[Tensor], q: Tensor, spec: MemorySpec) -> Tensor:
-    """`M_t(q_t)` with the state after token t's update (inclusive read, D5)."""
-    if spec.kind == "linear":
-        return _matvec(weights[0], q)
-    sigma, _ = activation(spec.activation)
-    w1, w2 = weights
-    return q + _matvec(w1, sigma(_matvec(w2, q)))
+    """`M(q)` for one token `q [B, H, D]`; after token t's update it is the inclusive read (D5)."""
+    return memory_apply(weights, q[..., None, :], spec)[..., 0, :]
 
 
 def _matvec(w: Tensor, x: Tensor) -> Tensor:
