@@ -59,23 +59,26 @@ class ShortConv(nn.Module):
 
 
 class RotaryEmbedding(nn.Module):
-    """Rotary position embedding on `[B, T, H, D]` (D even), positions `offset .. offset + T - 1`."""
+    """Rotary position embedding on `[B, T, H, D]` (D even), positions `offset .. offset + T - 1`.
+
+    Half-split layout (dims `i` and `i + D/2` rotate together), the Llama / Hugging Face convention, so that
+    converted checkpoints keep their attention. Angles in float32 (float64 for float64 inputs).
+    """
 
     def __init__(self, head_dim: int, base: float = 10000.0) -> None:
         super().__init__()
         if head_dim % 2:
             raise ValueError(f"RotaryEmbedding needs an even head dim, got {head_dim}")
         inv_freq = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
-        self.register_buffer("inv_freq", inv_freq.float(), persistent=False)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
 
-    def forward(self, x: Tensor, offset: int | Tensor = 0) -> Tensor:
-        T = x.shape[1]
-        pos = torch.arange(T, device=x.device, dtype=torch.float32) + offset
-        angles = pos[:, None] * self.inv_freq.to(x.device)[None, :]  # [T, D/2]
+    def forward(self, x: Tensor, offset: int = 0) -> Tensor:
+        dt = torch.float64 if x.dtype == torch.float64 else torch.float32
+        pos = torch.arange(offset, offset + x.shape[1], device=x.device, dtype=dt)
+        angles = pos[:, None] * self.inv_freq.to(device=x.device, dtype=dt)[None, :]  # [T, D/2]
         cos, sin = angles.cos()[None, :, None, :], angles.sin()[None, :, None, :]
-        x1, x2 = x.float()[..., 0::2], x.float()[..., 1::2]
-        out = torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).flatten(-2)
-        return out.to(x.dtype)
+        x1, x2 = x.to(dt).chunk(2, dim=-1)
+        return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
 
 
 class SwiGLU(nn.Module):

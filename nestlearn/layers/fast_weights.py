@@ -1,0 +1,101 @@
+"""Pieces shared by the memory layers (Titans LMM, self-modifying Titans, MAC): learned initial fast weights,
+per-head gate read-outs, the gated output and the choice of memory op.
+
+What this is: small modules and helpers. What it is not: a sequence mixer; see `titans.py` and
+`self_modifying.py`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..ops.memory import MemorySpec, MemoryState, memory_chunk, memory_naive
+from .basic import RMSNorm
+
+Impl = Literal["chunk", "naive"]
+MemoryOp = Callable[..., tuple[Tensor, MemoryState]]
+
+
+def memory_op(impl: Impl) -> MemoryOp:
+    """`memory_chunk` (training and inference) or `memory_naive` (the float64 reference)."""
+    if impl not in ("chunk", "naive"):
+        raise ValueError(f"memory impl must be 'chunk' or 'naive', got {impl!r}")
+    return memory_chunk if impl == "chunk" else memory_naive
+
+
+class MemoryInit(nn.Module):
+    """Meta-learned initial fast weights of `count` memories with `heads` heads each (D1, D7).
+
+    Weights are parameters `[count * heads, d_out, d_in]` ~ N(0, 1/d_in); momenta start at zero. `state(B)`
+    broadcasts them over the batch, so the outer loss's gradients reach them through every inner update.
+    """
+
+    def __init__(self, spec: MemorySpec, count: int, heads: int, dim: int) -> None:
+        super().__init__()
+        self.spec, self.heads = spec, count * heads
+        shapes = spec.weight_shapes(dim)
+        self.weights = nn.ParameterList(nn.Parameter(torch.randn(self.heads, o, i) / math.sqrt(i)) for o, i in shapes)
+
+    def state(self, batch: int) -> MemoryState:
+        weights = tuple(state_float(w).expand(batch, -1, -1, -1) for w in self.weights)
+        momenta = tuple(torch.zeros_like(w) for w in weights)
+        return MemoryState(weights, momenta, weights, 0)
+
+    def select(self, index: int, heads: int) -> tuple[Tensor, ...]:
+        """Initial weights `[heads, o, i]` of memory number `index`."""
+        return tuple(w[index * heads : (index + 1) * heads] for w in self.weights)
+
+
+class GateHead(nn.Module):
+    """Per-head scalar gates in [0, 1] from `[B, T, D]` (static projection): `sigmoid(x W + b)`."""
+
+    def __init__(self, dim: int, heads: int, init: float) -> None:
+        super().__init__()
+        self.proj = nn.Linear(dim, heads)
+        nn.init.normal_(self.proj.weight, std=0.02)
+        nn.init.constant_(self.proj.bias, logit(init))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.sigmoid(state_float(self.proj(x)))  # [B, T, H]
+
+
+class GatedOutput(nn.Module):
+    """`W_o (RMSNorm_head(o) ⊙ silu(x W_g))`: output norm and gate before the projection (Titans §3.3)."""
+
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.norm = RMSNorm(dim // heads)
+        self.gate = nn.Linear(dim, dim, bias=False)
+        self.out = nn.Linear(dim, dim, bias=False)
+
+    def forward(self, o: Tensor, x: Tensor) -> Tensor:
+        """o `[B, T, H, d]`, x `[B, T, D]` -> `[B, T, D]`."""
+        o = self.norm(o.to(x.dtype)).flatten(2)
+        return self.out(o * F.silu(self.gate(x)))
+
+
+def split_heads(x: Tensor, heads: int) -> Tensor:
+    """`[B, T, H*d] -> [B, T, H, d]`."""
+    return x.reshape(*x.shape[:2], heads, x.shape[-1] // heads)
+
+
+def state_float(x: Tensor) -> Tensor:
+    """float64 stays float64; everything else becomes float32 (D8: fast weights and gates in float32)."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
+def l2norm(x: Tensor) -> Tensor:
+    """Unit vectors over the last dim (D6: queries and keys), computed in float32 or wider."""
+    return F.normalize(state_float(x), dim=-1)
+
+
+def logit(p: float) -> float:
+    """Inverse sigmoid, for gate biases that start at probability p."""
+    return math.log(p / (1 - p))

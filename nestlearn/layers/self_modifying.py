@@ -1,0 +1,168 @@
+"""Self-modifying Titans (Eqs. 83-93): the projections that make keys, values, learning rates and retention
+gates are themselves memories updated in context, each on values it generates for itself.
+
+What this is: `SelfModifyingTitans`, `[B, T, D] -> [B, T, D]` with an explicit state. Per head (D6):
+
+    u_t = silu(conv(x W_u))_h,  q_t = l2norm(silu(conv(x W_q))_h)             static input and query
+    k_t = l2norm(M_k(u_t)),  v_t = M_v(u_t)                                      Eq. 83
+    eta_t = sigmoid(r_eta · M_eta(u_t) + b_eta),  alpha_t = sigmoid(r_alpha · M_alpha(u_t) + b_alpha)
+    beta_t = sigmoid(x W_beta + b_beta)                                          momentum gate (static)
+    v_hat_{□,t} = M_□(v_t)                                                       Eq. 84
+    M_□ <- DGD step on 1/2 ||M_□(k_t) - v_hat_{□,t}||^2 with eta, alpha, beta    Eqs. 85-88, □ ∈ {k, v, eta, alpha, mem}
+    o_t = M_mem(q_t),  y_t = W_o(RMSNorm(o_t) ⊙ silu(x W_g))                   Eq. 94, Titans §3.3
+
+Chunking (D5, Eqs. 90-91): the k/v/eta/alpha memories run in chunks of `C_proj`: everything a chunk needs is
+generated from their state at the end of the previous chunk, then all of them are updated over the chunk at
+once (stacked as extra heads of one memory-op call). The main memory then runs over the whole call in chunks
+of `C_mem`. A state that ends inside a chunk keeps that chunk's start (`MemoryState.anchor`), so one pass,
+pieces and token-by-token decoding agree.
+Ablations (Table 6): `adaptive_k` / `adaptive_v` False freeze that memory at its meta-learned initial state
+("moved to the lowest-frequency level"); `adaptive_q` True replaces the static query by a memory `M_q(u_t)`;
+the spec's `dgd` / `momentum` / `decay` switches apply to every memory.
+What it is not: a fused kernel; the loop over `C_proj` chunks runs in Python.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from ..ops.memory import MemorySpec, MemoryState
+from ..ops.memory.common import memory_apply
+from .basic import ShortConv
+from .fast_weights import GatedOutput, GateHead, Impl, MemoryInit, l2norm, logit, memory_op, split_heads, state_float
+
+
+class SelfModState(NamedTuple):
+    """Short-conv inputs `[B, width-1, 2D]`, the stacked projection memories `[B, P*H, ...]` and the main
+    memory `[B, H, ...]`."""
+
+    conv: Tensor
+    proj: MemoryState
+    memory: MemoryState
+
+
+class SelfModifyingTitans(nn.Module):
+    """Self-modifying Titans layer.
+
+    Args:
+        dim, heads: model width and head count; every memory acts on `d = dim // heads` (D6).
+        spec: memory kind and inner optimizer switches for all memories (`self_values` is set here).
+        mem_chunk, proj_chunk: `C_mem` for the main memory, `C_proj` for the projection memories (D5).
+        adaptive_k, adaptive_v, adaptive_q: which projections learn in context (Table 6 ablations).
+        impl: "chunk" or "naive" (the float64 reference of the same computation).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        heads: int,
+        *,
+        spec: MemorySpec,
+        mem_chunk: int,
+        proj_chunk: int,
+        adaptive_k: bool = True,
+        adaptive_v: bool = True,
+        adaptive_q: bool = False,
+        conv_width: int = 4,
+        impl: Impl = "chunk",
+    ) -> None:
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"d_model = {dim} is not divisible by n_heads = {heads}; pick a head count dividing it")
+        for name, c in (("mem_chunk", mem_chunk), ("proj_chunk", proj_chunk)):
+            if not isinstance(c, int) or c < 1:
+                raise ValueError(f"{name} must be a positive int, got {c!r}")
+        self.heads, self.head_dim = heads, dim // heads
+        self.spec = MemorySpec(**{**spec.__dict__, "self_values": True})
+        self.mem_chunk, self.proj_chunk = mem_chunk, proj_chunk
+        self.op = memory_op(impl)
+        self.names = ["k", "v", "q", "eta", "alpha"] if adaptive_q else ["k", "v", "eta", "alpha"]
+        if not self.spec.decay:
+            self.names.remove("alpha")  # "w/o weight decay": no retention gate, no memory to make it
+        self.adaptive = [n for n in self.names if {"k": adaptive_k, "v": adaptive_v}.get(n, True)]
+        self.static = [n for n in self.names if n not in self.adaptive]
+        d = self.head_dim
+        self.in_proj = nn.Linear(dim, dim if adaptive_q else 2 * dim, bias=False)  # u (and q when static)
+        self.conv = ShortConv(self.in_proj.out_features, conv_width)
+        self.beta = GateHead(dim, heads, init=0.5) if self.spec.momentum else None
+        self.readout = nn.ParameterDict(
+            {n: nn.Parameter(0.02 * torch.randn(heads, d)) for n in ("eta", "alpha") if n in self.names}
+        )
+        bias = {"eta": logit(0.1), "alpha": logit(0.99)}
+        self.readout_bias = nn.ParameterDict(
+            {n: nn.Parameter(torch.full((heads,), bias[n])) for n in ("eta", "alpha") if n in self.names}
+        )
+        self.proj_init = MemoryInit(self.spec, len(self.adaptive), heads, d)
+        self.static_init = MemoryInit(self.spec, len(self.static), heads, d) if self.static else None
+        self.mem_init = MemoryInit(self.spec, 1, heads, d)
+        self.output = GatedOutput(dim, heads)
+
+    def init_state(self, batch: int) -> SelfModState:
+        conv = self.conv.initial_state(batch, self.in_proj.weight)
+        return SelfModState(conv, self.proj_init.state(batch), self.mem_init.state(batch))
+
+    def forward(self, x: Tensor, state: SelfModState | None = None) -> tuple[Tensor, SelfModState]:
+        """x `[B, T, D]` -> `[B, T, D]`, state carried (D12)."""
+        state = state if state is not None else self.init_state(x.shape[0])
+        h, conv = self.conv(self.in_proj(x), state.conv)
+        parts = [state_float(split_heads(t, self.heads)).transpose(1, 2) for t in h.split(x.shape[-1], dim=-1)]
+        u = parts[0]  # [B, H, T, d]
+        beta = self.beta(x) if self.beta is not None else None
+        gen, proj = self._project(u, beta, state.proj)
+        q = gen["q"] if "q" in gen else parts[1]
+        q, k = l2norm(q).transpose(1, 2), gen["k"].transpose(1, 2)  # [B, T, H, d]
+        args = dict(state=state.memory, spec=self.spec, chunk_size=self.mem_chunk)
+        o, memory = self.op(q, k, gen["v"].transpose(1, 2), gen["eta"], gen.get("alpha"), beta, **args)
+        return self.output(o, x), SelfModState(conv, proj, memory)
+
+    # -----------------------------------------------------------------------------------------
+    # the projection memories: a sequential loop over C_proj chunks
+
+    def _project(self, u: Tensor, beta: Tensor | None, proj: MemoryState) -> tuple[dict[str, Tensor], MemoryState]:
+        """Generated k `[B, H, T, d]` (normalised), v, q (if adaptive) `[B, H, T, d]`, eta, alpha `[B, T, H]`."""
+        static = self._static(u)
+        pieces: list[dict[str, Tensor]] = []
+        t, T = 0, u.shape[2]
+        while t < T:
+            n = min(self.proj_chunk - proj.offset, T - t)
+            seg = u[:, :, t : t + n]
+            gen = self._generate(seg, proj.frozen(), {name: g[:, :, t : t + n] for name, g in static.items()})
+            proj = self._update(gen, None if beta is None else beta[:, t : t + n], proj)
+            pieces.append(gen)
+            t += n
+        time_dim = {name: 2 if g.dim() == 4 else 1 for name, g in pieces[0].items()}  # vectors vs gates
+        return {name: torch.cat([p[name] for p in pieces], dim=dim) for name, dim in time_dim.items()}, proj
+
+    def _static(self, u: Tensor) -> dict[str, Tensor]:
+        """Frozen memories read with their meta-learned initial weights, for all tokens at once."""
+        out = {}
+        for i, name in enumerate(self.static):
+            init = self.static_init.select(i, self.heads)
+            out[name] = memory_apply(
+                tuple(state_float(w)[None].expand(u.shape[0], -1, -1, -1) for w in init), u, self.spec
+            )
+        return out
+
+    def _generate(self, u: Tensor, frozen: tuple[Tensor, ...], static: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Eq. 83 / 90: every projection of the chunk from the chunk-start weights. u `[B, H, n, d]`."""
+        B, H, n, d = u.shape
+        P = len(self.adaptive)
+        out = memory_apply(frozen, u.repeat(1, P, 1, 1), self.spec).view(B, P, H, n, d)
+        gen = {name: out[:, i] for i, name in enumerate(self.adaptive)} | static
+        gen["k"] = l2norm(gen["k"])
+        for name in self.readout:  # per-head scalars squashed into [0, 1] (D6)
+            logit = (gen[name] * self.readout[name].to(u.dtype)[None, :, None]).sum(-1)
+            gen[name] = torch.sigmoid(logit + self.readout_bias[name].to(u.dtype)[None, :, None]).transpose(1, 2)
+        return gen
+
+    def _update(self, gen: dict[str, Tensor], beta: Tensor | None, proj: MemoryState) -> MemoryState:
+        """Eqs. 84-88 for the adaptive projection memories over one chunk, stacked as `P * H` heads."""
+        P = len(self.adaptive)
+        k = gen["k"].transpose(1, 2).repeat(1, 1, P, 1)  # [B, n, P*H, d]; shared key for every memory
+        v = gen["v"].transpose(1, 2).repeat(1, 1, P, 1)  # each memory makes its own target M_□(v) (Eq. 84)
+        gates = [g.repeat(1, 1, P) if g is not None else None for g in (gen["eta"], gen.get("alpha"), beta)]
+        _, proj = self.op(k, k, v, *gates, state=proj, spec=self.spec, chunk_size=self.proj_chunk)
+        return proj

@@ -1,0 +1,80 @@
+"""Titans' neural long-term memory (LMM) as a sequence mixer: static projections feed the memory op.
+
+What this is: `TitansMemory`, `[B, T, D] -> [B, T, D]` with an explicit state. Queries, keys and values are
+static projections of x followed by a causal short convolution (width 4, SiLU); queries and keys are
+L2-normalised; the per-head step size, retention and momentum gates are sigmoids of static projections
+(Titans Eqs. 11-15, with the D6 layout). The memory is a residual MLP per head trained in context with plain GD,
+momentum and decay (Titans Eqs. 13-14: `MemorySpec(dgd=False)`), or any other `MemorySpec`. The output is
+normed per head, gated and projected (Titans §3.3). `retrieve` reads the memory without writing (MAC, Eq. 21).
+What it is not: self-modifying; the projections never change in context (see `self_modifying.py`).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+from torch import Tensor, nn
+
+from ..ops.memory import MemorySpec, MemoryState
+from ..ops.memory.common import memory_apply
+from .basic import ShortConv
+from .fast_weights import GatedOutput, GateHead, Impl, MemoryInit, l2norm, memory_op, split_heads
+
+
+class TitansState(NamedTuple):
+    """Short-conv inputs `[B, 3, 3D]` and the memory's fast weights `[B, H, ...]`."""
+
+    conv: Tensor
+    memory: MemoryState
+
+
+class TitansMemory(nn.Module):
+    """Titans LMM layer.
+
+    Args:
+        dim, heads: model width and head count; each head's memory acts on `d = dim // heads`.
+        spec: the memory and its inner optimizer (default: residual MLP, plain GD with momentum and decay).
+        chunk_size: tokens per chunk of the parallel form (D5).
+        impl: "chunk" or "naive" (the float64 reference of the same computation).
+    """
+
+    def __init__(
+        self, dim: int, heads: int, *, spec: MemorySpec, chunk_size: int, conv_width: int = 4, impl: Impl = "chunk"
+    ) -> None:
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"d_model = {dim} is not divisible by n_heads = {heads}; pick a head count dividing it")
+        self.dim, self.heads, self.spec, self.chunk_size = dim, heads, spec, chunk_size
+        self.op = memory_op(impl)
+        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.conv = ShortConv(3 * dim, conv_width)
+        self.eta = GateHead(dim, heads, init=0.1)
+        self.alpha = GateHead(dim, heads, init=0.99) if spec.decay else None
+        self.beta = GateHead(dim, heads, init=0.5) if spec.momentum else None
+        self.retrieve_q = nn.Linear(dim, dim, bias=False)
+        self.init = MemoryInit(spec, 1, heads, dim // heads)
+        self.output = GatedOutput(dim, heads)
+
+    def init_state(self, batch: int) -> TitansState:
+        return TitansState(self.conv.initial_state(batch, self.qkv.weight), self.init.state(batch))
+
+    def forward(self, x: Tensor, state: TitansState | None = None) -> tuple[Tensor, TitansState]:
+        state = state if state is not None else self.init_state(x.shape[0])
+        h, conv = self.conv(self.qkv(x), state.conv)
+        q, k, v = (split_heads(t, self.heads) for t in h.chunk(3, dim=-1))  # [B, T, H, d]
+        gates = [g(x) if g is not None else None for g in (self.eta, self.alpha, self.beta)]
+        q, k = l2norm(q), l2norm(k)
+        op_args = dict(state=state.memory, spec=self.spec, chunk_size=self.chunk_size)
+        o, memory = self.op(q, k, v.to(k.dtype), *gates, **op_args)
+        return self.output(o, x), TitansState(conv, memory)
+
+    def retrieve(self, x: Tensor, weights: tuple[Tensor, ...]) -> Tensor:
+        """`M(q)` with `q = l2norm(x W_Q)` per head and the given weights, no write (MAC, Eq. 21). -> `[B, T, D]`."""
+        q = l2norm(split_heads(self.retrieve_q(x), self.heads)).transpose(1, 2)  # [B, H, T, d]
+        w = tuple(t.to(q.dtype) for t in weights)
+        return memory_apply(w, q, self.spec).transpose(1, 2).flatten(2).to(x.dtype)
+
+
+def titans_spec(**switches: bool | int | str) -> MemorySpec:
+    """The Titans LMM default: residual MLP memory, L2 objective, plain GD with momentum and decay."""
+    return MemorySpec(**{"kind": "mlp", "dgd": False, **switches})
