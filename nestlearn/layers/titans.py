@@ -36,10 +36,19 @@ class TitansMemory(nn.Module):
         spec: the memory and its inner optimizer (default: residual MLP, plain GD with momentum and decay).
         chunk_size: tokens per chunk of the parallel form (D5).
         impl: "chunk" or "naive" (the float64 reference of the same computation).
+        retrieval: add the query projection of `retrieve` (MAC only; unused parameters otherwise).
     """
 
     def __init__(
-        self, dim: int, heads: int, *, spec: MemorySpec, chunk_size: int, conv_width: int = 4, impl: Impl = "chunk"
+        self,
+        dim: int,
+        heads: int,
+        *,
+        spec: MemorySpec,
+        chunk_size: int,
+        conv_width: int = 4,
+        impl: Impl = "chunk",
+        retrieval: bool = False,
     ) -> None:
         super().__init__()
         if dim % heads:
@@ -51,7 +60,7 @@ class TitansMemory(nn.Module):
         self.eta = GateHead(dim, heads, init=0.1)
         self.alpha = GateHead(dim, heads, init=0.99) if spec.decay else None
         self.beta = GateHead(dim, heads, init=0.5) if spec.momentum else None
-        self.retrieve_q = nn.Linear(dim, dim, bias=False)
+        self.retrieve_q = nn.Linear(dim, dim, bias=False) if retrieval else None
         self.init = MemoryInit(spec, 1, heads, dim // heads)
         self.output = GatedOutput(dim, heads)
 
@@ -70,6 +79,8 @@ class TitansMemory(nn.Module):
 
     def retrieve(self, x: Tensor, weights: tuple[Tensor, ...]) -> Tensor:
         """`M(q)` with `q = l2norm(x W_Q)` per head and the given weights, no write (MAC, Eq. 21). -> `[B, T, D]`."""
+        if self.retrieve_q is None:
+            raise ValueError("this TitansMemory was built with retrieval=False; build it with retrieval=True")
         q = l2norm(split_heads(self.retrieve_q(x), self.heads)).transpose(1, 2)  # [B, H, T, d]
         w = tuple(t.to(q.dtype) for t in weights)
         return memory_apply(w, q, self.spec).transpose(1, 2).flatten(2).to(x.dtype)

@@ -1,0 +1,110 @@
+"""Titans' hybrids of attention and the long-term memory (Titans §4): Memory as a Context (MAC) and Memory as a
+Gate (MAG). Memory as a Layer (MAL) needs no module of its own: it is a memory sub-layer followed by a
+sliding-window attention sub-layer in the block (`models/lm.py`).
+
+What this is: `MemoryAsContext` and `MemoryAsGate`, `[B, T, D] -> [B, T, D]` with explicit state, built from
+`Attention` and `TitansMemory`. Persistent memory tokens (Titans Eq. 19) are the attention's learned key/value
+prefix; the memory itself reads only the sequence (a choice recorded in docs/decisions.md).
+What it is not: the Titans LMM alone (`titans.py`).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from ..ops.memory import MemorySpec
+from .attention import Attention, AttentionState
+from .basic import RMSNorm
+from .fast_weights import Impl
+from .titans import TitansMemory, TitansState
+
+
+class GateCombine(nn.Module):
+    """`RMSNorm_a(y) ⊙ sigmoid(RMSNorm_b(m))`: the attention branch gated by the memory branch (Titans Eqs. 25, 28;
+    "normalize the outputs ... using learnable vector-valued weights, followed by a non-linearity")."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.norm_y, self.norm_m = RMSNorm(dim), RMSNorm(dim)
+
+    def forward(self, y: Tensor, m: Tensor) -> Tensor:
+        return self.norm_y(y) * torch.sigmoid(self.norm_m(m))
+
+
+class MAGState(NamedTuple):
+    attention: AttentionState
+    memory: TitansState
+
+
+class MemoryAsGate(nn.Module):
+    """MAG (Titans Eqs. 26-28): sliding-window attention with persistent tokens, gated by the memory's read."""
+
+    def __init__(
+        self, dim: int, heads: int, *, spec: MemorySpec, chunk_size: int, window: int, n_persistent: int, impl: Impl
+    ) -> None:
+        super().__init__()
+        self.attention = Attention(dim, heads, window=window, n_persistent=n_persistent)
+        self.memory = TitansMemory(dim, heads, spec=spec, chunk_size=chunk_size, impl=impl)
+        self.combine = GateCombine(dim)
+
+    def init_state(self, batch: int) -> MAGState:
+        return MAGState(self.attention.init_state(batch), self.memory.init_state(batch))
+
+    def forward(self, x: Tensor, state: MAGState | None = None) -> tuple[Tensor, MAGState]:
+        state = state if state is not None else self.init_state(x.shape[0])
+        y, att = self.attention(x, state.attention)
+        m, mem = self.memory(x, state.memory)
+        return self.combine(y, m), MAGState(att, mem)
+
+
+class MACState(NamedTuple):
+    """Attention cache of the current segment, the memory, and the memory's weights at the segment start."""
+
+    attention: AttentionState
+    memory: TitansState
+    segment_weights: tuple[Tensor, ...]
+
+
+class MemoryAsContext(nn.Module):
+    """MAC (Titans Eqs. 21-25), segment by segment (length `segment`, aligned to absolute positions):
+
+        h = M_{segment start}(q),  q = x W_Q                  retrieve, no write (Eq. 21)
+        y = Attn([persistent || h || x])                        causal within the segment (Eqs. 22-23)
+        m = M_t(y) after writing y into the memory              Eqs. 24-25
+        o = RMSNorm(y) ⊙ sigmoid(RMSNorm(m))
+
+    A token attends to the retrieved tokens of itself and earlier tokens of its segment only (a causal reading of
+    Eq. 22 for language modelling: `h_j` depends on `x_j`).
+    """
+
+    def __init__(
+        self, dim: int, heads: int, *, spec: MemorySpec, chunk_size: int, segment: int, n_persistent: int, impl: Impl
+    ) -> None:
+        super().__init__()
+        self.segment = segment
+        self.attention = Attention(dim, heads, segment=segment, n_persistent=n_persistent)
+        self.memory = TitansMemory(dim, heads, spec=spec, chunk_size=chunk_size, impl=impl, retrieval=True)
+        self.combine = GateCombine(dim)
+
+    def init_state(self, batch: int) -> MACState:
+        memory = self.memory.init_state(batch)
+        return MACState(self.attention.init_state(batch), memory, memory.memory.weights)
+
+    def forward(self, x: Tensor, state: MACState | None = None) -> tuple[Tensor, MACState]:
+        state = state if state is not None else self.init_state(x.shape[0])
+        att, mem, seg_w = state
+        outs, t, T = [], 0, x.shape[1]
+        while t < T:
+            n = min(self.segment - att.position % self.segment, T - t)
+            xs = x[:, t : t + n]
+            h = self.memory.retrieve(xs, seg_w)
+            y, att = self.attention(xs, att, context=h)
+            m, mem = self.memory(y, mem)
+            outs.append(self.combine(y, m))
+            if att.position % self.segment == 0:
+                seg_w = mem.memory.weights
+            t += n
+        return torch.cat(outs, dim=1), MACState(att, mem, seg_w)

@@ -1,0 +1,158 @@
+"""One typed configuration for every model of the family, and the size presets.
+
+What this is: `ModelConfig` (variant, sizes, memory and chunking, Table 6 ablation switches, attention limits),
+checked on construction with messages that name the fix, and `preset(name, variant)`, the one size dial.
+What it is not: the model (`lm.py`) or the training configuration (a later issue).
+
+Presets: the width, depth and head count follow Titans' Table 5 where it has the size (340M, 760M, 1.3B:
+`paper.md` §5.3) and GPT-style shapes below it; the SwiGLU hidden width is then solved per variant so that every
+variant of a preset has the same total parameter count (tied embeddings, the preset's vocabulary), which makes
+"equal size" comparisons fair: self-modifying Titans spends parameters on its memories' meta-learned initial
+states, the Titans hybrids on a second mixer, and the MLP gives them back.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any, Literal
+
+Variant = Literal["hope", "hope_attention", "titans_lmm", "titans_mac", "titans_mag", "titans_mal", "transformer"]
+VARIANTS: tuple[str, ...] = Variant.__args__  # type: ignore[attr-defined]
+RECURRENT: tuple[str, ...] = ("hope", "titans_lmm", "titans_mac", "titans_mag", "titans_mal")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+    """Everything that defines a model; `dataclasses.replace` or `preset(..., **overrides)` to change it.
+
+    Sizes: `vocab_size`, `d_model`, `n_layers`, `n_heads` (head dim = d_model / n_heads), `mlp_hidden`.
+    Memories (D2-D6): `memory_kind`, `memory_expansion`, `memory_activation`, `mem_chunk` (C_mem),
+    `proj_chunk` (C_proj, self-modifying Titans only).
+    Ablations (Table 6): `dgd` (self-modifying Titans; Titans variants always use plain GD), `momentum`,
+    `weight_decay` (the retention gate alpha), `adaptive_k`, `adaptive_v` (False: the projection stays at its
+    meta-learned initial state), `adaptive_q` (True: the query is a memory too; the paper's final design and our
+    default is a static query).
+    Attention: `max_seq_len` bounds full attention (Transformer++, Hope-Attention); `window` is the sliding window
+    of MAG / MAL; `segment` the MAC segment; `n_persistent` learned persistent tokens (Titans Eq. 19).
+    `impl`: "chunk" or "naive" (the per-token float64 reference of every memory; same results, slow).
+    """
+
+    variant: Variant = "hope"
+    vocab_size: int = 32000
+    d_model: int = 256
+    n_layers: int = 4
+    n_heads: int = 4
+    mlp_hidden: int = 688
+    memory_kind: Literal["mlp", "linear"] = "mlp"
+    memory_expansion: int = 4
+    memory_activation: Literal["silu", "gelu", "tanh"] = "silu"
+    mem_chunk: int = 64
+    proj_chunk: int = 64
+    dgd: bool = True
+    momentum: bool = True
+    weight_decay: bool = True
+    adaptive_k: bool = True
+    adaptive_v: bool = True
+    adaptive_q: bool = False
+    max_seq_len: int = 8192
+    window: int = 2048
+    segment: int = 512
+    n_persistent: int = 64
+    rope_base: float = 10000.0
+    tie_embeddings: bool = True
+    init_std: float = 0.02
+    norm_eps: float = 1e-6
+    impl: Literal["chunk", "naive"] = "chunk"
+
+    def __post_init__(self) -> None:
+        if self.variant not in VARIANTS:
+            raise ValueError(f"unknown variant {self.variant!r}; choose one of {', '.join(VARIANTS)}")
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "mlp_hidden", "memory_expansion", "mem_chunk",
+                     "proj_chunk", "max_seq_len", "window", "segment"):  # fmt: skip
+            val = getattr(self, name)
+            if not isinstance(val, int) or isinstance(val, bool) or val < 1:
+                raise ValueError(f"{name} must be a positive int, got {val!r}")
+        if self.d_model % self.n_heads:
+            raise ValueError(
+                f"d_model = {self.d_model} is not divisible by n_heads = {self.n_heads}; "
+                f"pick n_heads among the divisors of d_model (e.g. {_divisors_near(self.d_model, self.n_heads)})"
+            )
+        if (self.d_model // self.n_heads) % 2:
+            raise ValueError(f"head dim d_model / n_heads = {self.d_model // self.n_heads} must be even (RoPE)")
+        if self.n_persistent < 0:
+            raise ValueError(f"n_persistent must be >= 0, got {self.n_persistent}")
+        if self.impl not in ("chunk", "naive"):
+            raise ValueError(f"impl must be 'chunk' or 'naive', got {self.impl!r}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown ModelConfig keys {unknown}; valid keys: {sorted(known)}")
+        return cls(**d)
+
+    def fingerprint(self) -> str:
+        """Identifies the computation a state belongs to (`impl` excluded: both give the same results)."""
+        d = {k: v for k, v in self.to_dict().items() if k != "impl"}
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _divisors_near(n: int, h: int) -> list[int]:
+    divs = [d for d in range(1, n + 1) if n % d == 0 and (n // d) % 2 == 0]
+    return sorted(divs, key=lambda d: abs(d - h))[:3]
+
+
+# ---------------------------------------------------------------------------------------------
+# size presets: target parameters, width, depth, heads, vocabulary
+
+PRESETS: dict[str, dict[str, int]] = {
+    "debug": dict(params=1_000_000, d_model=128, n_layers=4, n_heads=8, vocab_size=256),
+    "20M": dict(params=20_000_000, d_model=320, n_layers=8, n_heads=10, vocab_size=32000),
+    "60M": dict(params=60_000_000, d_model=512, n_layers=12, n_heads=8, vocab_size=32000),
+    "125M": dict(params=125_000_000, d_model=768, n_layers=12, n_heads=12, vocab_size=32000),
+    "340M": dict(params=340_000_000, d_model=1024, n_layers=24, n_heads=16, vocab_size=32000),
+    "760M": dict(params=760_000_000, d_model=1536, n_layers=24, n_heads=16, vocab_size=32000),
+    "1.3B": dict(params=1_300_000_000, d_model=2048, n_layers=18, n_heads=8, vocab_size=32000),
+}
+
+
+def preset(name: str, variant: str = "hope", **overrides: Any) -> ModelConfig:
+    """The config of a named size for a variant; the MLP hidden width is solved to hit the size.
+
+    `overrides` may change anything (e.g. `vocab_size=50257`, `mem_chunk=16`, `dgd=False`); the hidden width
+    is solved after them unless `mlp_hidden` is given.
+    """
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    p = dict(PRESETS[name])
+    target = p.pop("params")
+    cfg = ModelConfig(variant=variant, **{**p, **overrides})  # type: ignore[arg-type]
+    if "mlp_hidden" in overrides:
+        return cfg
+    from .lm import count_parameters  # the model defines what a parameter is
+
+    fixed = count_parameters(dataclasses.replace(cfg, mlp_hidden=1)) - _mlp_params(cfg, 1)
+    per_unit = _mlp_params(cfg, 2) - _mlp_params(cfg, 1)
+    hidden = round((target - fixed) / per_unit / 16) * 16
+    if hidden < 16:
+        raise ValueError(
+            f"preset {name!r} cannot hold a {variant} model with these settings ({fixed:,} parameters before the "
+            "MLP); use a larger preset or a smaller vocabulary / memory expansion"
+        )
+    return dataclasses.replace(cfg, mlp_hidden=hidden)
+
+
+def _mlp_params(cfg: ModelConfig, hidden: int) -> int:
+    """Parameters of all SwiGLU MLPs at a given hidden width."""
+    return cfg.n_layers * 3 * cfg.d_model * hidden

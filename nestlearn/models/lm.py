@@ -1,0 +1,239 @@
+"""The causal language model of every variant, with its learning state as an explicit object (D11, D12).
+
+What this is: `CausalLM(config)`: token embedding, `n_layers` pre-norm residual blocks, final RMSNorm, tied LM
+head. `forward(input_ids, state=None) -> (logits, state)`; `generate` feeds the prompt in one pass and then
+samples token by token, the memories still learning from every token they read. Blocks per variant:
+
+    transformer       x + Attn(norm x);            x + SwiGLU(norm x)     Llama-style Transformer++
+    hope_attention    x + Attn(norm x);            x + MLP(norm x)        the MLP becomes the CMS (issue 4)
+    hope              x + SelfModTitans(norm x);   x + MLP(norm x)        Eq. 94-97 (CMS in issue 4)
+    titans_lmm        x + TitansMemory(norm x);    x + SwiGLU(norm x)
+    titans_mac        x + MAC(norm x);             x + SwiGLU(norm x)     Titans Eqs. 21-25
+    titans_mag        x + MAG(norm x);             x + SwiGLU(norm x)     Titans Eqs. 26-28
+    titans_mal        x + TitansMemory(norm x);    x + SWA(norm x);  x + SwiGLU(norm x)   Titans Eqs. 29-31
+
+What it is not: a trainer, a tokenizer, or the Hugging Face wrapper (`hf.py`).
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..layers.attention import Attention
+from ..layers.basic import RMSNorm, SwiGLU
+from ..layers.hybrid import MemoryAsContext, MemoryAsGate
+from ..layers.self_modifying import SelfModifyingTitans
+from ..layers.titans import TitansMemory
+from ..ops.memory import MemorySpec
+from .config import ModelConfig
+
+
+class ModelState(NamedTuple):
+    """The model's whole learning state (D12): one entry per block, tokens seen, and the config it belongs to."""
+
+    layers: tuple[Any, ...]
+    position: int
+    fingerprint: str
+
+    @property
+    def batch_size(self) -> int:
+        first = _first_tensor(self.layers)
+        assert first is not None, "a model state always holds tensors"
+        return first.shape[0]
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: one or two sequence mixers, then the MLP."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.mixers = nn.ModuleList(_mixers(cfg))
+        self.norms = nn.ModuleList(RMSNorm(cfg.d_model, cfg.norm_eps) for _ in self.mixers)
+        self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.mlp = SwiGLU(cfg.d_model, cfg.mlp_hidden)
+
+    def init_state(self, batch: int, device: torch.device, dtype: torch.dtype) -> tuple[Any, ...]:
+        return tuple(_init_mixer(m, batch, device, dtype) for m in self.mixers)
+
+    def forward(self, x: Tensor, state: tuple[Any, ...]) -> tuple[Tensor, tuple[Any, ...]]:
+        new = []
+        for norm, mixer, st in zip(self.norms, self.mixers, state, strict=True):
+            y, st = mixer(norm(x), st)
+            x = x + y
+            new.append(st)
+        return x + self.mlp(self.mlp_norm(x)), tuple(new)
+
+
+class CausalLM(nn.Module):
+    """A language model of any variant (`ModelConfig.variant`) with explicit learning state."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.d_model)
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layers))
+        self.norm = RMSNorm(config.d_model, config.norm_eps)
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        """N(0, init_std) for the embedding and every linear weight; biases (gate offsets) keep their values."""
+        for mod in self.modules():
+            if isinstance(mod, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(mod.weight, std=self.config.init_std)
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed.weight.device
+
+    def init_state(self, batch_size: int) -> ModelState:
+        """The meta-learned initial state for `batch_size` sequences (what `reset` returns to)."""
+        dtype = self.embed.weight.dtype
+        layers = tuple(b.init_state(batch_size, self.device, dtype) for b in self.blocks)
+        return ModelState(layers, 0, self.config.fingerprint())
+
+    def forward(self, input_ids: Tensor, state: ModelState | None = None) -> tuple[Tensor, ModelState]:
+        """input_ids `[B, T]` (int) -> logits `[B, T, vocab]` and the state after the last token."""
+        self._check(input_ids, state)
+        state = state if state is not None else self.init_state(input_ids.shape[0])
+        x = self.embed(input_ids)
+        layers = []
+        for block, st in zip(self.blocks, state.layers, strict=True):
+            x, st = block(x, st)
+            layers.append(st)
+        logits = self.lm_head(self.norm(x))
+        return logits, ModelState(tuple(layers), state.position + input_ids.shape[1], state.fingerprint)
+
+    def loss(self, input_ids: Tensor, state: ModelState | None = None) -> tuple[Tensor, ModelState]:
+        """Mean next-token cross-entropy over `input_ids[:, 1:]`."""
+        logits, state = self(input_ids, state)
+        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), input_ids[:, 1:].flatten())
+        return loss, state
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: Tensor,
+        max_new_tokens: int,
+        state: ModelState | None = None,
+        *,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> tuple[Tensor, ModelState]:
+        """Feed the prompt `[B, T]`, then sample `max_new_tokens`; every token (prompt and sampled) updates the
+        state, so the memories keep learning. Returns the new tokens `[B, max_new_tokens]` and the state after
+        the last one was read. `temperature = 0` is greedy."""
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        logits, state = self(input_ids, state)
+        out = []
+        for i in range(max_new_tokens):
+            nxt = _sample(logits[:, -1].float(), temperature, top_k, generator)
+            out.append(nxt)
+            if i + 1 < max_new_tokens:
+                logits, state = self(nxt[:, None], state)
+            else:
+                _, state = self(nxt[:, None], state)
+        return torch.stack(out, dim=1), state
+
+    def _check(self, input_ids: Tensor, state: ModelState | None) -> None:
+        if input_ids.dim() != 2 or input_ids.dtype not in (torch.int64, torch.int32):
+            raise ValueError(
+                f"input_ids must be an integer tensor [B, T], got {input_ids.dtype} {tuple(input_ids.shape)}"
+            )
+        if input_ids.shape[1] == 0:
+            raise ValueError("input_ids is empty (T = 0); pass at least one token")
+        if state is None:
+            return
+        if not isinstance(state, ModelState):
+            raise ValueError(f"state must be a ModelState from model.init_state or forward, got {type(state).__name__}")
+        if state.fingerprint != self.config.fingerprint():
+            raise ValueError(
+                "state comes from a model with another configuration; use model.init_state(batch_size) or a state "
+                "this model produced or saved"
+            )
+        if state.batch_size != input_ids.shape[0]:
+            raise ValueError(
+                f"state holds {state.batch_size} sequences but input_ids has {input_ids.shape[0]}; "
+                "states are per sequence (D1): pass a state of the same batch size"
+            )
+
+
+def count_parameters(cfg: ModelConfig) -> int:
+    """Parameters of the model a config builds (counted on the meta device: nothing is allocated)."""
+    with torch.device("meta"):
+        model = CausalLM(cfg)
+    return sum(p.numel() for p in model.parameters())
+
+
+# ---------------------------------------------------------------------------------------------
+# construction helpers
+
+
+def memory_spec(cfg: ModelConfig, *, titans: bool) -> MemorySpec:
+    """The memories' spec from the config (Titans variants: plain GD, Titans Eqs. 13-14)."""
+    return MemorySpec(
+        kind=cfg.memory_kind,
+        activation=cfg.memory_activation,
+        expansion=cfg.memory_expansion,
+        dgd=cfg.dgd and not titans,
+        momentum=cfg.momentum,
+        decay=cfg.weight_decay,
+    )
+
+
+def _mixers(cfg: ModelConfig) -> list[nn.Module]:
+    D, H, v = cfg.d_model, cfg.n_heads, cfg.variant
+    titans = memory_spec(cfg, titans=True)
+    if v in ("transformer", "hope_attention"):
+        return [Attention(D, H, max_len=cfg.max_seq_len, rope_base=cfg.rope_base)]
+    if v == "hope":
+        return [
+            SelfModifyingTitans(
+                D, H, spec=memory_spec(cfg, titans=False), mem_chunk=cfg.mem_chunk, proj_chunk=cfg.proj_chunk,
+                adaptive_k=cfg.adaptive_k, adaptive_v=cfg.adaptive_v, adaptive_q=cfg.adaptive_q, impl=cfg.impl,
+            )
+        ]  # fmt: skip
+    memory = dict(spec=titans, chunk_size=cfg.mem_chunk, impl=cfg.impl)
+    if v == "titans_lmm":
+        return [TitansMemory(D, H, **memory)]
+    if v == "titans_mag":
+        return [MemoryAsGate(D, H, window=cfg.window, n_persistent=cfg.n_persistent, **memory)]
+    if v == "titans_mac":
+        return [MemoryAsContext(D, H, segment=cfg.segment, n_persistent=cfg.n_persistent, **memory)]
+    swa = Attention(D, H, window=cfg.window, n_persistent=cfg.n_persistent, rope_base=cfg.rope_base)
+    return [TitansMemory(D, H, **memory), swa]  # titans_mal
+
+
+def _init_mixer(mixer: nn.Module, batch: int, device: torch.device, dtype: torch.dtype) -> Any:
+    if isinstance(mixer, Attention):
+        return mixer.init_state(batch, device, dtype)
+    return mixer.init_state(batch)
+
+
+def _sample(logits: Tensor, temperature: float, top_k: int | None, generator: torch.Generator | None) -> Tensor:
+    if temperature == 0:
+        return logits.argmax(-1)
+    logits = logits / temperature
+    if top_k is not None:
+        kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
+
+
+def _first_tensor(tree: Any) -> Tensor | None:
+    if isinstance(tree, Tensor):
+        return tree
+    if isinstance(tree, (tuple, list)):
+        for item in tree:
+            found = _first_tensor(item)
+            if found is not None:
+                return found
+    return None
