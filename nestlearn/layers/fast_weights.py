@@ -53,16 +53,30 @@ class MemoryInit(nn.Module):
 
 
 class GateHead(nn.Module):
-    """Per-head scalar gates in [0, 1] from `[B, T, D]` (static projection): `sigmoid(x W + b)`."""
+    """Per-head scalar gates from `[B, T, D]` (static projection): `scale * sigmoid(x W + b)` in [0, scale].
 
-    def __init__(self, dim: int, heads: int, init: float) -> None:
+    `init` is the sigmoid's starting value (through the bias); `scale <= 1` keeps the gate in [0, 1] (D6).
+    """
+
+    def __init__(self, dim: int, heads: int, init: float, scale: float = 1.0) -> None:
         super().__init__()
+        self.scale = scale
         self.proj = nn.Linear(dim, heads)
         nn.init.normal_(self.proj.weight, std=0.02)
         nn.init.constant_(self.proj.bias, logit(init))
 
     def forward(self, x: Tensor) -> Tensor:
-        return torch.sigmoid(state_float(self.proj(x)))  # [B, T, H]
+        return self.scale * torch.sigmoid(state_float(self.proj(x)))  # [B, T, H]
+
+
+def step_scale(*chunk_sizes: int) -> float:
+    """Largest inner step size: `1 / C` for the largest chunk (docs/decisions.md).
+
+    The chunk form sums the C gradients frozen at the chunk start (Eq. 91), so one chunk moves the weights by
+    about `C * eta` times a single token's step; keeping `eta <= 1 / C` keeps that bounded. With C = 1 the gate
+    spans all of [0, 1].
+    """
+    return 1.0 / max(chunk_sizes)
 
 
 class GatedOutput(nn.Module):

@@ -4,8 +4,9 @@ gates are themselves memories updated in context, each on values it generates fo
 What this is: `SelfModifyingTitans`, `[B, T, D] -> [B, T, D]` with an explicit state. Per head (D6):
 
     u_t = silu(conv(x W_u))_h,  q_t = l2norm(silu(conv(x W_q))_h)             static input and query
-    k_t = l2norm(M_k(u_t)),  v_t = M_v(u_t)                                      Eq. 83
-    eta_t = sigmoid(r_eta · M_eta(u_t) + b_eta),  alpha_t = sigmoid(r_alpha · M_alpha(u_t) + b_alpha)
+    k_t = l2norm(M_k(u_t)),  v_t = l2norm(M_v(u_t))                              Eq. 83 (v normalised: see below)
+    eta_t = sigmoid(r_eta · M_eta(u_t) + b_eta) / max(C_mem, C_proj)           step size (see step_scale)
+    alpha_t = sigmoid(r_alpha · M_alpha(u_t) + b_alpha)                          retention
     beta_t = sigmoid(x W_beta + b_beta)                                          momentum gate (static)
     v_hat_{□,t} = M_□(v_t)                                                       Eq. 84
     M_□ <- DGD step on 1/2 ||M_□(k_t) - v_hat_{□,t}||^2 with eta, alpha, beta    Eqs. 85-88, □ ∈ {k, v, eta, alpha, mem}
@@ -19,6 +20,9 @@ pieces and token-by-token decoding agree.
 Ablations (Table 6): `adaptive_k` / `adaptive_v` False freeze that memory at its meta-learned initial state
 ("moved to the lowest-frequency level"); `adaptive_q` True replaces the static query by a memory `M_q(u_t)`;
 the spec's `dgd` / `momentum` / `decay` switches apply to every memory.
+Values are L2-normalised too (`normalize_v`, default on; docs/decisions.md): the targets `M_□(v_t)` are made
+by the memories themselves, and with an unbounded `v` the loop `v -> M_v -> v` grows without limit (NaN within
+256 random tokens at the initial gates; `test_default_gates_stay_bounded`).
 What it is not: a fused kernel; the loop over `C_proj` chunks runs in Python.
 """
 
@@ -32,7 +36,18 @@ from torch import Tensor, nn
 from ..ops.memory import MemorySpec, MemoryState
 from ..ops.memory.common import memory_apply
 from .basic import ShortConv
-from .fast_weights import GatedOutput, GateHead, Impl, MemoryInit, l2norm, logit, memory_op, split_heads, state_float
+from .fast_weights import (
+    GatedOutput,
+    GateHead,
+    Impl,
+    MemoryInit,
+    l2norm,
+    logit,
+    memory_op,
+    split_heads,
+    state_float,
+    step_scale,
+)
 
 
 class SelfModState(NamedTuple):
@@ -52,6 +67,7 @@ class SelfModifyingTitans(nn.Module):
         spec: memory kind and inner optimizer switches for all memories (`self_values` is set here).
         mem_chunk, proj_chunk: `C_mem` for the main memory, `C_proj` for the projection memories (D5).
         adaptive_k, adaptive_v, adaptive_q: which projections learn in context (Table 6 ablations).
+        normalize_v: L2-normalise the generated values (see the module docstring).
         impl: "chunk" or "naive" (the float64 reference of the same computation).
     """
 
@@ -66,6 +82,7 @@ class SelfModifyingTitans(nn.Module):
         adaptive_k: bool = True,
         adaptive_v: bool = True,
         adaptive_q: bool = False,
+        normalize_v: bool = True,
         conv_width: int = 4,
         impl: Impl = "chunk",
     ) -> None:
@@ -77,7 +94,7 @@ class SelfModifyingTitans(nn.Module):
                 raise ValueError(f"{name} must be a positive int, got {c!r}")
         self.heads, self.head_dim = heads, dim // heads
         self.spec = MemorySpec(**{**spec.__dict__, "self_values": True})
-        self.mem_chunk, self.proj_chunk = mem_chunk, proj_chunk
+        self.mem_chunk, self.proj_chunk, self.normalize_v = mem_chunk, proj_chunk, normalize_v
         self.op = memory_op(impl)
         self.names = ["k", "v", "q", "eta", "alpha"] if adaptive_q else ["k", "v", "eta", "alpha"]
         if not self.spec.decay:
@@ -91,7 +108,8 @@ class SelfModifyingTitans(nn.Module):
         self.readout = nn.ParameterDict(
             {n: nn.Parameter(0.02 * torch.randn(heads, d)) for n in ("eta", "alpha") if n in self.names}
         )
-        bias = {"eta": logit(0.1), "alpha": logit(0.99)}
+        bias = {"eta": logit(0.5), "alpha": logit(0.99)}
+        self.eta_scale = step_scale(mem_chunk, proj_chunk)
         self.readout_bias = nn.ParameterDict(
             {n: nn.Parameter(torch.full((heads,), bias[n])) for n in ("eta", "alpha") if n in self.names}
         )
@@ -153,9 +171,12 @@ class SelfModifyingTitans(nn.Module):
         out = memory_apply(frozen, u.repeat(1, P, 1, 1), self.spec).view(B, P, H, n, d)
         gen = {name: out[:, i] for i, name in enumerate(self.adaptive)} | static
         gen["k"] = l2norm(gen["k"])
+        if self.normalize_v:
+            gen["v"] = l2norm(gen["v"])
         for name in self.readout:  # per-head scalars squashed into [0, 1] (D6)
-            logit = (gen[name] * self.readout[name].to(u.dtype)[None, :, None]).sum(-1)
-            gen[name] = torch.sigmoid(logit + self.readout_bias[name].to(u.dtype)[None, :, None]).transpose(1, 2)
+            z = (gen[name] * self.readout[name].to(u.dtype)[None, :, None]).sum(-1)
+            gen[name] = torch.sigmoid(z + self.readout_bias[name].to(u.dtype)[None, :, None]).transpose(1, 2)
+        gen["eta"] = self.eta_scale * gen["eta"]
         return gen
 
     def _update(self, gen: dict[str, Tensor], beta: Tensor | None, proj: MemoryState) -> MemoryState:

@@ -3,9 +3,10 @@
 What this is: `TitansMemory`, `[B, T, D] -> [B, T, D]` with an explicit state. Queries, keys and values are
 static projections of x followed by a causal short convolution (width 4, SiLU); queries and keys are
 L2-normalised; the per-head step size, retention and momentum gates are sigmoids of static projections
-(Titans Eqs. 11-15, with the D6 layout). The memory is a residual MLP per head trained in context with plain GD,
-momentum and decay (Titans Eqs. 13-14: `MemorySpec(dgd=False)`), or any other `MemorySpec`. The output is
-normed per head, gated and projected (Titans §3.3). `retrieve` reads the memory without writing (MAC, Eq. 21).
+(Titans Eqs. 11-15, with the D6 layout), the step size scaled to at most `1 / chunk_size` (`step_scale`).
+The memory is a residual MLP per head trained in context with plain GD, momentum and decay (Titans Eqs. 13-14:
+`MemorySpec(dgd=False)`), or any other `MemorySpec`. The output is normed per head, gated and projected
+(Titans §3.3). `retrieve` reads the memory without writing (MAC, Eq. 21).
 What it is not: self-modifying; the projections never change in context (see `self_modifying.py`).
 """
 
@@ -18,7 +19,7 @@ from torch import Tensor, nn
 from ..ops.memory import MemorySpec, MemoryState
 from ..ops.memory.common import memory_apply
 from .basic import ShortConv
-from .fast_weights import GatedOutput, GateHead, Impl, MemoryInit, l2norm, memory_op, split_heads
+from .fast_weights import GatedOutput, GateHead, Impl, MemoryInit, l2norm, memory_op, split_heads, step_scale
 
 
 class TitansState(NamedTuple):
@@ -57,7 +58,7 @@ class TitansMemory(nn.Module):
         self.op = memory_op(impl)
         self.qkv = nn.Linear(dim, 3 * dim, bias=False)
         self.conv = ShortConv(3 * dim, conv_width)
-        self.eta = GateHead(dim, heads, init=0.1)
+        self.eta = GateHead(dim, heads, init=0.5, scale=step_scale(chunk_size))
         self.alpha = GateHead(dim, heads, init=0.99) if spec.decay else None
         self.beta = GateHead(dim, heads, init=0.5) if spec.momentum else None
         self.retrieve_q = nn.Linear(dim, dim, bias=False) if retrieval else None

@@ -34,7 +34,8 @@ class ModelConfig:
     Ablations (Table 6): `dgd` (self-modifying Titans; Titans variants always use plain GD), `momentum`,
     `weight_decay` (the retention gate alpha), `adaptive_k`, `adaptive_v` (False: the projection stays at its
     meta-learned initial state), `adaptive_q` (True: the query is a memory too; the paper's final design and our
-    default is a static query).
+    default is a static query). `normalize_v`: L2-normalise self-modifying Titans' generated values
+    (docs/decisions.md: the self-referential loop diverges without it).
     Attention: `max_seq_len` bounds full attention (Transformer++, Hope-Attention); `window` is the sliding window
     of MAG / MAL; `segment` the MAC segment; `n_persistent` learned persistent tokens (Titans Eq. 19).
     `impl`: "chunk" or "naive" (the per-token float64 reference of every memory; same results, slow).
@@ -57,6 +58,7 @@ class ModelConfig:
     adaptive_k: bool = True
     adaptive_v: bool = True
     adaptive_q: bool = False
+    normalize_v: bool = True
     max_seq_len: int = 8192
     window: int = 2048
     segment: int = 512

@@ -198,7 +198,8 @@ def _mixers(cfg: ModelConfig) -> list[nn.Module]:
         return [
             SelfModifyingTitans(
                 D, H, spec=memory_spec(cfg, titans=False), mem_chunk=cfg.mem_chunk, proj_chunk=cfg.proj_chunk,
-                adaptive_k=cfg.adaptive_k, adaptive_v=cfg.adaptive_v, adaptive_q=cfg.adaptive_q, impl=cfg.impl,
+                adaptive_k=cfg.adaptive_k, adaptive_v=cfg.adaptive_v, adaptive_q=cfg.adaptive_q,
+                normalize_v=cfg.normalize_v, impl=cfg.impl,
             )
         ]  # fmt: skip
     memory = dict(spec=titans, chunk_size=cfg.mem_chunk, impl=cfg.impl)
