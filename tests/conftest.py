@@ -15,10 +15,17 @@ def _nan_filled(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def _poisoned_empty(*args, **kwargs) -> torch.Tensor:
+    # the wrapper is not the function a `with torch.device(...)` context intercepts, so pass its device on
+    if kwargs.get("device") is None:
+        kwargs["device"] = torch.get_default_device()
+    return _nan_filled(_EMPTY(*args, **kwargs))
+
+
 @pytest.fixture(autouse=True)
 def _seed_and_poison(monkeypatch: pytest.MonkeyPatch) -> None:
     torch.manual_seed(0)
-    monkeypatch.setattr(torch, "empty", lambda *a, **kw: _nan_filled(_EMPTY(*a, **kw)))
+    monkeypatch.setattr(torch, "empty", _poisoned_empty)
     monkeypatch.setattr(torch, "empty_like", lambda *a, **kw: _nan_filled(_EMPTY_LIKE(*a, **kw)))
 
 

@@ -67,8 +67,10 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(dim, dim, bias=False)
         self.o_proj = nn.Linear(dim, dim, bias=False)
         self.rope = RotaryEmbedding(self.head_dim, rope_base)
-        self.persistent_k = nn.Parameter(0.02 * torch.randn(heads, n_persistent, self.head_dim))
-        self.persistent_v = nn.Parameter(0.02 * torch.randn(heads, n_persistent, self.head_dim))
+        self.n_persistent = n_persistent
+        if n_persistent:
+            self.persistent_k = nn.Parameter(0.02 * torch.randn(heads, n_persistent, self.head_dim))
+            self.persistent_v = nn.Parameter(0.02 * torch.randn(heads, n_persistent, self.head_dim))
 
     def init_state(
         self, batch: int, device: torch.device | None = None, dtype: torch.dtype | None = None
@@ -128,7 +130,7 @@ class Attention(nn.Module):
 
     def _attend(self, q: Tensor, k: Tensor, v: Tensor, ctx_k: Tensor, ctx_v: Tensor, pos: int) -> Tensor:
         B, _, T, _ = q.shape
-        n_p = self.persistent_k.shape[1]
+        n_p = self.n_persistent
         plain = n_p == 0 and ctx_k.shape[2] == 0 and k.shape[2] == T and self.window is None and self.segment is None
         if plain:  # the training fast path: SDPA's own causal kernel
             return F.scaled_dot_product_attention(q, k, v, is_causal=True)

@@ -69,8 +69,12 @@ class RotaryEmbedding(nn.Module):
         super().__init__()
         if head_dim % 2:
             raise ValueError(f"RotaryEmbedding needs an even head dim, got {head_dim}")
-        inv_freq = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.head_dim, self.base = head_dim, base
+        self.register_buffer("inv_freq", self.frequencies(), persistent=False)
+
+    def frequencies(self, device: torch.device | None = None) -> Tensor:
+        """`base^(-2i/D)`, float64; also used to refill the buffer after loading on the meta device."""
+        return self.base ** (-torch.arange(0, self.head_dim, 2, dtype=torch.float64, device=device) / self.head_dim)
 
     def forward(self, x: Tensor, offset: int = 0) -> Tensor:
         dt = torch.float64 if x.dtype == torch.float64 else torch.float32

@@ -23,6 +23,7 @@ try:
 except ImportError as e:  # pragma: no cover - depends on the environment
     raise ImportError("nestlearn.models.hf needs transformers 5.x: pip install 'nestlearn[hf]'") from e
 
+from ..layers.basic import RotaryEmbedding
 from .config import ModelConfig
 from .lm import CausalLM, ModelState
 
@@ -70,7 +71,10 @@ class NestLearnForCausalLM(PreTrainedModel, GenerationMixin):
         return False  # the learning state is the cache; transformers must not make a DynamicCache
 
     def _init_weights(self, module: torch.nn.Module) -> None:
-        """`CausalLM` initialises itself; weights loaded by `from_pretrained` overwrite it."""
+        """`CausalLM` initialises its parameters itself and `from_pretrained` overwrites them; only the rotary
+        frequencies (a non-persistent buffer, not in the checkpoint) must be recomputed here."""
+        if isinstance(module, RotaryEmbedding):
+            module.inv_freq.copy_(module.frequencies(module.inv_freq.device))
 
     def get_input_embeddings(self) -> torch.nn.Embedding:
         return self.lm.embed
