@@ -137,3 +137,20 @@ def _tensors(tree):
     elif isinstance(tree, tuple | list):
         for item in tree:
             yield from _tensors(item)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("variant", ["hope", "titans_mac", "transformer"])
+def test_cuda_matches_cpu(variant: str) -> None:
+    """float64 on CUDA == CPU to 1e-10; bf16 autocast (fast weights float32, D8) within 5e-2 relative RMS."""
+    model = tiny(variant)
+    ids = torch.randint(0, 64, (2, 19))
+    with torch.no_grad():
+        ref, _ = model(ids)
+        cuda = model.cuda()
+        got, _ = cuda(ids.cuda())
+        torch.testing.assert_close(got.cpu(), ref, rtol=0, atol=1e-10)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            low, _ = cuda.float()(ids.cuda())
+    rel = ((low.double().cpu() - ref).norm() / ref.norm()).item()
+    assert rel <= 5e-2, rel

@@ -1,0 +1,160 @@
+"""Training-step throughput and peak memory of every model variant at one preset, Transformer++ in the same run.
+
+One training step = forward over `batch x seq` tokens, next-token loss, backward, AdamW step. On CUDA the step
+runs under bf16 autocast (fast weights stay float32, D8); peak memory is `torch.cuda.max_memory_allocated`.
+On CPU each variant runs in its own subprocess so that its peak resident memory (ru_maxrss) is its own.
+The last thing printed is a table with tokens/s relative to Transformer++.
+
+    python benchmarks/models.py --preset 20M --seq 512 --device cpu
+    python benchmarks/models.py --preset 125M --seq 4096 --device cuda --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from nestlearn.models import VARIANTS, CausalLM, count_parameters, preset
+
+
+def one_variant(variant: str, args: argparse.Namespace) -> dict:
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    cfg = preset(args.preset, variant)
+    model = CausalLM(cfg).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+    ids = torch.randint(0, cfg.vocab_size, (args.batch, args.seq), device=device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+
+    def step() -> float:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            loss, _ = model.loss(ids)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    for _ in range(args.warmup):
+        step()
+    _sync(device)
+    times = []
+    for _ in range(args.steps):
+        t0 = time.perf_counter()
+        loss = step()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    sec = sorted(times)[len(times) // 2]
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated() / 2**30
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB (Linux)
+    return {
+        "variant": variant,
+        "params": count_parameters(cfg),
+        "step_s": sec,
+        "tokens_per_s": args.batch * args.seq / sec,
+        "peak_gib": peak,
+        "final_loss": float(loss),
+    }
+
+
+def _guarded(variant: str, args: argparse.Namespace) -> dict:
+    """One CUDA variant; an out-of-memory is recorded as such instead of ending the run."""
+    try:
+        return one_variant(variant, args)
+    except torch.OutOfMemoryError:
+        torch.cuda.empty_cache()
+        return {"variant": variant, "error": "out of memory", "params": count_parameters(preset(args.preset, variant))}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def run_isolated(variant: str, argv: list[str]) -> dict:
+    out = subprocess.run(
+        [sys.executable, __file__, *argv, "--variants", variant, "--child"], capture_output=True, text=True, check=True
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="20M")
+    p.add_argument("--seq", type=int, default=512)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--json", default=None)
+    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    variants = args.variants.split(",")
+    if args.child:
+        print(json.dumps(one_variant(variants[0], args)))
+        return
+    if "transformer" not in variants:
+        variants.append("transformer")
+    rows = []
+    for v in variants:
+        row = run_isolated(v, _strip_variants(sys.argv[1:])) if args.device == "cpu" else _guarded(v, args)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    ref = next(r for r in rows if r["variant"] == "transformer")
+    meta = {
+        "preset": args.preset,
+        "seq": args.seq,
+        "batch": args.batch,
+        "device": torch.cuda.get_device_name() if args.device == "cuda" else f"CPU ({os.cpu_count()} cores)",
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "commit": os.environ.get("NESTLEARN_COMMIT", "unknown"),
+        "date": time.strftime("%Y-%m-%d"),
+        "steps": args.steps,
+    }
+    if args.json:
+        Path(args.json).write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    print(f"\n{meta['device']}, preset {args.preset}, batch {args.batch} x seq {args.seq}, torch {meta['torch']}")
+    print(f"{'variant':16s} {'params':>9s} {'step s':>8s} {'tok/s':>9s} {'vs T++':>7s} {'peak GiB':>9s}")
+    for r in rows:
+        if "error" in r:
+            print(f"{r['variant']:16s} {r['params'] / 1e6:8.1f}M {r['error']}")
+            continue
+        ratio = r["tokens_per_s"] / ref["tokens_per_s"]
+        print(
+            f"{r['variant']:16s} {r['params'] / 1e6:8.1f}M {r['step_s']:8.3f} {r['tokens_per_s']:9.0f} "
+            f"{ratio:7.3f} {r['peak_gib']:9.2f}"
+        )
+
+
+def _strip_variants(argv: list[str]) -> list[str]:
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+            continue
+        if a == "--variants":
+            skip = True
+            continue
+        if a.startswith("--variants=") or a.startswith("--json"):
+            skip = a == "--json"
+            continue
+        out.append(a)
+    return out
+
+
+if __name__ == "__main__":
+    main()
