@@ -70,12 +70,15 @@ def one_variant(variant: str, args: argparse.Namespace) -> dict:
 
 
 def _guarded(variant: str, args: argparse.Namespace) -> dict:
-    """One CUDA variant; an out-of-memory is recorded as such instead of ending the run."""
+    """One CUDA variant; an out-of-memory or runtime error is recorded instead of ending the run."""
     try:
         return one_variant(variant, args)
     except torch.OutOfMemoryError:
-        torch.cuda.empty_cache()
-        return {"variant": variant, "error": "out of memory", "params": count_parameters(preset(args.preset, variant))}
+        error = "out of memory"
+    except RuntimeError as e:  # recorded, so one failing variant does not hide the others
+        error = f"RuntimeError: {str(e).splitlines()[0][:80]}"
+    torch.cuda.empty_cache()
+    return {"variant": variant, "error": error, "params": count_parameters(preset(args.preset, variant))}
 
 
 def _sync(device: torch.device) -> None:

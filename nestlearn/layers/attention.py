@@ -17,8 +17,13 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .basic import RotaryEmbedding
+
+# cuDNN's SDPA backend failed with CUDNN_STATUS_INTERNAL_ERROR on the H100 (torch 2.11, bf16, [1, 12, 4096, 64]
+# causal); flash, memory-efficient and math kernels cover every case.
+_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 class AttentionState(NamedTuple):
@@ -133,7 +138,8 @@ class Attention(nn.Module):
         n_p = self.n_persistent
         plain = n_p == 0 and ctx_k.shape[2] == 0 and k.shape[2] == T and self.window is None and self.segment is None
         if plain:  # the training fast path: SDPA's own causal kernel
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            with sdpa_kernel(_BACKENDS):
+                return F.scaled_dot_product_attention(q, k, v, is_causal=True)
         qpos = torch.arange(pos, pos + T, device=q.device)
         parts_k, parts_v, masks = [], [], []
         if n_p:
@@ -146,7 +152,8 @@ class Attention(nn.Module):
             parts_v.append(vv)
             masks.append(self._visible(qpos, kpos))
         mask = torch.cat(masks, dim=1)
-        return F.scaled_dot_product_attention(q, torch.cat(parts_k, 2), torch.cat(parts_v, 2), attn_mask=mask)
+        with sdpa_kernel(_BACKENDS):
+            return F.scaled_dot_product_attention(q, torch.cat(parts_k, 2), torch.cat(parts_v, 2), attn_mask=mask)
 
     def _visible(self, qpos: Tensor, kpos: Tensor) -> Tensor:
         """`[T, K]` boolean: causal, within the window, within the segment."""

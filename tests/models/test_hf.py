@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-pytest.importorskip("transformers")
+pytest.importorskip("transformers", minversion="5.20")  # the `hf` extra
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from nestlearn.models import ModelState
