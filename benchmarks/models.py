@@ -30,7 +30,7 @@ from nestlearn.models import VARIANTS, CausalLM, count_parameters, preset
 def one_variant(variant: str, args: argparse.Namespace) -> dict:
     device = torch.device(args.device)
     torch.manual_seed(0)
-    cfg = preset(args.preset, variant)
+    cfg = preset(args.preset, variant, checkpoint=args.checkpoint)
     model = CausalLM(cfg).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
     ids = torch.randint(0, cfg.vocab_size, (args.batch, args.seq), device=device)
@@ -103,6 +103,7 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("--json", default=None)
+    p.add_argument("--checkpoint", action="store_true", help="activation checkpointing of every block")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     variants = args.variants.split(",")
@@ -127,10 +128,12 @@ def main() -> None:
         "commit": os.environ.get("NESTLEARN_COMMIT", "unknown"),
         "date": time.strftime("%Y-%m-%d"),
         "steps": args.steps,
+        "checkpoint": args.checkpoint,
     }
     if args.json:
         Path(args.json).write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
-    print(f"\n{meta['device']}, preset {args.preset}, batch {args.batch} x seq {args.seq}, torch {meta['torch']}")
+    ckpt = ", activation checkpointing" if args.checkpoint else ""
+    print(f"\n{meta['device']}, preset {args.preset}, batch {args.batch} x seq {args.seq}{ckpt}, torch {meta['torch']}")
     print(f"{'variant':16s} {'params':>9s} {'step s':>8s} {'tok/s':>9s} {'vs T++':>7s} {'peak GiB':>9s}")
     for r in rows:
         if "error" in r:

@@ -80,7 +80,8 @@ class Attention(nn.Module):
     def init_state(
         self, batch: int, device: torch.device | None = None, dtype: torch.dtype | None = None
     ) -> AttentionState:
-        dtype = dtype or self.q_proj.weight.dtype
+        """An empty cache on the layer's device (or the given one)."""
+        device, dtype = device or self.q_proj.weight.device, dtype or self.q_proj.weight.dtype
         empty = torch.zeros(batch, self.heads, 0, self.head_dim, device=device, dtype=dtype)
         return AttentionState(empty, empty, empty, empty, 0)
 

@@ -39,6 +39,8 @@ class ModelConfig:
     Attention: `max_seq_len` bounds full attention (Transformer++, Hope-Attention); `window` is the sliding window
     of MAG / MAL; `segment` the MAC segment; `n_persistent` learned persistent tokens (Titans Eq. 19).
     `impl`: "chunk" or "naive" (the per-token float64 reference of every memory; same results, slow).
+    `checkpoint`: recompute each block in the backward pass instead of keeping its activations (activation
+    checkpointing; same results, about one more forward pass of compute, a fraction of the memory).
     """
 
     variant: Variant = "hope"
@@ -68,6 +70,7 @@ class ModelConfig:
     init_std: float = 0.02
     norm_eps: float = 1e-6
     impl: Literal["chunk", "naive"] = "chunk"
+    checkpoint: bool = False
 
     def __post_init__(self) -> None:
         if self.variant not in VARIANTS:
@@ -105,8 +108,8 @@ class ModelConfig:
         return cls(**d)
 
     def fingerprint(self) -> str:
-        """Identifies the computation a state belongs to (`impl` excluded: both give the same results)."""
-        d = {k: v for k, v in self.to_dict().items() if k != "impl"}
+        """Identifies the computation a state belongs to (`impl` and `checkpoint` change no result)."""
+        d = {k: v for k, v in self.to_dict().items() if k not in ("impl", "checkpoint")}
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 

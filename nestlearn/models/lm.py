@@ -22,6 +22,7 @@ from typing import Any, NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from ..layers.attention import Attention
 from ..layers.basic import RMSNorm, SwiGLU
@@ -105,7 +106,10 @@ class CausalLM(nn.Module):
         x = self.embed(input_ids)
         layers = []
         for block, st in zip(self.blocks, state.layers, strict=True):
-            x, st = block(x, st)
+            if self.config.checkpoint and torch.is_grad_enabled():
+                x, st = checkpoint(block, x, st, use_reentrant=False)
+            else:
+                x, st = block(x, st)
             layers.append(st)
         logits = self.lm_head(self.norm(x))
         return logits, ModelState(tuple(layers), state.position + input_ids.shape[1], state.fingerprint)

@@ -49,6 +49,22 @@ def test_one_pass_equals_pieces_equals_token_by_token(variant: str) -> None:
             assert st.position == state.position == 19
 
 
+@pytest.mark.parametrize("variant", ["hope", "titans_mac"])
+def test_checkpointing_changes_nothing(variant: str) -> None:
+    """Activation checkpointing recomputes blocks: same loss, same gradients, same state fingerprint."""
+    model = tiny(variant)
+    ckpt = CausalLM(dataclasses.replace(model.config, checkpoint=True)).double()
+    ckpt.load_state_dict(model.state_dict())
+    ids = torch.randint(0, 64, (2, 13))
+    results = []
+    for m in (model, ckpt):
+        loss, st = m.loss(ids)
+        results.append([loss.detach(), *torch.autograd.grad(loss, list(m.parameters()))])
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(b, a, rtol=0, atol=1e-12)
+    assert st.fingerprint == model.config.fingerprint()
+
+
 @pytest.mark.parametrize("variant", ["hope", "titans_lmm"])
 def test_naive_impl_gives_the_same_model(variant: str) -> None:
     model = tiny(variant)

@@ -430,6 +430,6 @@ def test_cuda_matches_cpu_reference(kind: str) -> None:
     out, _ = run(memory_chunk, cuda, spec, 16)
     assert (out.cpu() - ref).abs().max().item() <= FP64_TOL * max(1.0, ref.abs().max().item())
     f32 = {n: (t.float() if isinstance(t, torch.Tensor) else t) for n, t in cuda.items()}
-    f32["state"] = MemoryState(*(tuple(t.float() for t in ts) for ts in cuda["state"]))
+    f32["state"] = cuda["state"].map(torch.Tensor.float)
     out32, _ = run(memory_chunk, f32, spec, 16)
     assert ((out32.cpu().double() - ref).norm() / ref.norm()).item() <= 1e-4
