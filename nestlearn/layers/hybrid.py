@@ -23,15 +23,18 @@ from .titans import TitansMemory, TitansState
 
 
 class GateCombine(nn.Module):
-    """`RMSNorm_a(y) ⊙ sigmoid(RMSNorm_b(m))`: the attention branch gated by the memory branch (Titans Eqs. 25, 28;
-    "normalize the outputs ... using learnable vector-valued weights, followed by a non-linearity")."""
+    """`W_o (RMSNorm_a(y) ⊙ sigmoid(RMSNorm_b(m)))`: the attention branch gated by the memory branch (Titans
+    Eqs. 25, 28: "normalize the outputs ... using learnable vector-valued weights, followed by a non-linearity"),
+    then an output projection, so that the block adds a small update to the residual stream at initialisation
+    like every other mixer (without it the 125M MAG model's memories diverge on random tokens)."""
 
     def __init__(self, dim: int) -> None:
         super().__init__()
         self.norm_y, self.norm_m = RMSNorm(dim), RMSNorm(dim)
+        self.out = nn.Linear(dim, dim, bias=False)
 
     def forward(self, y: Tensor, m: Tensor) -> Tensor:
-        return self.norm_y(y) * torch.sigmoid(self.norm_m(m))
+        return self.out(self.norm_y(y) * torch.sigmoid(self.norm_m(m)))
 
 
 class MAGState(NamedTuple):
@@ -74,7 +77,7 @@ class MemoryAsContext(nn.Module):
         h = M_{segment start}(q),  q = x W_Q                  retrieve, no write (Eq. 21)
         y = Attn([persistent || h || x])                        causal within the segment (Eqs. 22-23)
         m = M_t(y) after writing y into the memory              Eqs. 24-25
-        o = RMSNorm(y) ⊙ sigmoid(RMSNorm(m))
+        o = W_o (RMSNorm(y) ⊙ sigmoid(RMSNorm(m)))
 
     A token attends to the retrieved tokens of itself and earlier tokens of its segment only (a causal reading of
     Eq. 22 for language modelling: `h_j` depends on `x_j`).

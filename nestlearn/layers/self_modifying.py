@@ -22,7 +22,7 @@ Ablations (Table 6): `adaptive_k` / `adaptive_v` False freeze that memory at its
 the spec's `dgd` / `momentum` / `decay` switches apply to every memory.
 Values are L2-normalised too (`normalize_v`, default on; docs/decisions.md): the targets `M_□(v_t)` are made
 by the memories themselves, and with an unbounded `v` the loop `v -> M_v -> v` grows without limit (NaN within
-256 random tokens at the initial gates; `test_default_gates_stay_bounded`).
+256 random tokens once eta is at half its cap; `test_default_gates_stay_bounded`).
 What it is not: a fused kernel; the loop over `C_proj` chunks runs in Python.
 """
 
@@ -108,7 +108,7 @@ class SelfModifyingTitans(nn.Module):
         self.readout = nn.ParameterDict(
             {n: nn.Parameter(0.02 * torch.randn(heads, d)) for n in ("eta", "alpha") if n in self.names}
         )
-        bias = {"eta": logit(0.5), "alpha": logit(0.99)}
+        bias = {"eta": logit(0.1), "alpha": logit(0.99)}  # eta starts at a tenth of its cap
         self.eta_scale = step_scale(mem_chunk, proj_chunk)
         self.readout_bias = nn.ParameterDict(
             {n: nn.Parameter(torch.full((heads,), bias[n])) for n in ("eta", "alpha") if n in self.names}

@@ -58,7 +58,7 @@ class TitansMemory(nn.Module):
         self.op = memory_op(impl)
         self.qkv = nn.Linear(dim, 3 * dim, bias=False)
         self.conv = ShortConv(3 * dim, conv_width)
-        self.eta = GateHead(dim, heads, init=0.5, scale=step_scale(chunk_size))
+        self.eta = GateHead(dim, heads, init=0.1, scale=step_scale(chunk_size))  # a tenth of the cap at start
         self.alpha = GateHead(dim, heads, init=0.99) if spec.decay else None
         self.beta = GateHead(dim, heads, init=0.5) if spec.momentum else None
         self.retrieve_q = nn.Linear(dim, dim, bias=False) if retrieval else None

@@ -123,7 +123,7 @@ def _divisors_near(n: int, h: int) -> list[int]:
 
 PRESETS: dict[str, dict[str, int]] = {
     "debug": dict(params=1_000_000, d_model=128, n_layers=4, n_heads=8, vocab_size=256),
-    "20M": dict(params=20_000_000, d_model=320, n_layers=8, n_heads=10, vocab_size=32000),
+    "20M": dict(params=20_000_000, d_model=256, n_layers=10, n_heads=8, vocab_size=32000),
     "60M": dict(params=60_000_000, d_model=512, n_layers=12, n_heads=8, vocab_size=32000),
     "125M": dict(params=125_000_000, d_model=768, n_layers=12, n_heads=12, vocab_size=32000),
     "340M": dict(params=340_000_000, d_model=1024, n_layers=24, n_heads=16, vocab_size=32000),

@@ -170,3 +170,17 @@ def test_cuda_matches_cpu(variant: str) -> None:
             low, _ = cuda.float()(ids.cuda())
     rel = ((low.double().cpu() - ref).norm() / ref.norm()).item()
     assert rel <= 5e-2, rel
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_causal(variant: str) -> None:
+    """Changing token t changes no logit before t: nothing leaks from the future, inside chunks or segments."""
+    model = tiny(variant)
+    ids = torch.randint(0, 64, (1, 19))
+    changed = ids.clone()
+    changed[0, 11] = (ids[0, 11] + 1) % 64
+    with torch.no_grad():
+        a, _ = model(ids)
+        b, _ = model(changed)
+    torch.testing.assert_close(b[:, :11], a[:, :11], rtol=0, atol=0)
+    assert (b[:, 11:] - a[:, 11:]).abs().max() > 0
