@@ -113,12 +113,16 @@ VARIANTS = {
     "tanh_expansion2": dict(activation="tanh", expansion=2),
     "self_values": dict(self_values=True),
     "self_values_plain_gd": dict(self_values=True, dgd=False),
+    "out_norm_titans": dict(out_norm=True, dgd=False),  # MLP only
+    "out_norm_dgd_self_values": dict(out_norm=True, self_values=True),  # MLP only
 }
 
 
 @pytest.mark.parametrize("kind", ["linear", "mlp"])
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_chunk_matches_naive_variants(kind: str, variant: str) -> None:
+    if kind == "linear" and "out_norm" in VARIANTS[variant]:
+        pytest.skip("out_norm is defined for the MLP memory only")
     spec = MemorySpec(kind=kind, **VARIANTS[variant])
     x = make_inputs(spec, B=2, T=45, H=3, D=12, seed=3)
     ref_out, ref_grad = outputs_and_grads(memory_naive, x, spec, 8)
@@ -213,6 +217,22 @@ def test_token_by_token_equals_one_pass(kind: str) -> None:
         outs.append(oi)
     torch.testing.assert_close(torch.cat(outs, dim=1), o, rtol=0, atol=1e-12)
     _assert_same_state(st, carried, 1e-12)
+
+
+@pytest.mark.parametrize("out_norm", [False, True])
+def test_mlp_step_equals_autograd(out_norm: bool) -> None:
+    """One plain-GD token of the MLP memory == W - eta * autograd grad of 1/2 ||k + LN?(W1 σ(W2 k)) - v||^2."""
+    spec = MemorySpec(kind="mlp", dgd=False, momentum=False, decay=False, out_norm=out_norm, expansion=2)
+    x = make_inputs(spec, B=1, T=1, H=1, D=6, seed=7)
+    w = [t.clone().requires_grad_() for t in x["state"].weights]
+    k, v = x["k"][0, 0, 0], x["v"][0, 0, 0]
+    a = w[0][0, 0] @ F.silu(w[1][0, 0] @ k)
+    branch = F.layer_norm(a, a.shape, eps=1e-5) if out_norm else a
+    grads = torch.autograd.grad(0.5 * ((k + branch - v) ** 2).sum(), w)
+    state = MemoryState(x["state"].weights, tuple(torch.zeros_like(t) for t in w))
+    _, st = memory_naive(x["q"], x["k"], x["v"], x["eta"], state=state, spec=spec, chunk_size=1)
+    for new, old, g in zip(st.weights, w, grads, strict=True):
+        torch.testing.assert_close(new, old.detach() - x["eta"][0, 0, 0] * g, rtol=0, atol=1e-12)
 
 
 def test_self_values_by_hand() -> None:
@@ -408,6 +428,8 @@ def test_bad_input(fn) -> None:
 def test_bad_spec() -> None:
     with pytest.raises(ValueError, match="kind"):
         MemorySpec(kind="conv")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="out_norm needs kind='mlp'"):
+        MemorySpec(kind="linear", out_norm=True)
     with pytest.raises(ValueError, match="expansion"):
         MemorySpec(expansion=0)
     with pytest.raises(ValueError, match="objective"):

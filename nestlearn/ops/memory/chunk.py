@@ -28,6 +28,8 @@ from .common import (
     MemorySpec,
     MemoryState,
     activation,
+    branch_norm,
+    branch_norm_grad,
     check_inputs,
     compute_dtype,
     memory_apply,
@@ -154,12 +156,13 @@ def _mlp_chunk(
     sigma, dsigma = activation(spec.activation)
     z = k @ f2.mT  # [B, H, n, e]
     h = sigma(z)
-    r = output_grad(k + h @ f1.mT, v, spec.objective)
+    a = h @ f1.mT
+    r = branch_norm_grad(a, output_grad(k + branch_norm(a, spec), v, spec.objective), spec)  # dl/da
     step = -c.eta[..., None]
     e1, e2 = step * r, step * (r @ f1) * dsigma(z)  # -eta dl/dy and -eta dl/dz
     z_read, weights[1], momenta[1] = _apply_key_operator(op, c, w2, s2, e2, spec.dgd)
     o1, weights[0], momenta[0] = _matrix_chunk(w1, s1, h, normalize(h, spec.norm_eps), e1, sigma(z_read), c, spec.dgd)
-    return q + o1
+    return q + branch_norm(o1, spec)
 
 
 def _targets(start: list[Tensor], v: Tensor, spec: MemorySpec) -> Tensor:

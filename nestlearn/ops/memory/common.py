@@ -39,6 +39,9 @@ class MemorySpec:
     dgd: apply the DGD projector `(alpha I - eta x̂ x̂^T)` (Eq. 88); False is plain GD with decay (Titans).
     momentum: keep a momentum `S_t = beta_t S_{t-1} - eta_t G_t`; False means `beta = 0`.
     decay: use the retention gate `alpha_t`; False means `alpha = 1`.
+    out_norm: Titans' memory `x + LN(W1 σ(W2 x))` (Titans §3.3): a LayerNorm without affine parameters on the
+        residual branch (MLP memory only). Its scale invariance keeps the inner steps from growing with the
+        weights. Off for HOPE's memories (Eq. 89 has none).
     self_values: the target of token t is `v_hat_t = M(v_t)`, the memory applied to the given value at the
         chunk-start state (self-generated values, Eqs. 84 / 91); False uses `v_t` itself.
     norm_eps: `x̂ = x / sqrt(||x||^2 + norm_eps^2)` for the projector's normalised layer input.
@@ -51,6 +54,7 @@ class MemorySpec:
     dgd: bool = True
     momentum: bool = True
     decay: bool = True
+    out_norm: bool = False
     self_values: bool = False
     norm_eps: float = 1e-6
 
@@ -63,6 +67,8 @@ class MemorySpec:
             raise ValueError(f"MemorySpec.activation must be one of {sorted(_ACTIVATIONS)}, got {self.activation!r}")
         if not isinstance(self.expansion, int) or self.expansion < 1:
             raise ValueError(f"MemorySpec.expansion must be a positive int, got {self.expansion!r}")
+        if self.out_norm and self.kind != "mlp":
+            raise ValueError("MemorySpec.out_norm needs kind='mlp' (it normalises the MLP's residual branch)")
         if not self.norm_eps > 0:
             raise ValueError(f"MemorySpec.norm_eps must be > 0, got {self.norm_eps!r}")
 
@@ -163,7 +169,27 @@ def memory_apply(weights: tuple[Tensor, ...] | list[Tensor], x: Tensor, spec: Me
         return x @ weights[0].mT
     sigma, _ = activation(spec.activation)
     w1, w2 = weights
-    return x + sigma(x @ w2.mT) @ w1.mT
+    return x + branch_norm(sigma(x @ w2.mT) @ w1.mT, spec)
+
+
+LN_EPS = 1e-5
+
+
+def branch_norm(a: Tensor, spec: MemorySpec) -> Tensor:
+    """The residual branch's output: `LN(a)` (mean 0, variance 1, no affine) when `spec.out_norm`, else `a`."""
+    if not spec.out_norm:
+        return a
+    mu = a.mean(-1, keepdim=True)
+    return (a - mu) * torch.rsqrt(a.var(-1, unbiased=False, keepdim=True) + LN_EPS)
+
+
+def branch_norm_grad(a: Tensor, g: Tensor, spec: MemorySpec) -> Tensor:
+    """`dl/da` from `g = dl/d branch_norm(a)`: `(g - mean(g) - n mean(g n)) / s` with `n = LN(a)` (identity if off)."""
+    if not spec.out_norm:
+        return g
+    inv = torch.rsqrt(a.var(-1, unbiased=False, keepdim=True) + LN_EPS)
+    n = (a - a.mean(-1, keepdim=True)) * inv
+    return inv * (g - g.mean(-1, keepdim=True) - n * (g * n).mean(-1, keepdim=True))
 
 
 def normalize(x: Tensor, eps: float) -> Tensor:

@@ -27,6 +27,8 @@ from .common import (
     MemorySpec,
     MemoryState,
     activation,
+    branch_norm,
+    branch_norm_grad,
     check_inputs,
     compute_dtype,
     memory_apply,
@@ -102,11 +104,11 @@ def _frozen_terms(
         return [k], [step * output_grad(y, v, spec.objective)]
     sigma, dsigma = activation(spec.activation)
     w1, w2 = weights
-    z = _matvec(w2, k)  # Eq. 89: M(k) = k + W1 σ(W2 k)
+    z = _matvec(w2, k)  # Eq. 89: M(k) = k + W1 σ(W2 k)  (Titans: k + LN(W1 σ(W2 k)))
     h = sigma(z)
-    y = k + _matvec(w1, h)
-    r = output_grad(y, v, spec.objective)
-    back = _matvec(w1.transpose(-1, -2), r) * dsigma(z)  # dl/dz = (W1^T r) ⊙ σ'(z)
+    a = _matvec(w1, h)
+    r = branch_norm_grad(a, output_grad(k + branch_norm(a, spec), v, spec.objective), spec)  # dl/da
+    back = _matvec(w1.transpose(-1, -2), r) * dsigma(z)  # dl/dz = (W1^T dl/da) ⊙ σ'(z)
     return [h, k], [step * r, step * back]
 
 
