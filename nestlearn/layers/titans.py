@@ -4,8 +4,8 @@ What this is: `TitansMemory`, `[B, T, D] -> [B, T, D]` with an explicit state. Q
 static projections of x followed by a causal short convolution (width 4, SiLU); queries and keys are
 L2-normalised; the per-head step size, retention and momentum gates are sigmoids of static projections
 (Titans Eqs. 11-15, with the D6 layout), the step size scaled to at most `1 / chunk_size` (`step_scale`).
-The memory is Titans' residual MLP per head, `x + LN(W1 σ(W2 x))`, trained in context with plain GD, momentum
-and decay (Titans §3.3, Eqs. 13-14: `titans_spec()`), or any other `MemorySpec`. The output is normed per
+The memory is a residual MLP per head trained in context with plain GD, momentum and decay (Titans Eqs. 13-14:
+`titans_spec()`), or any other `MemorySpec`. The output is normed per
 head, gated and projected (Titans §3.3). `retrieve` reads the memory without writing (MAC, Eq. 21).
 What it is not: self-modifying; the projections never change in context (see `self_modifying.py`).
 """
@@ -88,5 +88,7 @@ class TitansMemory(nn.Module):
 
 
 def titans_spec(**switches: bool | int | str) -> MemorySpec:
-    """The Titans LMM default: `x + LN(W1 σ(W2 x))` (Titans §3.3), L2 objective, plain GD with momentum and decay."""
-    return MemorySpec(**{"kind": "mlp", "dgd": False, "out_norm": True, **switches})
+    """The Titans LMM default: residual MLP memory, L2 objective, plain GD with momentum and decay (Titans Eqs. 13-14).
+
+    Titans' LayerNorm on the branch (`out_norm=True`) is available but off: see docs/decisions.md."""
+    return MemorySpec(**{"kind": "mlp", "dgd": False, **switches})

@@ -182,14 +182,12 @@ def count_parameters(cfg: ModelConfig) -> int:
 
 
 def memory_spec(cfg: ModelConfig, *, titans: bool) -> MemorySpec:
-    """The memories' spec from the config (Titans variants: plain GD, Titans Eqs. 13-14, and Titans' LayerNorm on
-    the MLP memory's branch, §3.3)."""
+    """The memories' spec from the config (Titans variants: plain GD, Titans Eqs. 13-14)."""
     return MemorySpec(
         kind=cfg.memory_kind,
         activation=cfg.memory_activation,
         expansion=cfg.memory_expansion,
         dgd=cfg.dgd and not titans,
-        out_norm=titans and cfg.memory_kind == "mlp",
         momentum=cfg.momentum,
         decay=cfg.weight_decay,
     )
