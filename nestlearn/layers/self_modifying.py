@@ -28,6 +28,7 @@ What it is not: a fused kernel; the loop over `C_proj` chunks runs in Python.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import NamedTuple
 
 import torch
@@ -51,8 +52,8 @@ from .fast_weights import (
 
 
 class SelfModState(NamedTuple):
-    """Short-conv inputs `[B, width-1, 2D]`, the stacked projection memories `[B, P*H, ...]` and the main
-    memory `[B, H, ...]`."""
+    """Short-conv inputs `[B, width-1, 2D]` (`D` with an adaptive query), the stacked projection memories
+    `[B, P*H, ...]` and the main memory `[B, H, ...]`."""
 
     conv: Tensor
     proj: MemoryState
@@ -93,7 +94,7 @@ class SelfModifyingTitans(nn.Module):
             if not isinstance(c, int) or c < 1:
                 raise ValueError(f"{name} must be a positive int, got {c!r}")
         self.heads, self.head_dim = heads, dim // heads
-        self.spec = MemorySpec(**{**spec.__dict__, "self_values": True})
+        self.spec = dataclasses.replace(spec, self_values=True)
         self.mem_chunk, self.proj_chunk, self.normalize_v = mem_chunk, proj_chunk, normalize_v
         self.op = memory_op(impl)
         self.names = ["k", "v", "q", "eta", "alpha"] if adaptive_q else ["k", "v", "eta", "alpha"]
