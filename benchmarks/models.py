@@ -86,10 +86,12 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def run_isolated(variant: str, argv: list[str]) -> dict:
-    out = subprocess.run(
-        [sys.executable, __file__, *argv, "--variants", variant, "--child"], capture_output=True, text=True, check=True
-    )
+def run_isolated(variant: str, args: argparse.Namespace) -> dict:
+    """One variant in a fresh process (its own peak RSS), with this run's settings."""
+    flags = ["--preset", args.preset, "--seq", str(args.seq), "--batch", str(args.batch), "--device", args.device]
+    flags += ["--steps", str(args.steps), "--warmup", str(args.warmup), "--variants", variant, "--child"]
+    flags += ["--checkpoint"] if args.checkpoint else []
+    out = subprocess.run([sys.executable, __file__, *flags], capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -114,7 +116,7 @@ def main() -> None:
         variants.append("transformer")
     rows = []
     for v in variants:
-        row = run_isolated(v, _strip_variants(sys.argv[1:])) if args.device == "cpu" else _guarded(v, args)
+        row = run_isolated(v, args) if args.device == "cpu" else _guarded(v, args)
         rows.append(row)
         print(json.dumps(row), flush=True)
     ref = next(r for r in rows if r["variant"] == "transformer")
@@ -144,22 +146,6 @@ def main() -> None:
             f"{r['variant']:16s} {r['params'] / 1e6:8.1f}M {r['step_s']:8.3f} {r['tokens_per_s']:9.0f} "
             f"{ratio:7.3f} {r['peak_gib']:9.2f}"
         )
-
-
-def _strip_variants(argv: list[str]) -> list[str]:
-    out, skip = [], False
-    for a in argv:
-        if skip:
-            skip = False
-            continue
-        if a == "--variants":
-            skip = True
-            continue
-        if a.startswith("--variants=") or a.startswith("--json"):
-            skip = a == "--json"
-            continue
-        out.append(a)
-    return out
 
 
 if __name__ == "__main__":

@@ -138,13 +138,10 @@ class CausalLM(nn.Module):
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         logits, state = self(input_ids, state)
         out = []
-        for i in range(max_new_tokens):
+        for _ in range(max_new_tokens):
             nxt = _sample(logits[:, -1].float(), temperature, top_k, generator)
             out.append(nxt)
-            if i + 1 < max_new_tokens:
-                logits, state = self(nxt[:, None], state)
-            else:
-                _, state = self(nxt[:, None], state)
+            logits, state = self(nxt[:, None], state)  # the memories read every sampled token too
         return torch.stack(out, dim=1), state
 
     def _check(self, input_ids: Tensor, state: ModelState | None) -> None:
