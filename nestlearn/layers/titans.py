@@ -87,8 +87,12 @@ class TitansMemory(nn.Module):
         return memory_apply(w, q, self.spec).transpose(1, 2).flatten(2).to(x.dtype)
 
 
-def titans_spec(**switches: bool | int | str) -> MemorySpec:
-    """The Titans LMM default: residual MLP memory, L2 objective, plain GD with momentum and decay (Titans Eqs. 13-14).
+INNER_GRAD_CLIP = 3.0  # per-token inner-gradient norm of the plain-GD memories (docs/decisions.md)
+
+
+def titans_spec(**switches: bool | int | str | float | None) -> MemorySpec:
+    """The Titans LMM default: residual MLP memory, L2 objective, plain GD with momentum and decay (Titans Eqs. 13-14),
+    each token's inner gradient clipped to `INNER_GRAD_CLIP`.
 
     Titans' LayerNorm on the branch (`out_norm=True`) is available but off: see docs/decisions.md."""
-    return MemorySpec(**{"kind": "mlp", "dgd": False, **switches})
+    return MemorySpec(**{"kind": "mlp", "dgd": False, "max_grad_norm": INNER_GRAD_CLIP, **switches})

@@ -19,6 +19,8 @@ import json
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from ..layers.titans import INNER_GRAD_CLIP
+
 Variant = Literal["hope", "hope_attention", "titans_lmm", "titans_mac", "titans_mag", "titans_mal", "transformer"]
 VARIANTS: tuple[str, ...] = Variant.__args__  # type: ignore[attr-defined]
 RECURRENT: tuple[str, ...] = ("hope", "titans_lmm", "titans_mac", "titans_mag", "titans_mal")
@@ -35,7 +37,9 @@ class ModelConfig:
     `weight_decay` (the retention gate alpha), `adaptive_k`, `adaptive_v` (False: the projection stays at its
     meta-learned initial state), `adaptive_q` (True: the query is a memory too; the paper's final design and our
     default is a static query). `normalize_v`: L2-normalise self-modifying Titans' generated values
-    (docs/decisions.md: the self-referential loop diverges without it).
+    (docs/decisions.md: the self-referential loop diverges without it). `inner_grad_clip`: per-token clip of the
+    inner gradient of the Titans variants' plain-GD memories (`MemorySpec.max_grad_norm`; None turns it off;
+    docs/decisions.md: without it a MAG memory diverges within a few training steps).
     Attention: `max_seq_len` bounds full attention (Transformer++, Hope-Attention); `window` is the sliding window
     of MAG / MAL; `segment` the MAC segment; `n_persistent` learned persistent tokens (Titans Eq. 19).
     `impl`: "chunk" or "naive" (the per-token float64 reference of every memory; same results, slow).
@@ -61,6 +65,7 @@ class ModelConfig:
     adaptive_v: bool = True
     adaptive_q: bool = False
     normalize_v: bool = True
+    inner_grad_clip: float | None = INNER_GRAD_CLIP
     max_seq_len: int = 8192
     window: int = 2048
     segment: int = 512
@@ -89,6 +94,8 @@ class ModelConfig:
             raise ValueError(f"head dim d_model / n_heads = {self.d_model // self.n_heads} must be even (RoPE)")
         if self.n_persistent < 0:
             raise ValueError(f"n_persistent must be >= 0, got {self.n_persistent}")
+        if self.inner_grad_clip is not None and not self.inner_grad_clip > 0:
+            raise ValueError(f"inner_grad_clip must be > 0 or None (no clipping), got {self.inner_grad_clip!r}")
         if self.impl not in ("chunk", "naive"):
             raise ValueError(f"impl must be 'chunk' or 'naive', got {self.impl!r}")
 

@@ -179,7 +179,7 @@ def count_parameters(cfg: ModelConfig) -> int:
 
 
 def memory_spec(cfg: ModelConfig, *, titans: bool) -> MemorySpec:
-    """The memories' spec from the config (Titans variants: plain GD, Titans Eqs. 13-14)."""
+    """The memories' spec from the config (Titans variants: plain GD, Titans Eqs. 13-14, with the inner clip)."""
     return MemorySpec(
         kind=cfg.memory_kind,
         activation=cfg.memory_activation,
@@ -187,6 +187,7 @@ def memory_spec(cfg: ModelConfig, *, titans: bool) -> MemorySpec:
         dgd=cfg.dgd and not titans,
         momentum=cfg.momentum,
         decay=cfg.weight_decay,
+        max_grad_norm=cfg.inner_grad_clip if titans else None,
     )
 
 

@@ -31,6 +31,7 @@ from .common import (
     branch_norm,
     branch_norm_grad,
     check_inputs,
+    clip_factor,
     compute_dtype,
     memory_apply,
     normalize,
@@ -130,7 +131,8 @@ def _linear_chunk(
 ) -> Tensor:
     """`M(x) = W x`: frozen error `E_s = -eta_s dl/dy(W_c k_s)` at the chunk start (Eq. 93), then the operator."""
     v = _targets(start, v, spec)
-    e = -c.eta[..., None] * output_grad(k @ start[0].mT, v, spec.objective)
+    g = output_grad(k @ start[0].mT, v, spec.objective)
+    e = _step(c, spec, (g, k)) * g
     o, weights[0], momenta[0] = _apply_key_operator(op, c, weights[0], momenta[0], e, spec.dgd)
     return o
 
@@ -158,11 +160,21 @@ def _mlp_chunk(
     h = sigma(z)
     a = h @ f1.mT
     r = branch_norm_grad(a, output_grad(k + branch_norm(a, spec), v, spec.objective), spec)  # dl/da
-    step = -c.eta[..., None]
-    e1, e2 = step * r, step * (r @ f1) * dsigma(z)  # -eta dl/dy and -eta dl/dz
+    back = (r @ f1) * dsigma(z)  # dl/dz
+    step = _step(c, spec, (r, h), (back, k))
+    e1, e2 = step * r, step * back  # -eta dl/da and -eta dl/dz
     z_read, weights[1], momenta[1] = _apply_key_operator(op, c, w2, s2, e2, spec.dgd)
     o1, weights[0], momenta[0] = _matrix_chunk(w1, s1, h, normalize(h, spec.norm_eps), e1, sigma(z_read), c, spec.dgd)
     return q + branch_norm(o1, spec)
+
+
+def _step(c: _Coef, spec: MemorySpec, *layers: tuple[Tensor, Tensor]) -> Tensor:
+    """`-eta_t`, times the clip factor of `G_t` when clipping: `||G_t||^2 = sum ||g||^2 ||x||^2` over the
+    `(g, x)` pairs of `dl/dW = g x^T`. -> `[B, H, n, 1]`."""
+    if spec.max_grad_norm is None:
+        return -c.eta[..., None]
+    sq = sum((g * g).sum(-1) * (x * x).sum(-1) for g, x in layers)
+    return -(c.eta * clip_factor(sq, spec))[..., None]
 
 
 def _targets(start: list[Tensor], v: Tensor, spec: MemorySpec) -> Tensor:

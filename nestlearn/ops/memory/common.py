@@ -45,6 +45,10 @@ class MemorySpec:
     self_values: the target of token t is `v_hat_t = M(v_t)`, the memory applied to the given value at the
         chunk-start state (self-generated values, Eqs. 84 / 91); False uses `v_t` itself.
     norm_eps: `x̂ = x / sqrt(||x||^2 + norm_eps^2)` for the projector's normalised layer input.
+    max_grad_norm: clip each token's inner gradient `G_t` (all weights together) to this Frobenius norm,
+        `G_t <- G_t * c / max(c, ||G_t||)`, before it enters the momentum; None leaves it unclipped. It bounds
+        every token's write, so the fast weights grow at most linearly instead of diverging when a chunk's
+        frozen gradients overshoot (plain GD on an MLP memory; docs/decisions.md).
     """
 
     kind: MemoryKind = "mlp"
@@ -57,6 +61,7 @@ class MemorySpec:
     out_norm: bool = False
     self_values: bool = False
     norm_eps: float = 1e-6
+    max_grad_norm: float | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in ("linear", "mlp"):
@@ -71,6 +76,8 @@ class MemorySpec:
             raise ValueError("MemorySpec.out_norm needs kind='mlp' (it normalises the MLP's residual branch)")
         if not self.norm_eps > 0:
             raise ValueError(f"MemorySpec.norm_eps must be > 0, got {self.norm_eps!r}")
+        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
+            raise ValueError(f"MemorySpec.max_grad_norm must be > 0 or None, got {self.max_grad_norm!r}")
 
     def weight_shapes(self, dim: int) -> tuple[tuple[int, int], ...]:
         """Shapes `(d_out, d_in)` of the fast weights, in state order: linear (W,), mlp (W1, W2)."""
@@ -195,6 +202,17 @@ def branch_norm_grad(a: Tensor, g: Tensor, spec: MemorySpec) -> Tensor:
 def normalize(x: Tensor, eps: float) -> Tensor:
     """`x / sqrt(||x||^2 + eps^2)` over the last dim: smooth, and finite for `x = 0`."""
     return x * torch.rsqrt((x * x).sum(-1, keepdim=True) + eps * eps)
+
+
+def clip_factor(sq_norm: Tensor, spec: MemorySpec) -> Tensor:
+    """`c / max(c, ||G_t||)` from `sq_norm = ||G_t||^2` (any shape), or 1 when `spec.max_grad_norm` is None.
+
+    Written with the max under the square root, so a zero gradient has a finite derivative.
+    """
+    if spec.max_grad_norm is None:
+        return torch.ones_like(sq_norm)
+    c = spec.max_grad_norm
+    return c * torch.rsqrt(sq_norm.clamp_min(c * c))
 
 
 def output_grad(y: Tensor, v: Tensor, objective: str) -> Tensor:

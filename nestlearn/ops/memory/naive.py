@@ -30,6 +30,7 @@ from .common import (
     branch_norm,
     branch_norm_grad,
     check_inputs,
+    clip_factor,
     compute_dtype,
     memory_apply,
     normalize,
@@ -92,16 +93,23 @@ def _frozen_terms(
 ) -> tuple[list[Tensor], list[Tensor]]:
     """Layer inputs `x` and momentum inputs `E = -eta dl/d(layer output)` of one token, per weight.
 
-    The momentum input of weight `i` is the outer product `E_i x_i^T = -eta G_i`. Shapes: k, v `[B, H, D]`,
-    eta `[B, H]`; returns lists in state order.
+    The momentum input of weight `i` is the outer product `E_i x_i^T = -eta G_i`, with `G` clipped to
+    `spec.max_grad_norm` over all weights together. Shapes: k, v `[B, H, D]`, eta `[B, H]`; returns lists in
+    state order.
     """
-    step = -eta[..., None]
+    inputs, grads = _frozen_grads(weights, k, v, spec)
+    sq = sum((g * g).sum(-1) * (x * x).sum(-1) for x, g in zip(inputs, grads, strict=True))  # ||G_t||^2
+    step = -(eta * clip_factor(sq, spec))[..., None]
+    return inputs, [step * g for g in grads]
+
+
+def _frozen_grads(weights: list[Tensor], k: Tensor, v: Tensor, spec: MemorySpec) -> tuple[list[Tensor], list[Tensor]]:
+    """Layer inputs `x_i` and output gradients `g_i` with `dl/dW_i = g_i x_i^T`, at the given weights."""
     if spec.self_values:
         v = _read(weights, v, spec)  # v_hat = M_{chunk start}(v) (Eqs. 84, 91)
     if spec.kind == "linear":
         (w,) = weights
-        y = _matvec(w, k)
-        return [k], [step * output_grad(y, v, spec.objective)]
+        return [k], [output_grad(_matvec(w, k), v, spec.objective)]
     sigma, dsigma = activation(spec.activation)
     w1, w2 = weights
     z = _matvec(w2, k)  # Eq. 89: M(k) = k + W1 σ(W2 k)  (Titans: k + LN(W1 σ(W2 k)))
@@ -109,7 +117,7 @@ def _frozen_terms(
     a = _matvec(w1, h)
     r = branch_norm_grad(a, output_grad(k + branch_norm(a, spec), v, spec.objective), spec)  # dl/da
     back = _matvec(w1.transpose(-1, -2), r) * dsigma(z)  # dl/dz = (W1^T dl/da) ⊙ σ'(z)
-    return [h, k], [step * r, step * back]
+    return [h, k], [r, back]
 
 
 def _step(
