@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from nestlearn.models import VARIANTS, CausalLM, ModelConfig, preset
+from nestlearn.models.lm import memory_spec
 
 SMALL = dict(mem_chunk=4, proj_chunk=3, segment=8, window=6, n_persistent=2)
 
@@ -95,6 +96,18 @@ def test_ablation_switches_change_hope(switch: str) -> None:
     assert (base - other).abs().max() > 1e-6
 
 
+def test_inner_grad_clip_reaches_the_titans_memories_only() -> None:
+    """`inner_grad_clip` sets the plain-GD memories' clip (default 3, None = off); HOPE's DGD memories have none."""
+    assert memory_spec(tiny("titans_mag").config, titans=True).max_grad_norm == 3.0
+    assert memory_spec(tiny("hope").config, titans=False).max_grad_norm is None
+    assert memory_spec(tiny("titans_lmm", inner_grad_clip=None).config, titans=True).max_grad_norm is None
+    ids = torch.randint(0, 64, (1, 15))
+    with torch.no_grad():
+        base = tiny("titans_lmm")(ids)[0]
+        tight = tiny("titans_lmm", inner_grad_clip=1e-3)(ids)[0]
+    assert (base - tight).abs().max() > 1e-6
+
+
 def test_generate_keeps_learning_and_matches_forward() -> None:
     """Greedy generation == argmax of a forward pass over prompt + generated tokens; the state has read them all."""
     model = tiny("hope")
@@ -127,6 +140,8 @@ def test_bad_input_names_the_fix() -> None:
         ModelConfig(variant="mamba")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match=r"not divisible by n_heads = 7; pick n_heads among"):
         ModelConfig(d_model=64, n_heads=7)
+    with pytest.raises(ValueError, match="inner_grad_clip must be > 0 or None"):
+        preset("debug", "titans_mag", inner_grad_clip=0)
     with pytest.raises(ValueError, match="unknown preset"):
         preset("7B")
     with pytest.raises(ValueError, match="unknown ModelConfig keys"):

@@ -115,6 +115,8 @@ VARIANTS = {
     "self_values_plain_gd": dict(self_values=True, dgd=False),
     "out_norm_titans": dict(out_norm=True, dgd=False),  # MLP only
     "out_norm_dgd_self_values": dict(out_norm=True, self_values=True),  # MLP only
+    "clip_plain_gd": dict(dgd=False, max_grad_norm=1.0),  # ||G_t|| ~ 0.5-10 here: some tokens clipped
+    "clip_dgd_self_values": dict(self_values=True, max_grad_norm=1.0),
 }
 
 
@@ -171,6 +173,84 @@ def test_gradcheck(fn, kind: str) -> None:
 
     inputs = tuple(t.clone().requires_grad_() for t in leaves(x))
     assert torch.autograd.gradcheck(f, inputs, eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+@pytest.mark.parametrize("fn", [memory_naive, memory_chunk])
+def test_gradcheck_clipped(fn) -> None:
+    """gradcheck through the clipped inner gradient, with clipped and unclipped tokens in the sequence."""
+    spec = MemorySpec(kind="mlp", expansion=2, dgd=False, max_grad_norm=1.0)
+    x = make_inputs(spec, B=1, T=6, H=1, D=3, seed=2)
+    names = [n for n in x if n != "state"]
+
+    def f(*args: torch.Tensor):
+        kw = dict(zip(names, args[: len(names)], strict=True))
+        o, s = fn(**kw, state=x["state"], spec=spec, chunk_size=2)
+        return (o, *s.weights)
+
+    inputs = tuple(x[n].clone().requires_grad_() for n in names)
+    assert torch.autograd.gradcheck(f, inputs, eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# the inner-gradient clip (MemorySpec.max_grad_norm)
+
+
+def _write_norm(new: MemoryState, old: MemoryState) -> torch.Tensor:
+    """Frobenius norm of the change to all fast weights together `[B, H]`."""
+    return sum(((a - b) ** 2).sum((-1, -2)) for a, b in zip(new.weights, old.weights, strict=True)).sqrt()
+
+
+@pytest.mark.parametrize("fn", [memory_naive, memory_chunk])
+def test_clip_bounds_each_write(fn) -> None:
+    """Plain GD without momentum or decay, C = 1: from the same state, token t moves the weights by
+    `eta_t ||G_t||` unclipped and by `eta_t min(||G_t||, c)` clipped (checked along the clipped trajectory)."""
+    base = MemorySpec(kind="mlp", dgd=False, momentum=False, decay=False)
+    x = make_inputs(base, B=2, T=12, H=2, D=6, seed=4)
+    st = MemoryState(x["state"].weights, tuple(torch.zeros_like(w) for w in x["state"].weights))
+    c, n_clipped = 2.0, 0
+    for t in range(12):
+        xt, eta = _slice(x, t, t + 1, st), x["eta"][:, t]
+        free = _write_norm(run(fn, xt, base, 1)[1], st) / eta  # ||G_t||
+        _, new = run(fn, xt, dataclasses.replace(base, max_grad_norm=c), 1)
+        torch.testing.assert_close(_write_norm(new, st) / eta, free.clamp(max=c), rtol=1e-10, atol=0)
+        n_clipped, st = n_clipped + int((free > c).sum()), new
+    assert 0 < n_clipped < 48, "the test needs clipped and unclipped tokens"
+
+
+def test_clip_off_and_loose_are_identical() -> None:
+    """A clip above every token's gradient norm changes nothing; a tight one changes the outputs."""
+    spec = MemorySpec(kind="mlp", dgd=False)
+    x = make_inputs(spec, B=2, T=40, H=2, D=8, seed=5)
+    o_free, _ = run(memory_chunk, x, spec, 8)
+    o_loose, _ = run(memory_chunk, x, dataclasses.replace(spec, max_grad_norm=1e6), 8)
+    o_tight, _ = run(memory_chunk, x, dataclasses.replace(spec, max_grad_norm=0.1), 8)
+    assert torch.equal(o_free, o_loose)
+    assert (o_free - o_tight).abs().max() > 1e-3
+
+
+def _diverging_inputs(T: int, C: int, seed: int = 1) -> dict:
+    """Keys near a 2-D subspace, targets of norm ~8, eta at its 1/C cap, momentum 0.9, no decay: the chunk's
+    frozen gradients overshoot and plain GD on the MLP memory diverges (the Titans MAG failure)."""
+    g = torch.Generator().manual_seed(seed)
+    H, D = 2, 16
+    k = torch.randn(1, T, H, 2, generator=g) @ torch.randn(2, D, generator=g)
+    k = F.normalize(k + 0.1 * torch.randn(1, T, H, D, generator=g), dim=-1)
+    gates = dict(eta=torch.full((1, T, H), 1 / C), alpha=torch.ones(1, T, H), beta=torch.full((1, T, H), 0.9))
+    state = init_state(MemorySpec(kind="mlp"), 1, H, D, generator=g)
+    return dict(q=k, k=k, v=2 * torch.randn(1, T, H, D, generator=g), **gates, state=state)
+
+
+@pytest.mark.parametrize("fn", [memory_naive, memory_chunk])
+def test_clip_keeps_plain_gd_finite(fn) -> None:
+    """The measured failure (docs/decisions.md): without the clip the memory reaches inf/NaN within 256 tokens;
+    with c = 3 (the Titans default) every output stays finite and bounded."""
+    x = _diverging_inputs(T=256, C=16)
+    spec = MemorySpec(kind="mlp", dgd=False)
+    o_free, _ = run(fn, x, spec, 16)
+    o_clip, st = run(fn, x, dataclasses.replace(spec, max_grad_norm=3.0), 16)
+    assert not torch.isfinite(o_free).all()
+    assert torch.isfinite(o_clip).all() and o_clip.abs().max() < 1e3
+    assert all(torch.isfinite(w).all() for w in st.weights)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -434,6 +514,8 @@ def test_bad_spec() -> None:
         MemorySpec(expansion=0)
     with pytest.raises(ValueError, match="objective"):
         MemorySpec(objective="huber")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="max_grad_norm must be > 0"):
+        MemorySpec(max_grad_norm=0.0)
 
 
 # ---------------------------------------------------------------------------------------------
