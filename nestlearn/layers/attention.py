@@ -46,6 +46,9 @@ class Attention(nn.Module):
         segment: confine attention to aligned segments of this length (Titans MAC); None = off.
         n_persistent: learned key/value tokens per head seen by every query (Titans Eq. 19).
         max_len: longest sequence the full-attention cache may reach; None = unlimited.
+        kv_heads: key/value heads (grouped-query attention: each serves `heads / kv_heads` query heads);
+            None = heads.
+        qkv_bias: biases on the query, key and value projections (Qwen2).
     """
 
     def __init__(
@@ -58,21 +61,28 @@ class Attention(nn.Module):
         n_persistent: int = 0,
         max_len: int | None = None,
         rope_base: float = 10000.0,
+        kv_heads: int | None = None,
+        qkv_bias: bool = False,
     ) -> None:
         super().__init__()
         if dim % heads:
             raise ValueError(f"d_model = {dim} is not divisible by n_heads = {heads}; pick a head count dividing it")
+        kv_heads = kv_heads or heads
+        if heads % kv_heads:
+            raise ValueError(f"kv_heads = {kv_heads} must divide heads = {heads}")
         for name, val in (("window", window), ("segment", segment), ("max_len", max_len)):
             if val is not None and val < 1:
                 raise ValueError(f"attention {name} must be a positive int or None, got {val}")
-        self.heads, self.head_dim = heads, dim // heads
+        self.heads, self.kv_heads, self.head_dim = heads, kv_heads, dim // heads
         self.window, self.segment, self.max_len = window, segment, max_len
-        self.q_proj = nn.Linear(dim, dim, bias=False)
-        self.k_proj = nn.Linear(dim, dim, bias=False)
-        self.v_proj = nn.Linear(dim, dim, bias=False)
+        self.q_proj = nn.Linear(dim, dim, bias=qkv_bias)
+        self.k_proj = nn.Linear(dim, kv_heads * self.head_dim, bias=qkv_bias)
+        self.v_proj = nn.Linear(dim, kv_heads * self.head_dim, bias=qkv_bias)
         self.o_proj = nn.Linear(dim, dim, bias=False)
         self.rope = RotaryEmbedding(self.head_dim, rope_base)
         self.n_persistent = n_persistent
+        if n_persistent and kv_heads != heads:
+            raise ValueError("persistent tokens need kv_heads == heads")
         if n_persistent:
             self.persistent_k = nn.Parameter(0.02 * torch.randn(heads, n_persistent, self.head_dim))
             self.persistent_v = nn.Parameter(0.02 * torch.randn(heads, n_persistent, self.head_dim))
@@ -82,7 +92,7 @@ class Attention(nn.Module):
     ) -> AttentionState:
         """An empty cache on the layer's device (or the given one)."""
         device, dtype = device or self.q_proj.weight.device, dtype or self.q_proj.weight.dtype
-        empty = torch.zeros(batch, self.heads, 0, self.head_dim, device=device, dtype=dtype)
+        empty = torch.zeros(batch, self.kv_heads, 0, self.head_dim, device=device, dtype=dtype)
         return AttentionState(empty, empty, empty, empty, 0)
 
     def forward(
@@ -119,7 +129,7 @@ class Attention(nn.Module):
         return y, new
 
     def _split(self, x: Tensor) -> Tensor:
-        return x.reshape(*x.shape[:2], self.heads, self.head_dim)
+        return x.reshape(*x.shape[:2], -1, self.head_dim)
 
     def _keys_values(self, x: Tensor, pos: int) -> tuple[Tensor, Tensor]:
         k = self.rope(self._split(self.k_proj(x)), pos).transpose(1, 2)
@@ -136,6 +146,9 @@ class Attention(nn.Module):
 
     def _attend(self, q: Tensor, k: Tensor, v: Tensor, ctx_k: Tensor, ctx_v: Tensor, pos: int) -> Tensor:
         B, _, T, _ = q.shape
+        if self.kv_heads != self.heads:  # grouped-query attention: key/value head j serves query heads j*r .. j*r+r-1
+            r = self.heads // self.kv_heads
+            k, v, ctx_k, ctx_v = (t.repeat_interleave(r, dim=1) for t in (k, v, ctx_k, ctx_v))
         n_p = self.n_persistent
         plain = n_p == 0 and ctx_k.shape[2] == 0 and k.shape[2] == T and self.window is None and self.segment is None
         if plain:  # the training fast path: SDPA's own causal kernel

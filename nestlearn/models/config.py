@@ -16,9 +16,11 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from ..layers.cms import check_levels
 from ..layers.titans import INNER_GRAD_CLIP
 
 Variant = Literal["hope", "hope_attention", "titans_lmm", "titans_mac", "titans_mag", "titans_mal", "transformer"]
@@ -40,7 +42,15 @@ class ModelConfig:
     (docs/decisions.md: the self-referential loop diverges without it). `inner_grad_clip`: per-token clip of the
     inner gradient of the Titans variants' plain-GD memories (`MemorySpec.max_grad_norm`; None turns it off;
     docs/decisions.md: without it a MAG memory diverges within a few training steps).
-    Attention: `max_seq_len` bounds full attention (Transformer++, Hope-Attention); `window` is the sliding window
+    CMS (HOPE and Hope-Attention's MLP position, D9, D10; docs/decisions.md): `cms` (False = the Table 6 "w/o
+    CMS" ablation: one static SwiGLU), `cms_levels` (each level's chunk size, None = static; the hidden width
+    `mlp_hidden` is per level), `cms_variant` ("chain", "nested", "independent"), `cms_lr` (per-token learning
+    rate of the online levels: one value or one per level), `cms_learn_lr` (learning rates become parameters),
+    `cms_meta_grad` ("first_order" or "full"), `cms_online_layers` (indices of the blocks whose levels learn
+    online; None = every block, () = none: every level static).
+    Attention: `n_kv_heads` (grouped-query attention; None = n_heads), `qkv_bias` (Qwen2-style projection
+    biases), `attn_window` (a sliding window for the full-attention variants, e.g. Mistral's); `max_seq_len`
+    bounds full attention (Transformer++, Hope-Attention); `window` is the sliding window
     of MAG / MAL; `segment` the MAC segment; `n_persistent` learned persistent tokens (Titans Eq. 19).
     `impl`: "chunk" or "naive" (the per-token float64 reference of every memory; same results, slow).
     `checkpoint`: recompute each block in the backward pass instead of keeping its activations (activation
@@ -66,6 +76,16 @@ class ModelConfig:
     adaptive_q: bool = False
     normalize_v: bool = True
     inner_grad_clip: float | None = INNER_GRAD_CLIP
+    cms: bool = True
+    cms_levels: tuple[int | None, ...] = (None, 512, 2048)
+    cms_variant: Literal["chain", "nested", "independent"] = "chain"
+    cms_lr: float | tuple[float, ...] = 1e-3
+    cms_learn_lr: bool = False
+    cms_meta_grad: Literal["first_order", "full"] = "first_order"
+    cms_online_layers: tuple[int, ...] | None = None
+    n_kv_heads: int | None = None
+    qkv_bias: bool = False
+    attn_window: int | None = None
     max_seq_len: int = 8192
     window: int = 2048
     segment: int = 512
@@ -98,6 +118,40 @@ class ModelConfig:
             raise ValueError(f"inner_grad_clip must be > 0 or None (no clipping), got {self.inner_grad_clip!r}")
         if self.impl not in ("chunk", "naive"):
             raise ValueError(f"impl must be 'chunk' or 'naive', got {self.impl!r}")
+        self._check_cms()
+        if self.n_kv_heads is not None and (self.n_kv_heads < 1 or self.n_heads % self.n_kv_heads):
+            raise ValueError(f"n_kv_heads = {self.n_kv_heads} must be a positive divisor of n_heads = {self.n_heads}")
+
+    def _check_cms(self) -> None:
+        for name in ("cms_levels", "cms_online_layers"):  # JSON gives lists: store tuples (hashable, comparable)
+            val = getattr(self, name)
+            if isinstance(val, list):
+                object.__setattr__(self, name, tuple(val))
+        if any(c == math.inf for c in self.cms_levels):  # `inf` and None both mean a static level
+            object.__setattr__(self, "cms_levels", tuple(None if c == math.inf else c for c in self.cms_levels))
+        if isinstance(self.cms_lr, list):
+            object.__setattr__(self, "cms_lr", tuple(self.cms_lr))
+        check_levels(self.cms_levels, self.cms_variant, self.level_lrs, self.cms_learn_lr)
+        if self.cms_meta_grad not in ("first_order", "full"):
+            raise ValueError(f"cms_meta_grad must be 'first_order' or 'full', got {self.cms_meta_grad!r}")
+        for i in self.cms_online_layers or ():
+            if not isinstance(i, int) or not 0 <= i < self.n_layers:
+                raise ValueError(f"cms_online_layers holds {i!r}; block indices run from 0 to {self.n_layers - 1}")
+
+    @property
+    def uses_cms(self) -> bool:
+        """Whether the MLP position holds a CMS (HOPE and Hope-Attention with `cms=True`)."""
+        return self.cms and self.variant in ("hope", "hope_attention")
+
+    @property
+    def level_lrs(self) -> tuple[float, ...]:
+        """One learning rate per CMS level."""
+        lr = self.cms_lr
+        return tuple(lr) if isinstance(lr, tuple) else (lr,) * len(self.cms_levels)
+
+    def online_block(self, index: int) -> bool:
+        """Whether block `index` carries online CMS levels."""
+        return self.uses_cms and (self.cms_online_layers is None or index in self.cms_online_layers)
 
     @property
     def head_dim(self) -> int:
@@ -166,5 +220,6 @@ def preset(name: str, variant: str = "hope", **overrides: Any) -> ModelConfig:
 
 
 def _mlp_params(cfg: ModelConfig, hidden: int) -> int:
-    """Parameters of all SwiGLU MLPs at a given hidden width."""
-    return cfg.n_layers * 3 * cfg.d_model * hidden
+    """Parameters of all SwiGLU MLPs (every CMS level) at a given hidden width."""
+    levels = len(cfg.cms_levels) if cfg.uses_cms else 1
+    return cfg.n_layers * levels * 3 * cfg.d_model * hidden

@@ -5,18 +5,22 @@ head. `forward(input_ids, state=None) -> (logits, state)`; `generate` feeds the 
 samples token by token, the memories still learning from every token they read. Blocks per variant:
 
     transformer       x + Attn(norm x);            x + SwiGLU(norm x)     Llama-style Transformer++
-    hope_attention    x + Attn(norm x);            x + MLP(norm x)        the MLP becomes the CMS (issue 4)
-    hope              x + SelfModTitans(norm x);   x + MLP(norm x)        Eq. 94-97 (CMS in issue 4)
+    hope_attention    x + Attn(norm x);            x + CMS(norm x)        Transformer with the CMS (§8.3)
+    hope              x + SelfModTitans(norm x);   x + CMS(norm x)        Eqs. 94-97
     titans_lmm        x + TitansMemory(norm x);    x + SwiGLU(norm x)
     titans_mac        x + MAC(norm x);             x + SwiGLU(norm x)     Titans Eqs. 21-25
     titans_mag        x + MAG(norm x);             x + SwiGLU(norm x)     Titans Eqs. 26-28
     titans_mal        x + TitansMemory(norm x);    x + SWA(norm x);  x + SwiGLU(norm x)   Titans Eqs. 29-31
 
+When a CMS has online levels the forward pass runs segment by segment and the levels learn from the next-token
+loss of what the model reads (D10, `online.py`); `learn` reads a document without generating, and
+`forget_context` drops what the sequence mixers hold while keeping what the CMS learned.
 What it is not: a trainer, a tokenizer, or the Hugging Face wrapper (`hf.py`).
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any, NamedTuple
 
 import torch
@@ -26,19 +30,24 @@ from torch.utils.checkpoint import checkpoint
 
 from ..layers.attention import Attention
 from ..layers.basic import RMSNorm, SwiGLU
+from ..layers.cms import CMS
 from ..layers.hybrid import MemoryAsContext, MemoryAsGate
 from ..layers.self_modifying import SelfModifyingTitans
 from ..layers.titans import TitansMemory
 from ..ops.memory import MemorySpec
 from .config import ModelConfig
+from .online import OnlineCMS, Pending, run_online
 
 
 class ModelState(NamedTuple):
-    """The model's whole learning state (D12): one entry per block, tokens seen, and the config it belongs to."""
+    """The model's whole learning state (D12): one entry per block (its mixers' states, then its CMS fast weights
+    when it has a CMS), tokens seen, the config it belongs to, and the segment an online CMS has not yet learned
+    from (`online.Pending`; None when there is none)."""
 
     layers: tuple[Any, ...]
     position: int
     fingerprint: str
+    pending: Pending | None = None
 
     @property
     def batch_size(self) -> int:
@@ -48,24 +57,35 @@ class ModelState(NamedTuple):
 
 
 class Block(nn.Module):
-    """Pre-norm residual block: one or two sequence mixers, then the MLP."""
+    """Pre-norm residual block: one or two sequence mixers, then the MLP (a SwiGLU, or the CMS)."""
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, index: int) -> None:
         super().__init__()
         self.mixers = nn.ModuleList(_mixers(cfg))
         self.norms = nn.ModuleList(RMSNorm(cfg.d_model, cfg.norm_eps) for _ in self.mixers)
         self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.mlp = SwiGLU(cfg.d_model, cfg.mlp_hidden)
+        self.mlp: nn.Module
+        if cfg.uses_cms:
+            self.mlp = CMS(
+                cfg.d_model, cfg.mlp_hidden, cfg.cms_levels, variant=cfg.cms_variant, lr=cfg.level_lrs,
+                learn_lr=cfg.cms_learn_lr, online=cfg.online_block(index),
+            )  # fmt: skip
+        else:
+            self.mlp = SwiGLU(cfg.d_model, cfg.mlp_hidden)
 
     def init_state(self, batch: int, device: torch.device, dtype: torch.dtype) -> tuple[Any, ...]:
-        return tuple(_init_mixer(m, batch, device, dtype) for m in self.mixers)
+        mixers = tuple(_init_mixer(m, batch, device, dtype) for m in self.mixers)
+        return (*mixers, self.mlp.init_state(batch)) if isinstance(self.mlp, CMS) else mixers
 
     def forward(self, x: Tensor, state: tuple[Any, ...]) -> tuple[Tensor, tuple[Any, ...]]:
         new = []
-        for norm, mixer, st in zip(self.norms, self.mixers, state, strict=True):
+        for norm, mixer, st in zip(self.norms, self.mixers, state, strict=False):
             y, st = mixer(norm(x), st)
             x = x + y
             new.append(st)
+        if isinstance(self.mlp, CMS):
+            cms = state[-1]
+            return x + self.mlp(self.mlp_norm(x), cms), (*new, cms)
         return x + self.mlp(self.mlp_norm(x)), tuple(new)
 
 
@@ -76,7 +96,7 @@ class CausalLM(nn.Module):
         super().__init__()
         self.config = config
         self.embed = nn.Embedding(config.vocab_size, config.d_model)
-        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layers))
+        self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
         self.norm = RMSNorm(config.d_model, config.norm_eps)
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         if config.tie_embeddings:
@@ -99,20 +119,74 @@ class CausalLM(nn.Module):
         layers = tuple(b.init_state(batch_size, self.device, dtype) for b in self.blocks)
         return ModelState(layers, 0, self.config.fingerprint())
 
-    def forward(self, input_ids: Tensor, state: ModelState | None = None) -> tuple[Tensor, ModelState]:
-        """input_ids `[B, T]` (int) -> logits `[B, T, vocab]` and the state after the last token."""
+    @property
+    def online(self) -> OnlineCMS | None:
+        """The blocks whose CMS learns online, with the segment length and meta-gradient mode (None if none)."""
+        blocks = [(i, b.mlp) for i, b in enumerate(self.blocks) if isinstance(b.mlp, CMS) and b.mlp.online_levels]
+        if not blocks:
+            return None
+        segment = math.gcd(*(c for _, cms in blocks for c in cms.chunks if c is not None))
+        return OnlineCMS(blocks, segment, self.config.cms_meta_grad == "full")
+
+    def forward(
+        self, input_ids: Tensor, state: ModelState | None = None, *, learn: bool = True
+    ) -> tuple[Tensor, ModelState]:
+        """input_ids `[B, T]` (int) -> logits `[B, T, vocab]` and the state after the last token.
+
+        `learn=False` reads without online CMS updates (the sequence mixers' memories still read every token);
+        the segment it touches is then not learned from.
+        """
         self._check(input_ids, state)
         state = state if state is not None else self.init_state(input_ids.shape[0])
+        end = state.position + input_ids.shape[1]
+        online = self.online
+        if online is None:
+            logits, layers = self._forward_layers(input_ids, state.layers)
+            return logits, ModelState(layers, end, state.fingerprint)
+        logits, layers, pending = run_online(
+            self._forward_layers, online, input_ids, state.layers, state.position, state.pending, learn
+        )
+        return logits, ModelState(layers, end, state.fingerprint, pending)
+
+    def _forward_layers(self, input_ids: Tensor, layers: tuple[Any, ...]) -> tuple[Tensor, tuple[Any, ...]]:
+        """Every block from the given states with the CMS weights in force. -> logits `[B, T, V]`, new states."""
         x = self.embed(input_ids)
-        layers = []
-        for block, st in zip(self.blocks, state.layers, strict=True):
+        new = []
+        for block, st in zip(self.blocks, layers, strict=True):
             if self.config.checkpoint and torch.is_grad_enabled():
                 x, st = checkpoint(block, x, st, use_reentrant=False)
             else:
                 x, st = block(x, st)
-            layers.append(st)
-        logits = self.lm_head(self.norm(x))
-        return logits, ModelState(tuple(layers), state.position + input_ids.shape[1], state.fingerprint)
+            new.append(st)
+        return self.lm_head(self.norm(x)), tuple(new)
+
+    @torch.no_grad()
+    def learn(
+        self, document: Tensor | list[int] | str, state: ModelState | None = None, *, tokenizer: Any = None
+    ) -> ModelState:
+        """Read a document without generating: every memory reads it and the online CMS levels learn from its
+        next-token loss. `document`: token ids `[B, T]` or `[T]`, a list of ids, or text with `tokenizer`
+        (anything with `encode(text) -> list[int]`). Returns the state after the last token."""
+        if isinstance(document, str):
+            if tokenizer is None:
+                raise ValueError("learn() got text but no tokenizer; pass tokenizer=... or token ids")
+            document = tokenizer.encode(document)
+        ids = torch.as_tensor(document, device=self.device)
+        ids = ids[None] if ids.dim() == 1 else ids
+        _, state = self(ids, state)
+        return state
+
+    def forget_context(self, state: ModelState) -> ModelState:
+        """A fresh start for a new context that keeps what the CMS learned: every sequence mixer (memories,
+        attention caches) returns to its meta-learned initial state and the position to 0, while the CMS fast
+        weights and their accumulated gradients are kept."""
+        self._check_state(state)
+        fresh = self.init_state(state.batch_size)
+        layers = tuple(
+            (*new[:-1], old[-1]) if isinstance(b.mlp, CMS) else new
+            for b, new, old in zip(self.blocks, fresh.layers, state.layers, strict=True)
+        )
+        return ModelState(layers, 0, state.fingerprint)
 
     def loss(self, input_ids: Tensor, state: ModelState | None = None) -> tuple[Tensor, ModelState]:
         """Mean next-token cross-entropy over `input_ids[:, 1:]`."""
@@ -130,10 +204,12 @@ class CausalLM(nn.Module):
         temperature: float = 1.0,
         top_k: int | None = None,
         generator: torch.Generator | None = None,
+        learn_generated: bool = True,
     ) -> tuple[Tensor, ModelState]:
         """Feed the prompt `[B, T]`, then sample `max_new_tokens`; every token (prompt and sampled) updates the
         state, so the memories keep learning. Returns the new tokens `[B, max_new_tokens]` and the state after
-        the last one was read. `temperature = 0` is greedy."""
+        the last one was read. `temperature = 0` is greedy. `learn_generated=False` keeps the online CMS levels
+        from learning on sampled tokens (the sequence mixers still read them)."""
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         logits, state = self(input_ids, state)
@@ -141,7 +217,7 @@ class CausalLM(nn.Module):
         for _ in range(max_new_tokens):
             nxt = _sample(logits[:, -1].float(), temperature, top_k, generator)
             out.append(nxt)
-            logits, state = self(nxt[:, None], state)  # the memories read every sampled token too
+            logits, state = self(nxt[:, None], state, learn=learn_generated)  # the memories read every token
         return torch.stack(out, dim=1), state
 
     def _check(self, input_ids: Tensor, state: ModelState | None) -> None:
@@ -153,17 +229,20 @@ class CausalLM(nn.Module):
             raise ValueError("input_ids is empty (T = 0); pass at least one token")
         if state is None:
             return
+        self._check_state(state)
+        if state.batch_size != input_ids.shape[0]:
+            raise ValueError(
+                f"state holds {state.batch_size} sequences but input_ids has {input_ids.shape[0]}; "
+                "states are per sequence (D1): pass a state of the same batch size"
+            )
+
+    def _check_state(self, state: ModelState) -> None:
         if not isinstance(state, ModelState):
             raise ValueError(f"state must be a ModelState from model.init_state or forward, got {type(state).__name__}")
         if state.fingerprint != self.config.fingerprint():
             raise ValueError(
                 "state comes from a model with another configuration; use model.init_state(batch_size) or a state "
                 "this model produced or saved"
-            )
-        if state.batch_size != input_ids.shape[0]:
-            raise ValueError(
-                f"state holds {state.batch_size} sequences but input_ids has {input_ids.shape[0]}; "
-                "states are per sequence (D1): pass a state of the same batch size"
             )
 
 
@@ -195,7 +274,12 @@ def _mixers(cfg: ModelConfig) -> list[nn.Module]:
     D, H, v = cfg.d_model, cfg.n_heads, cfg.variant
     titans = memory_spec(cfg, titans=True)
     if v in ("transformer", "hope_attention"):
-        return [Attention(D, H, max_len=cfg.max_seq_len, rope_base=cfg.rope_base)]
+        return [
+            Attention(
+                D, H, max_len=cfg.max_seq_len, rope_base=cfg.rope_base, kv_heads=cfg.n_kv_heads,
+                qkv_bias=cfg.qkv_bias, window=cfg.attn_window,
+            )
+        ]  # fmt: skip
     if v == "hope":
         return [
             SelfModifyingTitans(

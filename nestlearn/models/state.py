@@ -1,11 +1,12 @@
 """Saving and loading a model's learning state (D12): every memory's fast weights, momenta and chunk anchors,
 short-convolution inputs and attention caches, so a deployed model keeps learning across calls.
 
-What this is: `save_state(state, directory)` / `load_state(directory, model)`, on top of `nestlearn.io`
-(safetensors + JSON, atomic, hash-checked). The state is a tree of NamedTuples and tuples with tensor and int
-leaves; it is flattened to dotted paths. Loading rebuilds the tree from the model's own `init_state`, so a state
-from another configuration or batch size is refused with a message. What it is not: model weights (those are
-`save_pretrained` / the trainer's checkpoints).
+The state also holds the CMS fast weights (with their accumulated gradients) and an online CMS's unfinished
+segment. What this is: `save_state(state, directory)` / `load_state(directory, model)`, on top of
+`nestlearn.io` (safetensors + JSON, atomic, hash-checked). The state is a tree of NamedTuples and tuples with
+tensor and int leaves; it is flattened to dotted paths. Loading rebuilds the tree from the model's own
+`init_state`, so a state from another configuration or batch size is refused with a message. What it is not:
+model weights (those are `save_pretrained` / the trainer's checkpoints).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from torch import Tensor
 
 from ..io import load_bundle, save_bundle
 from .lm import CausalLM, ModelState
+from .online import Pending
 
 NAME = "state"
 
@@ -29,11 +31,14 @@ def save_state(state: ModelState, directory: str | Path) -> Path:
     tensors: dict[str, Tensor] = {}
     scalars: dict[str, Any] = {}
     _flatten(state.layers, "layers", tensors, scalars)
+    if state.pending is not None:
+        _flatten(state.pending, "pending", tensors, scalars)
     meta = {
         "kind": "nestlearn.ModelState",
         "fingerprint": state.fingerprint,
         "position": state.position,
         "batch_size": state.batch_size,
+        "pending": state.pending is not None,
         "scalars": scalars,
     }
     return save_bundle(directory, NAME, tensors, meta)
@@ -51,7 +56,11 @@ def load_state(directory: str | Path, model: CausalLM) -> ModelState:
         )
     template = model.init_state(meta["batch_size"])
     layers = _unflatten(template.layers, "layers", tensors, meta["scalars"], model.device)
-    return ModelState(layers, meta["position"], meta["fingerprint"])
+    pending = None
+    if meta.get("pending"):  # an online CMS's unfinished segment: its tokens and the states at its start
+        empty = torch.zeros(meta["batch_size"], 0, dtype=torch.long, device=model.device)
+        pending = _unflatten(Pending(empty, template.layers), "pending", tensors, meta["scalars"], model.device)
+    return ModelState(layers, meta["position"], meta["fingerprint"], pending)
 
 
 def _flatten(tree: Any, path: str, tensors: dict[str, Tensor], scalars: dict[str, Any]) -> None:

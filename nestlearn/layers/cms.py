@@ -1,0 +1,207 @@
+"""Continuum Memory System (Eqs. 70-74): SwiGLU levels that learn at different frequencies.
+
+What this is: `CMS`, `[B, T, D] -> [B, T, D]`, a set of SwiGLU levels combined as a chain (Eq. 70, the default),
+nested (Eq. 72) or independent (Eq. 74: a learnable weighted sum). Level l has a chunk size `C_l`; `None` is a
+static level (`C_l = inf`: an ordinary MLP that only the outer loop trains). An online level's weights are
+per-sequence fast weights held in the state (`CMSLevel`): the meta-learned initial weights broadcast over the
+batch, changed every `C_l` tokens by `lr_l` times the sum of the task loss's gradients over that chunk (Eq. 71).
+This module applies the weights (`forward`) and the updates (`step`); the gradients come from the language model,
+which runs segment by segment and differentiates its next-token loss (D10, `models/online.py`).
+What it is not: the driver of the online updates; it never sees a loss.
+
+Variants (levels listed in chain order, `x` the block input):
+    chain        z_0 = x,  z_l = z_{l-1} + MLP_l(z_{l-1}),  y = sum_l MLP_l(z_{l-1})     Eqs. 70, 73
+    nested       the chain, and level l+1 restarts from a start point that level l learns: at every
+                 boundary of level l the start moves by -lr_l * (level l+1's gradients since the last one)
+                 and level l+1's weights return to it                                      Eq. 72
+    independent  y = sum_l a_l MLP_l(x), a_l learnable, starting at 1/k                    Eq. 74
+The residual inside the chain is our choice (the paper "disregards normalizations"); with one level every
+variant is the plain MLP `y = MLP(x)`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Sequence
+from typing import Literal, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .basic import SwiGLU
+from .fast_weights import state_float
+
+CMSVariant = Literal["chain", "nested", "independent"]
+Weights = tuple[Tensor, ...]  # (gate [B, h, D], up [B, h, D], down [B, D, h])
+
+
+class CMSLevel(NamedTuple):
+    """Fast state of one online level, every tensor `[B, ...]` like the weight it belongs to.
+
+    weights: the weights in force; grads: gradients summed since this level's last update; start / start_grads:
+    the nested variant's restart point and the gradients summed since the parent level's last boundary (empty
+    tuples otherwise).
+    """
+
+    weights: Weights
+    grads: Weights
+    start: Weights = ()
+    start_grads: Weights = ()
+
+
+class CMS(nn.Module):
+    """Continuum Memory System of `len(chunks)` SwiGLU levels of width `hidden`.
+
+    Args:
+        dim, hidden: model width and each level's hidden width.
+        chunks: each level's chunk size `C_l` (a positive int) or None (static).
+        variant: "chain", "nested" or "independent".
+        lr: each level's learning rate `lr_l` (per token: the update is `-lr_l * sum of the chunk's gradients`);
+            ignored for static levels.
+        learn_lr: make the learning rates outer parameters (`lr = exp(log_lr)`, so they must start > 0).
+        online: False makes every level static (layers that carry no online levels).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        hidden: int,
+        chunks: Sequence[int | None],
+        *,
+        variant: CMSVariant = "chain",
+        lr: Sequence[float],
+        learn_lr: bool = False,
+        online: bool = True,
+    ) -> None:
+        super().__init__()
+        check_levels(chunks, variant, lr, learn_lr)
+        self.chunks = tuple(c if online else None for c in chunks)
+        self.variant = variant
+        self.levels = nn.ModuleList(SwiGLU(dim, hidden) for _ in chunks)
+        self.online_levels = tuple(i for i, c in enumerate(self.chunks) if c is not None)
+        self.fixed_lr = tuple(float(x) for x in lr)  # Python floats: exact in float64 models too
+        if learn_lr:
+            self.log_lr = nn.Parameter(torch.tensor(self.fixed_lr).log())
+        if variant == "independent":
+            self.mix = nn.Parameter(torch.full((len(chunks),), 1.0 / len(chunks)))
+
+    # -----------------------------------------------------------------------------------------
+    # state
+
+    def init_state(self, batch: int) -> tuple[CMSLevel | None, ...]:
+        """The meta-learned initial fast weights of every online level (None for static levels)."""
+        out: list[CMSLevel | None] = [None] * len(self.levels)
+        for i in self.online_levels:
+            lv = self.levels[i]
+            w = tuple(_broadcast(m.weight, batch) for m in (lv.gate, lv.up, lv.down))
+            zeros = tuple(torch.zeros_like(t) for t in w)
+            nested = self._parent(i) is not None
+            out[i] = CMSLevel(w, zeros, w if nested else (), zeros if nested else ())
+        return tuple(out)
+
+    @property
+    def lr(self) -> Tensor | tuple[float, ...]:
+        """The k learning rates (a `[k]` tensor when they are learnable)."""
+        return self.log_lr.exp() if hasattr(self, "log_lr") else self.fixed_lr
+
+    # -----------------------------------------------------------------------------------------
+    # forward
+
+    def forward(self, x: Tensor, state: Sequence[CMSLevel | None]) -> Tensor:
+        """x `[B, T, D]` -> `[B, T, D]` with the weights in force (the state does not change here)."""
+        if self.variant == "independent":
+            mix = self.mix.to(x.dtype)
+            return sum(mix[i] * self._level(i, x, st) for i, st in enumerate(state))
+        z, total = x, torch.zeros_like(x)
+        for i, st in enumerate(state):
+            d = self._level(i, z, st)
+            z, total = z + d, total + d
+        return total
+
+    def _level(self, i: int, x: Tensor, st: CMSLevel | None) -> Tensor:
+        if st is None:
+            return self.levels[i](x)
+        gate, up, down = (w.to(x.dtype) for w in st.weights)
+        h = F.silu(x @ gate.mT) * (x @ up.mT)  # [B, T, h]
+        return h @ down.mT
+
+    # -----------------------------------------------------------------------------------------
+    # updates (Eq. 71)
+
+    def fast_weights(self, state: Sequence[CMSLevel | None]) -> list[Tensor]:
+        """The tensors the task loss is differentiated against, in `step`'s order."""
+        return [w for i in self.online_levels for w in state[i].weights]  # type: ignore[union-attr]
+
+    def step(self, state: Sequence[CMSLevel | None], grads: Sequence[Tensor], end: int) -> tuple[CMSLevel | None, ...]:
+        """Add one segment's gradients (ordered as `fast_weights`) and apply every update due at absolute
+        position `end` (the number of tokens read): level l when `end % C_l == 0` (Eq. 71); in the nested
+        variant, a level restarts from its (moved) start point when `end` is a boundary of its parent (Eq. 72)."""
+        lr = self.lr
+        new = list(state)
+        for n, i in enumerate(self.online_levels):
+            st: CMSLevel = state[i]  # type: ignore[assignment]
+            g = tuple(grads[3 * n : 3 * n + 3])
+            acc, w = _add(st.grads, g), st.weights
+            if end % self.chunks[i] == 0:  # type: ignore[operator]
+                w, acc = _sub(w, lr[i], acc), _zeros(acc)
+            start, sacc = st.start, st.start_grads
+            parent = self._parent(i)
+            if parent is not None:
+                sacc = _add(sacc, g)
+                if end % self.chunks[parent] == 0:  # type: ignore[operator]
+                    start, sacc = _sub(start, lr[parent], sacc), _zeros(sacc)
+                    w, acc = start, _zeros(acc)
+            new[i] = CMSLevel(w, acc, start, sacc)
+        return tuple(new)
+
+    def _parent(self, i: int) -> int | None:
+        """The online level whose learning restarts level i (nested variant only)."""
+        if self.variant != "nested" or i == 0 or self.chunks[i - 1] is None or self.chunks[i] is None:
+            return None
+        return i - 1
+
+
+def check_levels(chunks: Sequence[int | None], variant: str, lr: Sequence[float], learn_lr: bool) -> None:
+    """ValueError naming the problem and the fix for a bad CMS level configuration."""
+    if variant not in ("chain", "nested", "independent"):
+        raise ValueError(f"CMS variant must be 'chain', 'nested' or 'independent', got {variant!r}")
+    if len(chunks) == 0:
+        raise ValueError("the CMS needs at least one level; give chunk sizes such as (None, 512, 2048)")
+    for c in chunks:
+        if c is not None and (not isinstance(c, int) or isinstance(c, bool) or c < 1):
+            raise ValueError(f"CMS chunk sizes must be positive ints or None (static), got {c!r}")
+    if len(lr) != len(chunks):
+        raise ValueError(f"give one CMS learning rate per level: {len(chunks)} levels but {len(lr)} rates")
+    for x in lr:
+        if not (isinstance(x, int | float) and math.isfinite(x) and x >= 0):
+            raise ValueError(f"CMS learning rates must be finite and >= 0, got {x!r}")
+        if learn_lr and x <= 0:
+            raise ValueError("learnable CMS learning rates are exp(log_lr) and must start > 0; set them > 0")
+    if variant == "nested":
+        for a, b in itertools.pairwise(chunks):
+            if a is not None and b is not None and a % b:
+                raise ValueError(
+                    f"nested CMS: level chunk {a} is not a multiple of the next level's {b}; list levels from "
+                    "slow to fast with each chunk size a multiple of the next"
+                )
+
+
+def _broadcast(weight: Tensor, batch: int) -> Tensor:
+    """`[o, i] -> [B, o, i]` (float32 or wider). Under no_grad the result is detached: a view made there would
+    report `requires_grad` without being part of any graph, and the online driver must see that it is not."""
+    w = state_float(weight)
+    return (w if torch.is_grad_enabled() else w.detach()).expand(batch, -1, -1)
+
+
+def _add(a: Weights, b: Weights) -> Weights:
+    return tuple(x + y for x, y in zip(a, b, strict=True))
+
+
+def _sub(w: Weights, lr: Tensor | float, g: Weights) -> Weights:
+    return tuple(x - (lr if isinstance(lr, float) else lr.to(x.dtype)) * y for x, y in zip(w, g, strict=True))
+
+
+def _zeros(a: Weights) -> Weights:
+    return tuple(torch.zeros_like(x) for x in a)
