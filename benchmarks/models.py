@@ -13,60 +13,21 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
-import resource
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from nestlearn.models import VARIANTS, CausalLM, count_parameters, preset
+from benchmarks.common import run_meta, time_training
+from nestlearn.models import VARIANTS, count_parameters, preset
 
 
 def one_variant(variant: str, args: argparse.Namespace) -> dict:
-    device = torch.device(args.device)
-    torch.manual_seed(0)
     cfg = preset(args.preset, variant, checkpoint=args.checkpoint)
-    model = CausalLM(cfg).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
-    ids = torch.randint(0, cfg.vocab_size, (args.batch, args.seq), device=device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-
-    def step() -> float:
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            loss, _ = model.loss(ids)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return loss
-
-    for _ in range(args.warmup):
-        step()
-    _sync(device)
-    times = []
-    for _ in range(args.steps):
-        t0 = time.perf_counter()
-        loss = step()
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-    sec = sorted(times)[len(times) // 2]
-    if device.type == "cuda":
-        peak = torch.cuda.max_memory_allocated() / 2**30
-    else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB (Linux)
-    return {
-        "variant": variant,
-        "params": count_parameters(cfg),
-        "step_s": sec,
-        "tokens_per_s": args.batch * args.seq / sec,
-        "peak_gib": peak,
-        "final_loss": float(loss),
-    }
+    stats = time_training(cfg, batch=args.batch, seq=args.seq, device=args.device, steps=args.steps, warmup=args.warmup)
+    return {"variant": variant, **stats}
 
 
 def _guarded(variant: str, args: argparse.Namespace) -> dict:
@@ -79,11 +40,6 @@ def _guarded(variant: str, args: argparse.Namespace) -> dict:
         error = f"RuntimeError: {str(e).splitlines()[0][:80]}"
     torch.cuda.empty_cache()
     return {"variant": variant, "error": error, "params": count_parameters(preset(args.preset, variant))}
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def run_isolated(variant: str, args: argparse.Namespace) -> dict:
@@ -120,18 +76,9 @@ def main() -> None:
         rows.append(row)
         print(json.dumps(row), flush=True)
     ref = next(r for r in rows if r["variant"] == "transformer")
-    meta = {
-        "preset": args.preset,
-        "seq": args.seq,
-        "batch": args.batch,
-        "device": torch.cuda.get_device_name() if args.device == "cuda" else f"CPU ({os.cpu_count()} cores)",
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "commit": os.environ.get("NESTLEARN_COMMIT", "unknown"),
-        "date": time.strftime("%Y-%m-%d"),
-        "steps": args.steps,
-        "checkpoint": args.checkpoint,
-    }
+    meta = run_meta(
+        args.device, preset=args.preset, seq=args.seq, batch=args.batch, steps=args.steps, checkpoint=args.checkpoint
+    )
     if args.json:
         Path(args.json).write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     ckpt = ", activation checkpointing" if args.checkpoint else ""

@@ -243,3 +243,16 @@ def test_inference_mode_is_refused_with_the_fix() -> None:
 def test_bad_cms_config_names_the_fix(kwargs: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         online_model(**kwargs)
+
+
+@pytest.mark.gpu
+def test_cuda_matches_cpu() -> None:
+    """An online model in float64 on CUDA == CPU to 1e-10 (outputs and learned fast weights)."""
+    model = online_model()
+    ids = torch.randint(0, 64, (2, 21))
+    with torch.no_grad():
+        ref, st_ref = model(ids)
+        got, st = model.cuda()(ids.cuda())
+    torch.testing.assert_close(got.cpu(), ref, rtol=0, atol=1e-10)
+    for a, b in zip(cms_states(st), cms_states(st_ref), strict=True):
+        torch.testing.assert_close(a.cpu(), b, rtol=0, atol=1e-10)
