@@ -12,6 +12,8 @@ position. Context tokens (MAC's retrieved memory) sit at the positions of the to
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import NamedTuple
 
 import torch
@@ -24,6 +26,23 @@ from .basic import RotaryEmbedding
 # cuDNN's SDPA backend failed with CUDNN_STATUS_INTERNAL_ERROR on the H100 (torch 2.11, bf16, [1, 12, 4096, 64]
 # causal); flash, memory-efficient and math kernels cover every case.
 _BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+_second_order = False  # set by `twice_differentiable`
+
+
+@contextlib.contextmanager
+def twice_differentiable() -> Iterator[None]:
+    """Attention computed inside can be differentiated twice: SDPA's math kernel only (the flash and
+    memory-efficient kernels have no double backward). Used by full meta-gradients through online CMS updates."""
+    global _second_order
+    before, _second_order = _second_order, True
+    try:
+        yield
+    finally:
+        _second_order = before
+
+
+def _backends() -> list[SDPBackend]:
+    return [SDPBackend.MATH] if _second_order else _BACKENDS
 
 
 class AttentionState(NamedTuple):
@@ -152,7 +171,7 @@ class Attention(nn.Module):
         n_p = self.n_persistent
         plain = n_p == 0 and ctx_k.shape[2] == 0 and k.shape[2] == T and self.window is None and self.segment is None
         if plain:  # the training fast path: SDPA's own causal kernel
-            with sdpa_kernel(_BACKENDS):
+            with sdpa_kernel(_backends()):
                 return F.scaled_dot_product_attention(q, k, v, is_causal=True)
         qpos = torch.arange(pos, pos + T, device=q.device)
         parts_k, parts_v, masks = [], [], []
@@ -166,7 +185,7 @@ class Attention(nn.Module):
             parts_v.append(vv)
             masks.append(self._visible(qpos, kpos))
         mask = torch.cat(masks, dim=1)
-        with sdpa_kernel(_BACKENDS):
+        with sdpa_kernel(_backends()):
             return F.scaled_dot_product_attention(q, torch.cat(parts_k, 2), torch.cat(parts_v, 2), attn_mask=mask)
 
     def _visible(self, qpos: Tensor, kpos: Tensor) -> Tensor:

@@ -16,13 +16,14 @@ token costs one step plus, every `S` tokens, one segment's forward and backward.
 
 Meta-gradients: "first_order" takes the inner gradient without a graph (the outer gradient reaches the initial
 weights through the update's identity path, and the learning rates through `-lr * g`); "full" keeps its graph
-(exact second order). Inner gradients need autograd, so learning is unavailable under `torch.inference_mode`
+(exact second order; attention then runs SDPA's math kernel, the only one with a double backward). Inner gradients need autograd, so learning is unavailable under `torch.inference_mode`
 (`torch.no_grad` is fine: the segment is differentiated locally and the results detached).
 What it is not: the model (`lm.py`) or the CMS layer (`layers/cms.py`).
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -30,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..layers.attention import twice_differentiable
 from ..layers.cms import CMS
 
 ForwardLayers = Callable[[Tensor, tuple[Any, ...]], tuple[Tensor, tuple[Any, ...]]]
@@ -98,11 +100,12 @@ def _learn_segment(
         )
     outer = torch.is_grad_enabled()
     tokens = torch.cat([pending.tokens, piece], dim=1)
-    with torch.enable_grad():
+    full = online.full and outer
+    with torch.enable_grad(), twice_differentiable() if full else contextlib.nullcontext():
         start = _require_grad(pending.layers, online, fresh=not outer)
         logits, layers = forward_layers(tokens, start)
         fast = [w for b, cms in online.blocks for w in cms.fast_weights(layers[b][-1])]
-        grads = _inner_grads(logits, tokens, fast, create_graph=online.full and outer, retain_graph=outer)
+        grads = _inner_grads(logits, tokens, fast, create_graph=full, retain_graph=outer)
         layers = list(layers)
         k = 0
         for b, cms in online.blocks:
