@@ -16,8 +16,9 @@ token costs one step plus, every `S` tokens, one segment's forward and backward.
 
 Meta-gradients: "first_order" takes the inner gradient without a graph (the outer gradient reaches the initial
 weights through the update's identity path, and the learning rates through `-lr * g`); "full" keeps its graph
-(exact second order; attention then runs SDPA's math kernel, the only one with a double backward). Inner gradients need autograd, so learning is unavailable under `torch.inference_mode`
-(`torch.no_grad` is fine: the segment is differentiated locally and the results detached).
+(exact second order; attention then runs SDPA's math kernel, the only one with a double backward). Inner
+gradients need autograd, so learning is unavailable under `torch.inference_mode` (`torch.no_grad` is fine: the
+segment is differentiated locally and the results detached).
 What it is not: the model (`lm.py`) or the CMS layer (`layers/cms.py`).
 """
 
