@@ -25,8 +25,8 @@ test: install
 	$(PY) -m pytest -q
 
 lint: install
-	$(VENV)/bin/ruff check nestlearn tests benchmarks
-	$(VENV)/bin/ruff format --check nestlearn tests benchmarks
+	$(VENV)/bin/ruff check nestlearn tests benchmarks examples
+	$(VENV)/bin/ruff format --check nestlearn tests benchmarks examples
 
 bench: install
 	$(PY) benchmarks/memory_op.py

@@ -83,6 +83,7 @@ ABLATIONS = {
     "adaptive_k": False,
     "adaptive_v": False,
     "adaptive_q": True,
+    "cms": False,
 }
 
 
