@@ -3,6 +3,8 @@ learning state as cache."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -49,3 +51,16 @@ def test_generate_uses_the_learning_state() -> None:
     ours, _ = model.lm.generate(ids, 5, temperature=0)
     torch.testing.assert_close(out[:, 9:], ours)
     assert seen == [9, 1, 1, 1, 1]
+
+
+def test_generate_keeps_the_cms_learning() -> None:
+    """An online-CMS model under HF generate learns as nestlearn's generate does (segments of 4 tokens here)."""
+    cfg = dataclasses.replace(tiny("hope_attention").config, cms_levels=(None, 4), cms_lr=(0.0, 0.5))
+    torch.manual_seed(0)
+    model = NestLearnForCausalLM(NestLearnConfig.from_model_config(cfg)).eval()
+    ids = torch.randint(0, 64, (2, 9))
+    out = model.generate(ids, max_new_tokens=6, do_sample=False, return_dict_in_generate=True)
+    ours, state = model.lm.generate(ids, 6, temperature=0)
+    torch.testing.assert_close(out.sequences[:, 9:], ours)
+    learned = state.layers[0][-1][1].weights[0]
+    assert (learned - model.lm.blocks[0].mlp.levels[1].gate.weight).abs().max() > 0
