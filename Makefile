@@ -15,7 +15,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "torch==$(TORCH_VERSION)"
-	$(PY) -m pip install -q -e ".[dev,hf]"
+	$(PY) -m pip install -q -e ".[dev,hf,plot]"
 	touch $(STAMP)
 
 demo: install
@@ -25,8 +25,8 @@ test: install
 	$(PY) -m pytest -q
 
 lint: install
-	$(VENV)/bin/ruff check nestlearn tests benchmarks examples
-	$(VENV)/bin/ruff format --check nestlearn tests benchmarks examples
+	$(VENV)/bin/ruff check nestlearn tests benchmarks examples scripts
+	$(VENV)/bin/ruff format --check nestlearn tests benchmarks examples scripts
 
 bench: install
 	$(PY) benchmarks/memory_op.py

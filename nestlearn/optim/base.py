@@ -1,0 +1,70 @@
+"""The shape every deep optimizer shares: a `torch.optim.Optimizer` whose `step` hands each parameter, its
+gradient, its state dict and its group's hyper-parameters to a small functional core.
+
+What this is: `MemoryOptimizer` (the loop, closures, no-grad) and argument checks with messages that name the
+fix. What it is not: any update rule; those live in the modules beside this one, one per equation family.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+Core = Callable[[Tensor, Tensor, dict[str, Any], dict[str, Any]], None]
+
+
+class MemoryOptimizer(torch.optim.Optimizer):
+    """Applies `self.core(param, grad, state, group)` to every parameter with a gradient.
+
+    Subclasses set `core` and may set `matrix_only = True` (then a parameter that is not 2-D is refused with a
+    message pointing at `nestlearn.optim.route`).
+    """
+
+    core: Core
+    matrix_only = False
+
+    def __init__(self, params: Iterable[Any], defaults: dict[str, Any]) -> None:
+        super().__init__(params, defaults)
+        if self.matrix_only:
+            for group in self.param_groups:
+                for p in group["params"]:
+                    if p.dim() != 2:
+                        raise ValueError(
+                            f"{type(self).__name__} updates 2-D weight matrices only, got a parameter of shape "
+                            f"{tuple(p.shape)}; send vectors, embeddings and heads to AdamW with "
+                            "nestlearn.optim.route(model, ...)"
+                        )
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise ValueError(f"{type(self).__name__} does not support sparse gradients")
+                self.core(p, p.grad, self.state[p], group)
+        return loss
+
+
+def check_lr(lr: float, name: str = "lr") -> None:
+    if not (isinstance(lr, int | float) and lr >= 0):
+        raise ValueError(f"{name} must be a number >= 0, got {lr!r}")
+
+
+def check_unit(x: float, name: str) -> None:
+    """A decay or momentum factor in [0, 1)."""
+    if not (isinstance(x, int | float) and 0 <= x < 1):
+        raise ValueError(f"{name} must lie in [0, 1), got {x!r}")
+
+
+def check_positive(x: float, name: str) -> None:
+    if not (isinstance(x, int | float) and x > 0):
+        raise ValueError(f"{name} must be > 0, got {x!r}")
