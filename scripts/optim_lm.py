@@ -39,7 +39,8 @@ RUNS: dict[str, dict] = {
     "DMGD lr 0.2": dict(matrix="dmgd", lr=0.2, matrix_kwargs=dict(inner_lr=0.01)),
     "momentum SGD lr 0.2": dict(matrix="preconditioned", lr=0.2),
 }
-ADAMW_LR, BATCH, SEQ, WARMUP = 3e-3, 16, 1024, 50
+ADAMW_LR, SEQ, WARMUP = 3e-3, 1024, 50
+BATCH = 16  # --batch changes it
 
 
 def prepare(out: Path) -> None:
@@ -135,7 +136,7 @@ def plot(results: Path, out: Path) -> None:
     for r in rows:
         steps, _, val = zip(*r["curve"], strict=True)
         ax.plot(steps, val, label=f"{r['name']} ({r['final_val_loss']:.3f})")
-    ax.set(xlabel="step (16 x 1,024 tokens)", ylabel="held-out loss (nats / byte)", ylim=(None, 3.0))
+    ax.set(xlabel="step (batch x 1,024 tokens)", ylabel="held-out loss (nats / byte)", ylim=(None, 3.0))
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out, dpi=120)
@@ -152,6 +153,7 @@ def main() -> None:
     t.add_argument("--tokens", type=int, default=10_000_000)
     t.add_argument("--runs", default=",".join(RUNS))
     t.add_argument("--json", type=Path, default=None)
+    t.add_argument("--batch", type=int, default=BATCH, help="sequences of 1,024 tokens per step")
     pl = sub.add_parser("plot")
     pl.add_argument("results", type=Path)
     pl.add_argument("out", type=Path)
@@ -162,6 +164,8 @@ def main() -> None:
     if args.cmd == "plot":
         plot(args.results, args.out)
         return
+    global BATCH
+    BATCH = args.batch
     data = {
         s: torch.from_numpy(np.fromfile(args.data / f"{s}.bin", dtype=np.uint8).astype(np.int64))
         for s in ("train", "val")

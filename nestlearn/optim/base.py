@@ -20,10 +20,13 @@ class MemoryOptimizer(torch.optim.Optimizer):
     """Applies `self.core(param, grad, state, group)` to every parameter with a gradient.
 
     Subclasses set `core` and may set `matrix_only = True` (then a parameter that is not 2-D is refused with a
-    message pointing at `nestlearn.optim.route`).
+    message pointing at `nestlearn.optim.route`). A subclass may instead define `core_batch(params, grads,
+    states, group)`, called once per group of parameters of one shape, dtype and device, so that matrix work
+    (Newton-Schulz) runs as one batched call instead of one small call per matrix.
     """
 
     core: Core
+    core_batch: Callable[[list[Tensor], list[Tensor], list[dict[str, Any]], dict[str, Any]], None] | None = None
     matrix_only = False
 
     def __init__(self, params: Iterable[Any], defaults: dict[str, Any]) -> None:
@@ -45,12 +48,18 @@ class MemoryOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if p.grad.is_sparse:
-                    raise ValueError(f"{type(self).__name__} does not support sparse gradients")
-                self.core(p, p.grad, self.state[p], group)
+            params = [p for p in group["params"] if p.grad is not None]
+            if any(p.grad.is_sparse for p in params):
+                raise ValueError(f"{type(self).__name__} does not support sparse gradients")
+            if self.core_batch is None:
+                for p in params:
+                    self.core(p, p.grad, self.state[p], group)
+                continue
+            buckets: dict[tuple[Any, ...], list[Tensor]] = {}
+            for p in params:
+                buckets.setdefault((tuple(p.shape), p.dtype, p.device), []).append(p)
+            for ps in buckets.values():
+                self.core_batch(ps, [p.grad for p in ps], [self.state[p] for p in ps], group)
         return loss
 
 

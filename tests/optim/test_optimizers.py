@@ -251,3 +251,28 @@ def test_routing_sends_every_parameter_once() -> None:
     opt.step()
     changed = [k for k, v in model.state_dict().items() if not torch.equal(v, before[k])]
     assert len(changed) > len(before) // 2
+
+
+@pytest.mark.parametrize("cls", [Muon, M3])
+def test_batched_matrix_step_equals_one_matrix_at_a_time(cls) -> None:
+    """Same-shape matrices share one batched Newton-Schulz call; each ends where it would alone."""
+    ps = [nn.Parameter(torch.randn(6, 4, generator=torch.Generator().manual_seed(i))) for i in range(3)]
+    alone = [nn.Parameter(p.detach().clone()) for p in ps]
+    together = cls(ps, lr=0.01)
+    singles = [cls([q], lr=0.01) for q in alone]
+    g = torch.Generator().manual_seed(9)
+    for _ in range(12):
+        for p, q in zip(ps, alone, strict=True):
+            p.grad = torch.randn(p.shape, generator=g)
+            q.grad = p.grad.clone()
+        together.step()
+        for opt in singles:
+            opt.step()
+    for p, q in zip(ps, alone, strict=True):
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-6)
+
+
+@pytest.mark.skipif(not hasattr(torch.optim, "Muon"), reason="this torch has no torch.optim.Muon")
+def test_unbatched_muon_equals_torch_muon() -> None:
+    p, q = twin_params((12, 8))
+    assert run_pair(Muon([p], lr=0.02, batched=False), torch.optim.Muon([q], lr=0.02), p, q) < 1e-6
