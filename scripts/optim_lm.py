@@ -40,7 +40,6 @@ RUNS: dict[str, dict] = {
     "momentum SGD lr 0.2": dict(matrix="preconditioned", lr=0.2),
 }
 ADAMW_LR, SEQ, WARMUP = 3e-3, 1024, 50
-BATCH = 16  # --batch changes it
 
 
 def prepare(out: Path) -> None:
@@ -63,7 +62,7 @@ def train_one(name: str, spec: dict, data: dict[str, torch.Tensor], args: argpar
     model = CausalLM(preset("20M", "transformer", vocab_size=256)).to(device)
     opt = route(model, adamw_lr=ADAMW_LR, weight_decay=0.0, adamw_kwargs=dict(betas=(0.9, 0.95)), **spec)
     base = [g["lr"] for g in opt.param_groups]
-    steps = args.tokens // (BATCH * SEQ)
+    steps = args.tokens // (args.batch * SEQ)
     gen = torch.Generator().manual_seed(1)
     train, curve, shares = data["train"], [], []
     t_start = time.perf_counter()
@@ -71,7 +70,7 @@ def train_one(name: str, spec: dict, data: dict[str, torch.Tensor], args: argpar
         scale = _schedule(step, steps)
         for g, lr in zip(opt.param_groups, base, strict=True):
             g["lr"] = lr * scale
-        ids = _batch(train, gen).to(device)
+        ids = _batch(train, gen, args.batch).to(device)
         _sync(device)
         t0 = time.perf_counter()
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
@@ -90,7 +89,7 @@ def train_one(name: str, spec: dict, data: dict[str, torch.Tensor], args: argpar
         "name": name,
         "spec": spec,
         "steps": steps,
-        "tokens": steps * BATCH * SEQ,
+        "tokens": steps * args.batch * SEQ,
         "final_val_loss": curve[-1][2],
         "curve": curve,
         "opt_step_share": float(np.median(shares[5:] or shares)),
@@ -108,8 +107,8 @@ def evaluate(model: CausalLM, val: torch.Tensor, device: torch.device, windows: 
     return float(loss)
 
 
-def _batch(data: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    starts = torch.randint(0, len(data) - SEQ - 1, (BATCH,), generator=gen)
+def _batch(data: torch.Tensor, gen: torch.Generator, batch: int) -> torch.Tensor:
+    starts = torch.randint(0, len(data) - SEQ - 1, (batch,), generator=gen)
     return torch.stack([data[s : s + SEQ] for s in starts])
 
 
@@ -153,7 +152,7 @@ def main() -> None:
     t.add_argument("--tokens", type=int, default=10_000_000)
     t.add_argument("--runs", default=",".join(RUNS))
     t.add_argument("--json", type=Path, default=None)
-    t.add_argument("--batch", type=int, default=BATCH, help="sequences of 1,024 tokens per step")
+    t.add_argument("--batch", type=int, default=16, help="sequences of 1,024 tokens per step")
     pl = sub.add_parser("plot")
     pl.add_argument("results", type=Path)
     pl.add_argument("out", type=Path)
@@ -164,15 +163,13 @@ def main() -> None:
     if args.cmd == "plot":
         plot(args.results, args.out)
         return
-    global BATCH
-    BATCH = args.batch
     data = {
         s: torch.from_numpy(np.fromfile(args.data / f"{s}.bin", dtype=np.uint8).astype(np.int64))
         for s in ("train", "val")
     }
     from benchmarks.common import run_meta
 
-    meta = run_meta(args.device, tokens=args.tokens, batch=BATCH, seq=SEQ, adamw_lr=ADAMW_LR)
+    meta = run_meta(args.device, tokens=args.tokens, batch=args.batch, seq=SEQ, adamw_lr=ADAMW_LR)
     rows = []
     for n in args.runs.split(","):
         rows.append(train_one(n, RUNS[n], data, args))
