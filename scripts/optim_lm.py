@@ -43,9 +43,9 @@ ADAMW_LR, SEQ, WARMUP = 3e-3, 1024, 50
 
 
 def prepare(out: Path) -> None:
-    from nestlearn.data import read_texts
+    from nestlearn.data import read_docs
 
-    texts = read_texts("shakespeare")
+    texts = read_docs("shakespeare")
     names = sorted(texts)
     held = {n for i, n in enumerate(names) if i % 10 == 0}
     out.mkdir(parents=True, exist_ok=True)
