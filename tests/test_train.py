@@ -1,0 +1,140 @@
+"""`nestlearn train`: exact resume after a stop, 2-process DDP == 1 process (CPU, gloo), schedules, configs from
+YAML / Python / overrides, and bad input (unknown key, corrupt checkpoint, other tokenizer, full disk) named with
+the previous checkpoint left intact."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from nestlearn import train as train_mod
+from nestlearn.data import shards as shards_mod
+from nestlearn.data.shards import prepare
+from nestlearn.data.tokenizer import ByteTokenizer
+from nestlearn.train import TrainConfig, load_config, lr_factor, train
+from tests.data.test_shards import CORPUS
+
+SMALL = {"n_layers": 2, "d_model": 32, "n_heads": 2, "mlp_hidden": 48}
+TINY = dict(model="debug", variant="transformer", seq_len=16, batch_size=4, warmup=2, log_every=1, eval_every=3,
+            eval_windows=2, ckpt_every=3, model_overrides=SMALL)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    mp = pytest.MonkeyPatch()
+    mp.setattr(shards_mod, "read_docs", lambda name: CORPUS[name])
+    mp.setattr(shards_mod, "licence", lambda name: "public domain")
+    out = prepare(["plays", "novels"], ByteTokenizer(), tmp_path_factory.mktemp("d") / "data", val_fraction=0.2)
+    mp.undo()
+    return out
+
+
+def losses(out: Path) -> list[tuple[int, float, float | None]]:
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r["loss"], r.get("val_loss")) for r in rows]
+
+
+def test_stop_and_resume_gives_the_same_loss_curve(data, tmp_path) -> None:
+    train(TrainConfig(data=str(data), out=str(tmp_path / "a"), steps=6, **TINY))
+    train(TrainConfig(data=str(data), out=str(tmp_path / "b"), steps=6, stop_at=3, **TINY))  # "killed" at step 3
+    assert [s for s, *_ in losses(tmp_path / "b")] == [1, 2, 3]
+    train(TrainConfig(data=str(data), out=str(tmp_path / "b"), steps=6, **TINY))  # resumes from step 3
+    assert losses(tmp_path / "b") == losses(tmp_path / "a")  # bit-identical on CPU
+    ckpts = sorted(p.name for p in (tmp_path / "a" / "checkpoints").iterdir())
+    assert ckpts == ["step_0000003", "step_0000006"]
+    meta = json.loads((tmp_path / "a" / "checkpoints" / "step_0000006" / "trainer.json").read_text())
+    assert meta["tokenizer"]["name"] == "bytes" and meta["config"]["steps"] == 6 and meta["code_version"]
+    assert (tmp_path / "a" / "loss.png").is_file()
+
+
+def test_keep_last_n(data, tmp_path) -> None:
+    train(TrainConfig(data=str(data), out=str(tmp_path), steps=9, keep_last=2, **{**TINY, "ckpt_every": 2}))
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_0000008", "step_0000009"]
+
+
+def _torchrun(nproc: int, args: list[str]) -> None:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "-m", "nestlearn.train", *args]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_two_process_ddp_equals_one_process(data, tmp_path) -> None:
+    """Same global batch: 2 ranks x 2 sequences == 1 process x 4, with online CMS levels learning per rank."""
+    common = [f"data={data}", "model=debug", "variant=hope_attention", "seq_len=16", "batch_size=4", "steps=3",
+              "warmup=1", "log_every=1", "eval_every=3", "eval_windows=2", "ckpt_every=3",
+              "model_overrides.n_layers=2", "model_overrides.d_model=32", "model_overrides.n_heads=2",
+              "model_overrides.mlp_hidden=32", "model_overrides.cms_levels=[null,8]",
+              "model_overrides.cms_lr=[0.0,0.1]"]  # fmt: skip
+    _torchrun(1, [*common, f"out={tmp_path / 'one'}"])
+    _torchrun(2, [*common, f"out={tmp_path / 'two'}"])
+    one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
+    assert [s for s, *_ in one] == [1, 2, 3]
+    for (s1, l1, v1), (s2, l2, v2) in zip(one, two, strict=True):
+        assert s1 == s2 and abs(l1 - l2) < 1e-5 and (v1 is None) == (v2 is None)
+
+
+def test_schedules() -> None:
+    cfg = TrainConfig(data="x", steps=100, warmup=10, min_lr_ratio=0.1)
+    assert lr_factor(0, cfg) == pytest.approx(0.1) and lr_factor(9, cfg) == 1.0
+    assert lr_factor(99, cfg) == pytest.approx(0.1, abs=1e-3)
+    wsd = TrainConfig(data="x", steps=100, warmup=10, schedule="wsd", decay_fraction=0.2, min_lr_ratio=0.0)
+    assert lr_factor(50, wsd) == 1.0 and lr_factor(90, wsd) == pytest.approx(0.5)
+
+
+def test_config_files_and_overrides(tmp_path) -> None:
+    (tmp_path / "c.yaml").write_text("data: d\nsteps: 50\nmodel_overrides: {cms_lr: 0.01}\n")
+    cfg = load_config(str(tmp_path / "c.yaml"), ["lr=0.001", "model_overrides.cms_variant=nested"])
+    assert cfg.steps == 50 and cfg.lr == 0.001 and cfg.model_overrides == {"cms_lr": 0.01, "cms_variant": "nested"}
+    (tmp_path / "c.py").write_text("from nestlearn.train import TrainConfig\nconfig = TrainConfig(data='d', steps=7)\n")
+    assert load_config(str(tmp_path / "c.py"), []).steps == 7
+    with pytest.raises(ValueError, match=r"unknown config keys \['stpes'\]"):
+        load_config(None, ["data=d", "stpes=3"])
+    with pytest.raises(ValueError, match="needs `data`"):
+        load_config(None, ["steps=3"])
+    with pytest.raises(ValueError, match="not divisible by grad_accum"):
+        TrainConfig(data="d", batch_size=6, grad_accum=4)
+
+
+def test_corrupt_checkpoint_is_refused(data, tmp_path) -> None:
+    train(TrainConfig(data=str(data), out=str(tmp_path), steps=3, **TINY))
+    weights = tmp_path / "checkpoints" / "step_0000003" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    with pytest.raises(ValueError, match=r"corrupt|truncated|does not match"):
+        train(TrainConfig(data=str(data), out=str(tmp_path), steps=6, **TINY))
+
+
+def test_checkpoint_from_another_tokenizer_is_refused(data, tmp_path) -> None:
+    train(TrainConfig(data=str(data), out=str(tmp_path), steps=3, **TINY))
+    path = tmp_path / "checkpoints" / "step_0000003" / "model.json"
+    meta = json.loads(path.read_text())
+    meta["tokenizer"] = {"name": "gpt2", "vocab_size": 50257}
+    path.write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="made with tokenizer 'gpt2'"):
+        train(TrainConfig(data=str(data), out=str(tmp_path), steps=6, **TINY))
+
+
+def test_full_disk_mid_save_keeps_the_previous_checkpoint(data, tmp_path, monkeypatch) -> None:
+    train(TrainConfig(data=str(data), out=str(tmp_path), steps=3, **TINY))
+    real = train_mod.save_bundle
+
+    def failing(directory, name, tensors, meta):
+        if name == "optimizer":
+            raise OSError(28, "No space left on device")
+        return real(directory, name, tensors, meta)
+
+    monkeypatch.setattr(train_mod, "save_bundle", failing)
+    with pytest.raises(OSError, match="No space left"):
+        train(TrainConfig(data=str(data), out=str(tmp_path), steps=6, **TINY))
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if not p.name.startswith(".")) == [
+        "step_0000003"
+    ]
+    monkeypatch.undo()
+    train(TrainConfig(data=str(data), out=str(tmp_path), steps=6, **TINY))  # resumes from the intact one
+    assert (tmp_path / "checkpoints" / "step_0000006").is_dir()
