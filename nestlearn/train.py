@@ -245,8 +245,11 @@ def _loop(run: Run) -> None:
         if cfg.stop_at is not None and run.step >= cfg.stop_at:
             break  # as if the job had been killed here (tests, preemption drills)
         if cfg.max_minutes is not None and time.perf_counter() - start_time > 60 * cfg.max_minutes:
+            if not run.log or run.log[-1]["step"] != run.step or "val_loss" not in run.log[-1]:
+                _record(run, {"step": run.step, "loss": loss, "lr_scale": lr_scale, "tokens_per_s": 0.0,
+                              "tokens": run.step * tokens_per_step, "val_loss": evaluate(run)}, 0.0)  # fmt: skip
             save_checkpoint(run)
-            break
+            break  # out of time: the run ends evaluated and checkpointed
     if run.rank == 0:
         _finish(run)
 
@@ -380,9 +383,13 @@ def save_checkpoint(run: Run) -> None:
     meta = {"kind": "nestlearn.checkpoint", "step": run.step, "config": dataclasses.asdict(run.cfg),
             "model_config": run.core.config.to_dict(), "tokenizer": run.shards.meta["tokenizer"],
             "code_version": code_version()}  # fmt: skip
-    save_bundle(tmp, "model", model_state, {"kind": "nestlearn.model", **meta})
-    save_bundle(tmp, "optimizer", opt_tensors, {"kind": "nestlearn.optimizer", "structure": opt_meta})
-    (tmp / "trainer.json").write_text(json.dumps(meta, indent=1))
+    try:
+        save_bundle(tmp, "model", model_state, {"kind": "nestlearn.model", **meta})
+        save_bundle(tmp, "optimizer", opt_tensors, {"kind": "nestlearn.optimizer", "structure": opt_meta})
+        (tmp / "trainer.json").write_text(json.dumps(meta, indent=1))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # nothing half-written stays behind
+        raise
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
     for old in sorted(p for p in root.glob("step_*") if p.is_dir())[: -run.cfg.keep_last]:
