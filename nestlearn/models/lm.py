@@ -77,7 +77,11 @@ class Block(nn.Module):
         mixers = tuple(_init_mixer(m, batch, device, dtype) for m in self.mixers)
         return (*mixers, self.mlp.init_state(batch)) if isinstance(self.mlp, CMS) else mixers
 
-    def forward(self, x: Tensor, state: tuple[Any, ...]) -> tuple[Tensor, tuple[Any, ...]]:
+    def forward(self, x: Tensor, state: tuple[Any, ...] | None) -> tuple[Tensor, tuple[Any, ...]]:
+        """`state=None` starts from the initial state, built here (inside the block's own forward, so that a
+        parameter-sharding wrapper such as FSDP2 has gathered the block's weights first)."""
+        if state is None:
+            state = self.init_state(x.shape[0], x.device, self.mlp_norm.weight.dtype)
         new = []
         for norm, mixer, st in zip(self.norms, self.mixers, state, strict=False):
             y, st = mixer(norm(x), st)
@@ -137,7 +141,8 @@ class CausalLM(nn.Module):
         the segment it touches is then not learned from.
         """
         self._check(input_ids, state)
-        state = state if state is not None else self.init_state(input_ids.shape[0])
+        if state is None:  # every block builds its own initial state (see Block.forward)
+            state = ModelState((None,) * len(self.blocks), 0, self.config.fingerprint())
         end = state.position + input_ids.shape[1]
         online = self.online
         if online is None:

@@ -139,6 +139,8 @@ def _require_grad(layers: tuple[Any, ...], online: OnlineCMS, fresh: bool) -> tu
     everywhere when `fresh` (no outer graph to keep)."""
     layers = list(layers)
     for b, _ in online.blocks:
+        if layers[b] is None:  # a fresh block builds its fast weights from the parameters inside its forward
+            continue
         levels = tuple(
             None if st is None else st._replace(weights=tuple(_leaf(w, fresh) for w in st.weights))
             for st in layers[b][-1]

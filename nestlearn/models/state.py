@@ -76,6 +76,8 @@ def _flatten(tree: Any, path: str, tensors: dict[str, Tensor], scalars: dict[str
 
 
 def _unflatten(template: Any, path: str, tensors: dict[str, Tensor], scalars: dict[str, Any], device: torch.device):
+    if scalars.get(path, 0) is None:  # saved as None (e.g. a block not yet started in a pending segment)
+        return None
     if isinstance(template, Tensor):
         if path not in tensors or not _compatible(tensors[path], template):
             raise ValueError(
