@@ -158,6 +158,7 @@ class Run:
     out: Path
     step: int = 0
     log: list[dict[str, Any]] = field(default_factory=list)
+    base_lrs: list[float] = field(default_factory=list)
 
 
 def train(cfg: TrainConfig) -> list[dict[str, Any]]:
@@ -186,6 +187,11 @@ def _setup(cfg: TrainConfig) -> Run:
     elif mode == "fsdp":
         if cfg.optimizer != "adamw":
             raise ValueError("FSDP shards every matrix across ranks; use optimizer=adamw with distributed=fsdp")
+        if core.online is not None:
+            raise ValueError(
+                "online CMS levels under FSDP2 are not supported yet (the inner gradient runs inside the sharded "
+                "forward); use distributed=ddp, or static levels (model_overrides.cms_online_layers=[])"
+            )
         from torch.distributed.fsdp import fully_shard
 
         for block in core.blocks:
@@ -196,6 +202,7 @@ def _setup(cfg: TrainConfig) -> Run:
     opt = route(core, cfg.optimizer, lr=cfg.matrix_lr, adamw_lr=cfg.lr, weight_decay=cfg.weight_decay,
                 adamw_kwargs={"betas": (0.9, 0.95)})  # fmt: skip
     run = Run(cfg, rank, world, device, mode, shards, model, core, opt, out)
+    run.base_lrs = [g["lr"] for g in opt.param_groups]  # before a resume overwrites them with scaled rates
     _resume(run)
     return run
 
@@ -227,7 +234,7 @@ def _loop(run: Run) -> None:
     t_last, step_at_last = time.perf_counter(), run.step
     while run.step < cfg.steps:
         lr_scale = lr_factor(run.step, cfg)
-        for g, base in zip(run.opt.param_groups, _base_lrs(run), strict=True):
+        for g, base in zip(run.opt.param_groups, run.base_lrs, strict=True):
             g["lr"] = base * lr_scale
         loss = _train_step(run, micro)
         run.step += 1
@@ -303,10 +310,6 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
     return lo + (1 - lo) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
-def _base_lrs(run: Run) -> list[float]:
-    return [g.setdefault("base_lr", g["lr"]) for g in run.opt.param_groups]
-
-
 def _autocast(run: Run) -> Any:
     bf16 = run.cfg.precision == "bf16" or (run.cfg.precision == "auto" and run.device.type == "cuda")
     return torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=bf16)
@@ -373,7 +376,7 @@ def _finish(run: Run) -> None:
 def save_checkpoint(run: Run) -> None:
     """`out/checkpoints/step_XXXXXXX/` with model and optimizer bundles and `trainer.json`; atomic; keep-last-N."""
     model_state = _full_model_state(run)
-    opt_tensors, opt_meta = _flatten_optimizer(run.opt.state_dict())
+    opt_tensors, opt_meta = _flatten_optimizer(_full_optimizer_state(run))
     if run.rank != 0:
         return
     root = run.out / "checkpoints"
@@ -397,11 +400,37 @@ def save_checkpoint(run: Run) -> None:
 
 
 def _full_model_state(run: Run) -> dict[str, torch.Tensor]:
+    """Unsharded weights (a collective under FSDP2: every rank calls it; rank 0 receives them)."""
     if run.mode == "fsdp":
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         return get_model_state_dict(run.core, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     return {k: v for k, v in run.core.state_dict().items()}
+
+
+def _full_optimizer_state(run: Run) -> Any:
+    if run.mode == "fsdp":
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        return {"0": get_optimizer_state_dict(run.core, run.opt.optimizers[0], options=opts)}
+    return run.opt.state_dict()
+
+
+def _load_states(run: Run, model: dict[str, torch.Tensor], optimizer: Any) -> None:
+    if run.mode == "fsdp":
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_model_state_dict,
+            set_optimizer_state_dict,
+        )
+
+        opts = StateDictOptions(full_state_dict=True)
+        set_model_state_dict(run.core, model, options=opts)
+        set_optimizer_state_dict(run.core, run.opt.optimizers[0], optimizer["0"], options=opts)
+        return
+    run.core.load_state_dict(model)
+    run.opt.load_state_dict(optimizer)
 
 
 def _resume(run: Run) -> None:
@@ -415,9 +444,8 @@ def _resume(run: Run) -> None:
     check_identity(meta["tokenizer"], run.shards.meta["tokenizer"], f"checkpoint {path}")
     if ModelConfig.from_dict(meta["model_config"]) != run.core.config:
         raise ValueError(f"checkpoint {path} holds another model configuration; use a new `out` directory")
-    run.core.load_state_dict(tensors)
     opt_tensors, opt_meta = load_bundle(path, "optimizer")
-    run.opt.load_state_dict(_unflatten_optimizer(opt_tensors, opt_meta["structure"]))
+    _load_states(run, tensors, _unflatten_optimizer(opt_tensors, opt_meta["structure"]))
     run.step = meta["step"]
     if run.rank == 0:
         print(f"resumed from {path} (step {run.step})", flush=True)

@@ -136,3 +136,24 @@ def test_full_disk_mid_save_keeps_the_previous_checkpoint(data, tmp_path, monkey
     monkeypatch.undo()
     train(TrainConfig(data=str(data), out=str(tmp_path), steps=6, **TINY))  # resumes from the intact one
     assert (tmp_path / "checkpoints" / "step_0000006").is_dir()
+
+
+def test_two_process_fsdp2_with_resume_equals_one_process(data, tmp_path) -> None:
+    """FSDP2 (`fully_shard`, gloo on CPU): 2 ranks, stopped at step 3 and resumed from the gathered checkpoint,
+    give the single-process losses."""
+    common = [f"data={data}", "model=debug", "variant=transformer", "seq_len=16", "batch_size=4", "steps=6",
+              "warmup=1", "log_every=1", "eval_every=3", "eval_windows=2", "ckpt_every=3",
+              "model_overrides.n_layers=2", "model_overrides.d_model=32", "model_overrides.n_heads=2",
+              "model_overrides.mlp_hidden=32"]  # fmt: skip
+    _torchrun(1, [*common, f"out={tmp_path / 'one'}"])
+    _torchrun(2, [*common, "distributed=fsdp", "stop_at=3", f"out={tmp_path / 'two'}"])
+    _torchrun(2, [*common, "distributed=fsdp", f"out={tmp_path / 'two'}"])
+    one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
+    assert [s for s, *_ in two] == [1, 2, 3, 4, 5, 6]
+    for (_, l1, v1), (_, l2, v2) in zip(one, two, strict=True):
+        assert abs(l1 - l2) < 1e-5 and (v1 is None or abs(v1 - v2) < 1e-5)
+
+
+def test_fsdp_refuses_what_it_cannot_shard(data) -> None:
+    with pytest.raises(ValueError, match="needs torchrun"):
+        train(TrainConfig(data=str(data), distributed="fsdp", steps=1, **TINY))
