@@ -1,15 +1,16 @@
 """`nestlearn train`: train any model of the family on prepared shards, on one device or with torchrun.
 
 What this is: `TrainConfig` (typed; from Python or YAML files plus `key=value` overrides, `load_config`),
-`train(cfg)` and `main()` (the CLI; also `torchrun --nproc_per_node N -m nestlearn.train ...`). Per step:
-`grad_accum` micro-batches drawn by step index from the shards (so a resumed or distributed run sees the same
-sequences), bf16 autocast on CUDA, optional `torch.compile`, gradient clipping, the optimizer chosen by name
-(`nestlearn.optim.route`: AdamW or a deep optimizer on the hidden matrices), cosine / WSD / constant schedules
-with warm-up. It logs JSONL metrics, TensorBoard scalars (when tensorboard is installed) and a loss-curve PNG,
-prints a progress line (loss, tokens/s, ETA), and writes checkpoints (safetensors + JSON, each a directory
-written under a temporary name and renamed; the last `keep_last` kept) from which a restart continues exactly.
-Every run records its config, tokenizer identity and code version. Distributed: DDP or FSDP2 (`fully_shard`);
-each rank owns its sequences, their memory states and online CMS updates (the state never crosses ranks).
+`train(cfg)` and `main()` (the CLI; also `torchrun --nproc_per_node N -m nestlearn.train ...`). Per step: the
+step's global batch, drawn by step index from the shards and split into `grad_accum` micro-batches (so a
+resumed, distributed or accumulating run sees the same sequences); bf16 autocast on CUDA; optional
+`torch.compile`; gradient clipping; the optimizer chosen by name (`nestlearn.optim.route`: AdamW or a deep
+optimizer on the hidden matrices); cosine / WSD / constant schedules with warm-up. It logs JSONL metrics,
+TensorBoard scalars (when tensorboard is installed) and a loss-curve PNG, prints a progress line (loss,
+tokens/s, ETA), and writes checkpoints (safetensors + JSON, each a directory written under a temporary name and
+renamed; the last `keep_last` kept) from which a restart continues exactly. Every run records its config,
+tokenizer identity and code version. Distributed: DDP or FSDP2 (`fully_shard`); each rank owns its sequences,
+their memory states and online CMS updates (the state never crosses ranks).
 What it is not: data preparation (`nestlearn data prepare`) or evaluation suites.
 """
 
@@ -262,11 +263,11 @@ def _loop(run: Run) -> None:
 
 
 def _train_step(run: Run, micro: int) -> float:
+    """One optimizer step: this rank's share of the step's global batch, in `grad_accum` micro-batches."""
     cfg, model = run.cfg, run.model
+    mine = run.shards.batch("train", run.step, cfg.batch_size, cfg.seq_len, cfg.seed, run.rank, run.world)
     total = torch.zeros((), device=run.device)
-    for k in range(cfg.grad_accum):
-        draw = run.step * cfg.grad_accum + k
-        ids = run.shards.batch("train", draw, micro, cfg.seq_len, cfg.seed, run.rank, run.world).to(run.device)
+    for k, ids in enumerate(mine.to(run.device).split(micro // run.world)):
         sync = k == cfg.grad_accum - 1 or run.mode != "ddp"
         ctx = model.no_sync() if not sync else _null()  # type: ignore[operator]
         with ctx, _autocast(run):

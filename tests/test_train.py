@@ -157,3 +157,18 @@ def test_two_process_fsdp2_with_resume_equals_one_process(data, tmp_path) -> Non
 def test_fsdp_refuses_what_it_cannot_shard(data) -> None:
     with pytest.raises(ValueError, match="needs torchrun"):
         train(TrainConfig(data=str(data), distributed="fsdp", steps=1, **TINY))
+
+
+def test_accumulation_matches_one_big_batch_and_logs_everything(data, tmp_path) -> None:
+    """grad_accum = 2 runs the step's batch in two halves: the losses equal one batch's up to float rounding."""
+    train(TrainConfig(data=str(data), out=str(tmp_path / "one"), steps=3, **TINY))
+    train(TrainConfig(data=str(data), out=str(tmp_path / "acc"), steps=3, grad_accum=2, **TINY))
+    for (_, a, _), (_, b, _) in zip(losses(tmp_path / "one"), losses(tmp_path / "acc"), strict=True):
+        assert abs(a - b) < 1e-5
+    assert any((tmp_path / "one" / "tensorboard").iterdir())
+
+
+def test_a_deep_optimizer_trains(data, tmp_path) -> None:
+    train(TrainConfig(data=str(data), out=str(tmp_path), steps=4, optimizer="muon", **TINY))
+    rows = losses(tmp_path)
+    assert rows[-1][1] < rows[0][1]

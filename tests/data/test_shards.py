@@ -84,3 +84,35 @@ def test_prepare_refuses_bad_input(tmp_path, fake_corpora, prepared) -> None:
 def test_tokenizer_identity_mismatch_is_named() -> None:
     with pytest.raises(ValueError, match=r"made with tokenizer 'bytes'.*tokenizer in use is 'gpt2'"):
         check_identity({"name": "bytes", "vocab_size": 256}, {"name": "gpt2", "vocab_size": 50257}, "dataset x")
+
+
+def test_a_failed_prepare_leaves_nothing(tmp_path, fake_corpora, monkeypatch) -> None:
+    real = shards_mod._write
+    calls = []
+
+    def failing(path, docs, eot, dtype):
+        calls.append(path.name)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        return real(path, docs, eot, dtype)
+
+    monkeypatch.setattr(shards_mod, "_write", failing)
+    with pytest.raises(OSError, match="No space left"):
+        prepare(["plays"], ByteTokenizer(), tmp_path / "data")
+    assert list(tmp_path.iterdir()) == []  # neither the dataset nor its temporary directory
+
+
+def test_local_hugging_face_tokenizer(tmp_path) -> None:
+    pytest.importorskip("transformers")
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(["</s>", "[UNK]", "to", "be", "or", "not"])}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=core, eos_token="</s>", unk_token="[UNK]").save_pretrained(tmp_path)
+    tok = get_tokenizer(f"hf:{tmp_path}")
+    assert tok.encode("to be or not to be") == [2, 3, 4, 5, 2, 3] and tok.eot == 0 and tok.vocab_size == 6
+    assert tok.identity["name"].startswith("hf:") and tok.identity["files"]
+    with pytest.raises(ValueError, match="does not exist"):
+        get_tokenizer(f"hf:{tmp_path / 'missing'}")
