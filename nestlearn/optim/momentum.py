@@ -46,22 +46,24 @@ class PreconditionedMomentum(MemoryOptimizer):
         precond_every: int = 10,
         weight_decay: float = 0.0,
     ) -> None:
-        _check(lr, momentum, precond, beta2, eps, precond_every, weight_decay)
-        defaults = dict(lr=lr, momentum=momentum, precond=precond, beta2=beta2, eps=eps, precond_every=precond_every,
-                        weight_decay=weight_decay)  # fmt: skip
-        super().__init__(params, defaults)
+        super().__init__(params, _defaults(lr, momentum, precond, beta2, eps, precond_every, weight_decay))
 
     def core(self, p: Tensor, g: Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
         if not state:
             state["step"] = 0
             state["m"] = torch.zeros_like(p)
         state["step"] += 1
-        u = precondition(g, state, group)
-        state["m"].mul_(group["momentum"]).add_(u, alpha=-group["lr"])  # Eq. 47
-        _apply(p, state["m"], group)
+        m = state["m"]
+        self._decay(m, g, group)
+        m.add_(precondition(g, state, group), alpha=-group["lr"])  # Eq. 47
+        _apply(p, m, group)
+
+    def _decay(self, m: Tensor, g: Tensor, group: dict[str, Any]) -> None:
+        """`m <- alpha m` (the forget gate of Eq. 47)."""
+        m.mul_(group["momentum"])
 
 
-class DeltaMomentum(MemoryOptimizer):
+class DeltaMomentum(PreconditionedMomentum):
     """Eqs. 48-49: momentum with the gradient-dependent decay `m ĝ^T ĝ`. `zeta=0` is `PreconditionedMomentum`."""
 
     def __init__(
@@ -78,23 +80,15 @@ class DeltaMomentum(MemoryOptimizer):
         precond_every: int = 10,
         weight_decay: float = 0.0,
     ) -> None:
-        _check(lr, momentum, precond, beta2, eps, precond_every, weight_decay)
         check_lr(zeta, "zeta")
-        defaults = dict(lr=lr, momentum=momentum, zeta=zeta, normalize=normalize, precond=precond, beta2=beta2,
-                        eps=eps, precond_every=precond_every, weight_decay=weight_decay)  # fmt: skip
-        super().__init__(params, defaults)
+        defaults = _defaults(lr, momentum, precond, beta2, eps, precond_every, weight_decay)
+        MemoryOptimizer.__init__(self, params, {**defaults, "zeta": zeta, "normalize": normalize})
 
-    def core(self, p: Tensor, g: Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
-        if not state:
-            state["step"] = 0
-            state["m"] = torch.zeros_like(p)
-        state["step"] += 1
-        m = state["m"]
+    def _decay(self, m: Tensor, g: Tensor, group: dict[str, Any]) -> None:
+        """`m <- m (alpha I - zeta ĝ^T ĝ)` (Eq. 49)."""
         gh = g / g.norm().clamp_min(group["eps"]) if group["normalize"] else g
-        forget = _right_gram(_as_matrix(m), _as_matrix(gh))  # m ĝ^T ĝ (Eq. 49)
+        forget = _right_gram(_as_matrix(m), _as_matrix(gh))  # m ĝ^T ĝ, from the momentum before the decay
         m.mul_(group["momentum"]).sub_(forget.view_as(m), alpha=group["zeta"])
-        m.add_(precondition(g, state, group), alpha=-group["lr"])
-        _apply(p, m, group)
 
 
 def precondition(g: Tensor, state: dict[str, Any], group: dict[str, Any]) -> Tensor:
@@ -153,7 +147,10 @@ def _right_gram(m: Tensor, g: Tensor) -> Tensor:
     return (m @ g.T) @ g if m.shape[0] <= m.shape[1] else m @ (g.T @ g)
 
 
-def _check(lr: float, momentum: float, precond: str, beta2: float, eps: float, every: int, wd: float) -> None:
+def _defaults(
+    lr: float, momentum: float, precond: str, beta2: float, eps: float, every: int, wd: float
+) -> dict[str, Any]:
+    """Checked hyper-parameters shared by both momentum memories."""
     check_lr(lr)
     check_unit(momentum, "momentum")
     check_unit(beta2, "beta2")
@@ -163,3 +160,5 @@ def _check(lr: float, momentum: float, precond: str, beta2: float, eps: float, e
         raise ValueError(f"precond must be one of {PRECONDITIONERS}, got {precond!r}")
     if not isinstance(every, int) or every < 1:
         raise ValueError(f"precond_every must be a positive int, got {every!r}")
+    return dict(lr=lr, momentum=momentum, precond=precond, beta2=beta2, eps=eps, precond_every=every,
+                weight_decay=wd)  # fmt: skip
