@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -26,8 +25,10 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.common import run_meta, sync
 from nestlearn.models import CausalLM, preset
 from nestlearn.optim import route
+from nestlearn.train import TrainConfig, lr_factor
 
 RUNS: dict[str, dict] = {
     "AdamW": dict(matrix="adamw"),
@@ -63,24 +64,25 @@ def train_one(name: str, spec: dict, data: dict[str, torch.Tensor], args: argpar
     opt = route(model, adamw_lr=ADAMW_LR, weight_decay=0.0, adamw_kwargs=dict(betas=(0.9, 0.95)), **spec)
     base = [g["lr"] for g in opt.param_groups]
     steps = args.tokens // (args.batch * SEQ)
+    schedule = TrainConfig(data="", steps=steps, warmup=WARMUP, min_lr_ratio=0.1)  # cosine to 10% after warm-up
     gen = torch.Generator().manual_seed(1)
     train, curve, shares = data["train"], [], []
     t_start = time.perf_counter()
     for step in range(steps):
-        scale = _schedule(step, steps)
+        scale = lr_factor(step, schedule)
         for g, lr in zip(opt.param_groups, base, strict=True):
             g["lr"] = lr * scale
         ids = _batch(train, gen, args.batch).to(device)
-        _sync(device)
+        sync(device)
         t0 = time.perf_counter()
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             loss, _ = model.loss(ids)
         loss.backward()
-        _sync(device)
+        sync(device)
         t1 = time.perf_counter()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        _sync(device)
+        sync(device)
         shares.append((time.perf_counter() - t1) / (time.perf_counter() - t0))
         if step % 50 == 0 or step == steps - 1:
             curve.append((step, float(loss), evaluate(model, data["val"], device)))
@@ -110,18 +112,6 @@ def evaluate(model: CausalLM, val: torch.Tensor, device: torch.device, windows: 
 def _batch(data: torch.Tensor, gen: torch.Generator, batch: int) -> torch.Tensor:
     starts = torch.randint(0, len(data) - SEQ - 1, (batch,), generator=gen)
     return torch.stack([data[s : s + SEQ] for s in starts])
-
-
-def _schedule(step: int, steps: int) -> float:
-    if step < WARMUP:
-        return (step + 1) / WARMUP
-    progress = (step - WARMUP) / max(1, steps - WARMUP)
-    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def plot(results: Path, out: Path) -> None:
@@ -167,8 +157,6 @@ def main() -> None:
         s: torch.from_numpy(np.fromfile(args.data / f"{s}.bin", dtype=np.uint8).astype(np.int64))
         for s in ("train", "val")
     }
-    from benchmarks.common import run_meta
-
     meta = run_meta(args.device, tokens=args.tokens, batch=args.batch, seq=SEQ, adamw_lr=ADAMW_LR)
     rows = []
     for n in args.runs.split(","):
