@@ -57,16 +57,26 @@ def cases(data: str) -> list[Case]:
         Case("torch.compile", "transformer 20M bf16", 0, [*lm, "compile=true"], "1 process"),
         Case("FSDP2 x1, stop 30 + resume", "transformer 20M bf16", 1, [*lm, "distributed=fsdp"], "1 process", 30),
         Case("DDP x2", "transformer 20M bf16", 2, [*lm, "distributed=ddp"], "1 process"),
-        Case("DDP x2, grad_accum 2", "transformer 20M bf16", 2, [*lm, "distributed=ddp", "grad_accum=2"],
-             "1 process"),  # fmt: skip
+        Case("DDP x2, grad_accum 2", "transformer 20M bf16", 2, [*lm, "distributed=ddp", "grad_accum=2"], "1 process"),
         Case("FSDP2 x2, stop 30 + resume", "transformer 20M bf16", 2, [*lm, "distributed=fsdp"], "1 process", 30),
         Case("1 process fp32", "transformer 20M fp32", 0, fp32),
         Case("DDP x2 fp32", "transformer 20M fp32", 2, [*fp32, "distributed=ddp"], "1 process fp32"),
-        Case("FSDP2 x2 fp32, stop 30 + resume", "transformer 20M fp32", 2, [*fp32, "distributed=fsdp"],
-             "1 process fp32", 30),  # fmt: skip
+        Case(
+            "FSDP2 x2 fp32, stop 30 + resume",
+            "transformer 20M fp32",
+            2,
+            [*fp32, "distributed=fsdp"],
+            "1 process fp32",
+            30,
+        ),
         Case("1 process HOPE-attn", "hope_attention debug, online CMS, bf16", 0, hope),
-        Case("DDP x2 HOPE-attn", "hope_attention debug, online CMS, bf16", 2, [*hope, "distributed=ddp"],
-             "1 process HOPE-attn"),  # fmt: skip
+        Case(
+            "DDP x2 HOPE-attn",
+            "hope_attention debug, online CMS, bf16",
+            2,
+            [*hope, "distributed=ddp"],
+            "1 process HOPE-attn",
+        ),
     ]
 
 
