@@ -26,10 +26,11 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# bf16 autocast rounds every matmul input to 8 mantissa bits; splitting a batch over ranks changes the kernels'
-# shapes and the reduction order, so losses drift apart by ~1e-3 per step and compound over steps. fp32 keeps
-# only the reduction-order differences.
-TOLERANCE = {"bf16": 3e-2, "fp32": 1e-3}
+# bf16 autocast rounds every matmul input to 8 mantissa bits; splitting a batch over ranks (or compiling) changes
+# the kernels' shapes and reduction orders, so losses drift apart; fp32 keeps only the reduction-order
+# differences. On 2 x H100 (2026-11-26) the worst differences over 60 steps were 8.7e-4 (bf16) and 4.8e-7 (fp32);
+# the tolerances leave ~10x room above them.
+TOLERANCE = {"bf16": 1e-2, "fp32": 1e-5}
 
 
 @dataclass
