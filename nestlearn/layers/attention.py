@@ -13,8 +13,8 @@ position. Context tokens (MAC's retrieved memory) sit at the positions of the to
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
-from typing import NamedTuple
+from collections.abc import Iterator, Mapping
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -68,6 +68,7 @@ class Attention(nn.Module):
         kv_heads: key/value heads (grouped-query attention: each serves `heads / kv_heads` query heads);
             None = heads.
         qkv_bias: biases on the query, key and value projections (Qwen2).
+        rope_base, rope_scaling: the rotary embedding's base and frequency scaling (`RotaryEmbedding`).
     """
 
     def __init__(
@@ -82,6 +83,7 @@ class Attention(nn.Module):
         rope_base: float = 10000.0,
         kv_heads: int | None = None,
         qkv_bias: bool = False,
+        rope_scaling: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
         if dim % heads:
@@ -98,7 +100,7 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(dim, kv_heads * self.head_dim, bias=qkv_bias)
         self.v_proj = nn.Linear(dim, kv_heads * self.head_dim, bias=qkv_bias)
         self.o_proj = nn.Linear(dim, dim, bias=False)
-        self.rope = RotaryEmbedding(self.head_dim, rope_base)
+        self.rope = RotaryEmbedding(self.head_dim, rope_base, rope_scaling)
         self.n_persistent = n_persistent
         if n_persistent and kv_heads != heads:
             raise ValueError("persistent tokens need kv_heads == heads")

@@ -20,6 +20,8 @@ import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from ..fields import coerce_fields
+from ..layers.basic import check_rope_scaling
 from ..layers.cms import check_levels
 from ..layers.titans import INNER_GRAD_CLIP
 
@@ -52,6 +54,8 @@ class ModelConfig:
     biases), `attn_window` (a sliding window for the full-attention variants, e.g. Mistral's); `max_seq_len`
     bounds full attention (Transformer++, Hope-Attention); `window` is the sliding window
     of MAG / MAL; `segment` the MAC segment; `n_persistent` learned persistent tokens (Titans Eq. 19).
+    `rope_scaling`: the RoPE frequency scaling of a converted checkpoint (`RotaryEmbedding`) as sorted (key, value)
+    pairs, e.g. `(("factor", 8.0), ..., ("rope_type", "llama3"))` (`tuple(sorted(d.items()))`); None = plain.
     `impl`: "chunk" or "naive" (the per-token float64 reference of every memory; same results, slow).
     `checkpoint`: recompute each block in the backward pass instead of keeping its activations (activation
     checkpointing; same results, about one more forward pass of compute, a fraction of the memory).
@@ -91,6 +95,7 @@ class ModelConfig:
     segment: int = 512
     n_persistent: int = 64
     rope_base: float = 10000.0
+    rope_scaling: tuple[Any, ...] | None = None  # (key, value) pairs
     tie_embeddings: bool = True
     init_std: float = 0.02
     norm_eps: float = 1e-6
@@ -100,6 +105,10 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.variant not in VARIANTS:
             raise ValueError(f"unknown variant {self.variant!r}; choose one of {', '.join(VARIANTS)}")
+        if isinstance(self.cms_levels, list | tuple):  # `inf` and None both mean a static level
+            levels = tuple(None if c == math.inf else c for c in self.cms_levels)
+            object.__setattr__(self, "cms_levels", levels)
+        coerce_fields(self)  # '3e-3' from YAML is a float, JSON lists are tuples (nestlearn/fields.py)
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "mlp_hidden", "memory_expansion", "mem_chunk",
                      "proj_chunk", "max_seq_len", "window", "segment"):  # fmt: skip
             val = getattr(self, name)
@@ -116,27 +125,28 @@ class ModelConfig:
             raise ValueError(f"n_persistent must be >= 0, got {self.n_persistent}")
         if self.inner_grad_clip is not None and not self.inner_grad_clip > 0:
             raise ValueError(f"inner_grad_clip must be > 0 or None (no clipping), got {self.inner_grad_clip!r}")
-        if self.impl not in ("chunk", "naive"):
-            raise ValueError(f"impl must be 'chunk' or 'naive', got {self.impl!r}")
         self._check_cms()
+        self._check_rope_scaling()
         if self.n_kv_heads is not None and (self.n_kv_heads < 1 or self.n_heads % self.n_kv_heads):
             raise ValueError(f"n_kv_heads = {self.n_kv_heads} must be a positive divisor of n_heads = {self.n_heads}")
 
     def _check_cms(self) -> None:
-        for name in ("cms_levels", "cms_online_layers"):  # JSON gives lists: store tuples (hashable, comparable)
-            val = getattr(self, name)
-            if isinstance(val, list):
-                object.__setattr__(self, name, tuple(val))
-        if any(c == math.inf for c in self.cms_levels):  # `inf` and None both mean a static level
-            object.__setattr__(self, "cms_levels", tuple(None if c == math.inf else c for c in self.cms_levels))
-        if isinstance(self.cms_lr, list):
-            object.__setattr__(self, "cms_lr", tuple(self.cms_lr))
         check_levels(self.cms_levels, self.cms_variant, self.level_lrs, self.cms_learn_lr)
-        if self.cms_meta_grad not in ("first_order", "full"):
-            raise ValueError(f"cms_meta_grad must be 'first_order' or 'full', got {self.cms_meta_grad!r}")
         for i in self.cms_online_layers or ():
             if not isinstance(i, int) or not 0 <= i < self.n_layers:
                 raise ValueError(f"cms_online_layers holds {i!r}; block indices run from 0 to {self.n_layers - 1}")
+
+    def _check_rope_scaling(self) -> None:
+        """Store the scaling as sorted (key, value) tuples (hashable; JSON gives lists), then check it."""
+        val = self.rope_scaling
+        if val is None:
+            return
+        if not all(isinstance(p, list | tuple) and len(p) == 2 and isinstance(p[0], str) for p in val):
+            raise ValueError(
+                f"rope_scaling must be (key, value) pairs such as tuple(sorted(d.items())), or None; got {val!r}"
+            )
+        object.__setattr__(self, "rope_scaling", tuple(sorted((k, v) for k, v in val)))
+        check_rope_scaling(dict(self.rope_scaling))
 
     @property
     def uses_cms(self) -> bool:
@@ -171,6 +181,8 @@ class ModelConfig:
     def fingerprint(self) -> str:
         """Identifies the computation a state belongs to (`impl` and `checkpoint` change no result)."""
         d = {k: v for k, v in self.to_dict().items() if k not in ("impl", "checkpoint")}
+        if d["rope_scaling"] is None:  # configs from before the field keep their fingerprint (saved states)
+            del d["rope_scaling"]
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -1,11 +1,12 @@
 """Ad-hoc level stacking (§7.3): a pretrained Llama-family checkpoint becomes a Hope-Attention model.
 
 What this is: `from_pretrained_llama(directory)` reads a local Hugging Face checkpoint directory (`config.json`
-plus safetensors weights) of a Llama, Mistral or Qwen2 causal LM and builds `CausalLM(variant="hope_attention")`:
-embeddings, norms, attention and LM head copied; every CMS level initialised from the block's pretrained MLP
-(`MLP_0^(f_i) = MLP_pretrained`, §7.3). The CMS is the independent variant (Eq. 74) with mixing weights 1/k, so
-the k identical levels sum to the pretrained MLP and, with every level's learning rate at zero, the converted
-model computes the original's logits; with positive rates the levels then drift apart as they learn online.
+plus safetensors weights) of a Llama (3.x included, with its RoPE scaling), Mistral or Qwen2 causal LM and builds
+`CausalLM(variant="hope_attention")`: embeddings, norms, attention and LM head copied; every CMS level initialised
+from the block's pretrained MLP (`MLP_0^(f_i) = MLP_pretrained`, §7.3). The CMS is the independent variant
+(Eq. 74) with mixing weights 1/k, so the k identical levels sum to the pretrained MLP and, with every level's
+learning rate at zero, the converted model computes the original's logits; with positive rates the levels then
+drift apart as they learn online.
 Nothing is downloaded and transformers is not needed.
 What it is not: continual pre-training (that is the trainer's job) or support for other architectures.
 """
@@ -13,6 +14,7 @@ What it is not: continual pre-training (that is the trainer's job) or support fo
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -20,6 +22,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
+from ..layers.basic import ROPE_SCALINGS
 from .config import ModelConfig
 from .lm import CausalLM
 
@@ -32,13 +35,21 @@ def from_pretrained_llama(
     cms_levels: Sequence[int | None] = (None, 512, 2048),
     cms_lr: float | Sequence[float] = 0.0,
     dtype: torch.dtype = torch.float32,
+    verbose: bool = True,
     **overrides: Any,
 ) -> CausalLM:
     """Convert the checkpoint in `directory` (Llama, Mistral or Qwen2) into a Hope-Attention `CausalLM`.
 
     `cms_levels` / `cms_lr`: the CMS levels (chunk sizes, None = static) and their learning rates (0 = the
-    original model exactly). `overrides` go to `ModelConfig` (e.g. `cms_online_layers`, `max_seq_len`).
+    original model exactly). `dtype`: the floating dtype of the converted weights (float32 by default;
+    torch.bfloat16 or torch.float16 halve the memory; the checkpoint's tensors are cast to it). `verbose`:
+    print one line to stderr with the converted model's size (parameters, every CMS copy of the MLP included,
+    and bytes at `dtype`) before the weights are read; False = silent. `overrides` go to `ModelConfig` (e.g.
+    `cms_online_layers`, `max_seq_len`). Plain RoPE and the "linear" and "llama3" RoPE scalings are carried
+    over (`ModelConfig.rope_scaling`); other scalings are refused.
     """
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"dtype must be a floating torch.dtype such as torch.float32 or torch.bfloat16, got {dtype!r}")
     directory = Path(directory)
     hf = _read_config(directory)
     cfg = ModelConfig(
@@ -52,6 +63,8 @@ def from_pretrained_llama(
     )
     with torch.device("meta"):
         model = CausalLM(cfg)
+    if verbose:
+        _report_size(directory, model, dtype)
     weights = _read_weights(directory)
     model.load_state_dict(_our_state_dict(weights, cfg), assign=True, strict=True)
     model = model.to(dtype)
@@ -61,6 +74,24 @@ def from_pretrained_llama(
     if cfg.tie_embeddings:
         model.lm_head.weight = model.embed.weight
     return model
+
+
+def _report_size(directory: Path, model: CausalLM, dtype: torch.dtype) -> None:
+    """One line on stderr: parameters of the converted model (built on the meta device) and their bytes."""
+    n = sum(p.numel() for p in model.parameters())
+    levels = len(model.config.cms_levels)
+    print(
+        f"nestlearn: converting {directory} into Hope-Attention with {levels} CMS level(s) per block: "
+        f"{n:,} parameters, {_bytes(n * dtype.itemsize)} at {dtype}",
+        file=sys.stderr,
+    )
+
+
+def _bytes(n: int) -> str:
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{n} bytes"
 
 
 def _read_config(directory: Path) -> dict[str, Any]:
@@ -84,10 +115,7 @@ def _model_config(hf: dict[str, Any]) -> dict[str, Any]:
         raise ValueError(f"unsupported hidden_act {hf['hidden_act']!r}: the CMS levels are SwiGLU (silu) MLPs")
     if hf.get("head_dim") not in (None, hidden // heads):
         raise ValueError(f"head_dim {hf['head_dim']} != hidden_size / num_attention_heads; not supported")
-    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
-    if rope.get("rope_type", rope.get("type", "default")) != "default":
-        raise ValueError(f"unsupported RoPE scaling {rope.get('rope_type', rope.get('type'))!r}; only plain RoPE")
-    theta = rope.get("rope_theta") or hf.get("rope_theta") or 10000.0
+    theta, scaling = _rope(hf)
     if hf.get("mlp_bias") or (hf["model_type"] == "llama" and hf.get("attention_bias")):
         raise ValueError("MLP biases and output-projection biases are not supported")
     if hf.get("use_sliding_window"):
@@ -102,12 +130,34 @@ def _model_config(hf: dict[str, Any]) -> dict[str, Any]:
         "n_kv_heads": hf.get("num_key_value_heads") or heads,
         "qkv_bias": hf["model_type"] == "qwen2",
         "mlp_hidden": hf["intermediate_size"],
-        "rope_base": float(theta),
+        "rope_base": theta,
+        "rope_scaling": scaling,
         "norm_eps": hf.get("rms_norm_eps", 1e-6),
         "tie_embeddings": bool(hf.get("tie_word_embeddings", False)),
         "max_seq_len": hf.get("max_position_embeddings", 8192),
         "attn_window": window,
     }
+
+
+def _rope(hf: dict[str, Any]) -> tuple[float, tuple[tuple[str, Any], ...] | None]:
+    """RoPE base and scaling (sorted key-value pairs, None = plain) from `rope_parameters` (transformers 5) or
+    `rope_scaling` with a top-level `rope_theta` (older config.json files)."""
+    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    theta = float(rope.get("rope_theta") or hf.get("rope_theta") or 10000.0)
+    if rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0)) != 1.0:
+        raise ValueError("partial rotary embeddings (partial_rotary_factor != 1) are not supported")
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    if kind == "default":
+        return theta, None
+    if kind not in ROPE_SCALINGS:
+        raise ValueError(
+            f"unsupported RoPE scaling {kind!r}; conversion supports plain RoPE and the "
+            f"{' and '.join(map(repr, ROPE_SCALINGS))} scalings"
+        )
+    scaling = {"rope_type": kind, **{key: rope[key] for key in ROPE_SCALINGS[kind] if key in rope}}
+    if kind == "llama3":  # as transformers does when the checkpoint leaves it out
+        scaling.setdefault("original_max_position_embeddings", hf.get("max_position_embeddings"))
+    return theta, tuple(sorted(scaling.items()))
 
 
 def _read_weights(directory: Path) -> dict[str, torch.Tensor]:

@@ -4,9 +4,11 @@
 What this is: a thin adapter over `CausalLM`. `generate()` uses the model's learning state (D12) as its cache:
 the state after the prompt is what later steps read, so the memories keep learning while text is generated,
 and decoding a token costs the same at any context length for the recurrent variants. `save_pretrained` /
-`from_pretrained` write and read safetensors weights and the nestlearn config in `config.json`.
-What it is not: a tokenizer, or support for the Hub (nothing is ever downloaded). Needs the `hf` extra
-(`pip install 'nestlearn[hf]'`, transformers 5.x).
+`from_pretrained` write and read safetensors weights and the nestlearn config in `config.json`. An
+`attention_mask` of ones is accepted; one with zeros (a padded batch) is refused, because the memories are
+per-sequence recurrent states that would read the pad tokens and the batch shares one position.
+What it is not: a tokenizer, support for padded batches, or support for the Hub (nothing is ever downloaded).
+Needs the `hf` extra (`pip install 'nestlearn[hf]'`, transformers 5.x).
 """
 
 from __future__ import annotations
@@ -72,7 +74,8 @@ class NestLearnForCausalLM(PreTrainedModel, GenerationMixin):
 
     def _init_weights(self, module: torch.nn.Module) -> None:
         """`CausalLM` initialises its parameters itself and `from_pretrained` overwrites them; only the rotary
-        frequencies (a non-persistent buffer, not in the checkpoint) must be recomputed here."""
+        frequencies (a non-persistent buffer, not in the checkpoint) must be recomputed here, with the config's
+        RoPE scaling (`RotaryEmbedding.frequencies` applies it)."""
         if isinstance(module, RotaryEmbedding):
             module.inv_freq.copy_(module.frequencies(module.inv_freq.device))
 
@@ -90,10 +93,15 @@ class NestLearnForCausalLM(PreTrainedModel, GenerationMixin):
         input_ids: torch.Tensor,
         cache: ModelState | None = None,
         labels: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
         **_: Any,
     ) -> CausalLMOutputWithPast:
-        """input_ids `[B, T]`, cache: a `ModelState` or None; labels `[B, T]` (shifted inside, -100 ignored)."""
+        """input_ids `[B, T]`, cache: a `ModelState` or None; labels `[B, T]` (shifted inside, -100 ignored);
+        attention_mask: None or all ones (zeros are refused, see the module docstring; one host sync)."""
+        _check_attention_mask(attention_mask)
         state = cache if isinstance(cache, ModelState) else None
+        if state is None:  # a new prompt: refuse ids outside the vocabulary (later steps feed sampled ids)
+            self.lm._check_vocabulary(input_ids)
         logits, state = self.lm(input_ids, state)
         loss = None
         if labels is not None:
@@ -101,13 +109,28 @@ class NestLearnForCausalLM(PreTrainedModel, GenerationMixin):
         return CausalLMOutputWithPast(loss=loss, logits=logits, cache=state)
 
     def prepare_inputs_for_generation(
-        self, input_ids: torch.Tensor, cache: ModelState | None = None, **_: Any
+        self,
+        input_ids: torch.Tensor,
+        cache: ModelState | None = None,
+        attention_mask: torch.Tensor | None = None,
+        **_: Any,
     ) -> dict[str, Any]:
-        """Feed only the tokens the state has not read yet (the whole prompt first, then one per step)."""
+        """Feed only the tokens the state has not read yet (the whole prompt first, then one per step). The
+        attention mask goes with the prompt, where `forward` checks it; later steps only append ones to it."""
         state = cache if isinstance(cache, ModelState) else None
         if state is not None:
-            input_ids = input_ids[:, state.position :]
-        return {"input_ids": input_ids, "cache": state}
+            input_ids, attention_mask = input_ids[:, state.position :], None
+        return {"input_ids": input_ids, "cache": state, "attention_mask": attention_mask}
+
+
+def _check_attention_mask(attention_mask: torch.Tensor | None) -> None:
+    """Accept None or a mask of ones `[B, T]`; refuse padding."""
+    if attention_mask is not None and not bool((attention_mask != 0).all()):
+        raise ValueError(
+            "attention_mask has zeros, but padded batches are not supported: the memories are per-sequence "
+            "recurrent states that would read the pad tokens; generate each prompt separately or batch prompts "
+            "of equal length (with an all-ones mask or none)"
+        )
 
 
 def register() -> None:

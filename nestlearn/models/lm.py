@@ -2,7 +2,7 @@
 
 What this is: `CausalLM(config)`: token embedding, `n_layers` pre-norm residual blocks, final RMSNorm, tied LM
 head. `forward(input_ids, state=None) -> (logits, state)`; `generate` feeds the prompt in one pass and then
-samples token by token, the memories still learning from every token they read. Blocks per variant:
+samples token by token (up to a stop token), the memories still learning from every token they read. Blocks per variant:
 
     transformer       x + Attn(norm x);            x + SwiGLU(norm x)     Llama-style Transformer++
     hope_attention    x + Attn(norm x);            x + CMS(norm x)        Transformer with the CMS (§8.3)
@@ -21,6 +21,7 @@ What it is not: a trainer, a tokenizer, or the Hugging Face wrapper (`hf.py`).
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any, NamedTuple
 
 import torch
@@ -171,13 +172,16 @@ class CausalLM(nn.Module):
     ) -> ModelState:
         """Read a document without generating: every memory reads it and the online CMS levels learn from its
         next-token loss. `document`: token ids `[B, T]` or `[T]`, a list of ids, or text with `tokenizer`
-        (anything with `encode(text) -> list[int]`). Returns the state after the last token."""
+        (anything with `encode(text) -> list[int]`). Returns the state after the last token. Ids outside the
+        vocabulary are refused (one host sync)."""
         if isinstance(document, str):
             if tokenizer is None:
                 raise ValueError("learn() got text but no tokenizer; pass tokenizer=... or token ids")
             document = tokenizer.encode(document)
         ids = torch.as_tensor(document, device=self.device)
         ids = ids[None] if ids.dim() == 1 else ids
+        self._check(ids, state)
+        self._check_vocabulary(ids)
         _, state = self(ids, state)
         return state
 
@@ -208,21 +212,41 @@ class CausalLM(nn.Module):
         *,
         temperature: float = 1.0,
         top_k: int | None = None,
+        top_p: float | None = None,
+        stop_token: int | None = None,
         generator: torch.Generator | None = None,
         learn_generated: bool = True,
     ) -> tuple[Tensor, ModelState]:
-        """Feed the prompt `[B, T]`, then sample `max_new_tokens`; every token (prompt and sampled) updates the
-        state, so the memories keep learning. Returns the new tokens `[B, max_new_tokens]` and the state after
-        the last one was read. `temperature = 0` is greedy. `learn_generated=False` keeps the online CMS levels
-        from learning on sampled tokens (the sequence mixers still read them)."""
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        """Feed the prompt `[B, T]`, then sample up to `max_new_tokens`; every token (prompt and sampled) updates
+        the state, so the memories keep learning. Returns the new tokens `[B, N]` and the state after the last
+        of them was read; N = max_new_tokens unless a stop token ends generation earlier.
+
+        Sampling: `temperature` (0 = greedy, which ignores top_k and top_p), then `top_k` (keep the k most likely
+        tokens; None = all), then `top_p` (nucleus: keep the fewest most likely tokens whose probabilities sum to
+        at least top_p, in (0, 1]; None = off). `stop_token` (e.g. the tokenizer's end-of-text id; None = never
+        stop): a sequence that has produced it is finished and padded with it from then on; generation ends when
+        every sequence of the batch has finished, so N may be smaller than max_new_tokens. The padding is read
+        like any token (the batch shares one state), so generate one sequence at a time when a state must end
+        exactly at its stop token; each step then costs one host sync (to see whether the batch has finished).
+        Prompt ids outside the vocabulary are refused (one host sync). `learn_generated=False` keeps the online
+        CMS levels from learning on sampled tokens (the sequence mixers still read them).
+        """
+        _check_sampling(max_new_tokens, temperature, top_k, top_p)
+        self._check_stop_token(stop_token)
+        self._check(input_ids, state)
+        self._check_vocabulary(input_ids)
         logits, state = self(input_ids, state)
-        out = []
+        out: list[Tensor] = []
+        done = None if stop_token is None else torch.zeros(input_ids.shape[0], dtype=torch.bool, device=logits.device)
         for _ in range(max_new_tokens):
-            nxt = _sample(logits[:, -1].float(), temperature, top_k, generator)
+            nxt = _sample(logits[:, -1].float(), temperature, top_k, top_p, generator)
+            if done is not None:
+                nxt = nxt.masked_fill(done, stop_token)
+                done = done | (nxt == stop_token)
             out.append(nxt)
             logits, state = self(nxt[:, None], state, learn=learn_generated)  # the memories read every token
+            if done is not None and bool(done.all()):  # the host sync, with a stop token only
+                break
         return torch.stack(out, dim=1), state
 
     def _check(self, input_ids: Tensor, state: ModelState | None) -> None:
@@ -239,6 +263,28 @@ class CausalLM(nn.Module):
             raise ValueError(
                 f"state holds {state.batch_size} sequences but input_ids has {input_ids.shape[0]}; "
                 "states are per sequence (D1): pass a state of the same batch size"
+            )
+
+    def _check_vocabulary(self, input_ids: Tensor) -> None:
+        """Refuse ids outside `0 .. vocab_size - 1` (one host sync: for the user-facing `generate` and `learn`;
+        `forward` stays free of syncs and the trainer checks its data itself)."""
+        V = self.config.vocab_size
+        if input_ids.numel() == 0:
+            return
+        low, high = torch.stack(input_ids.aminmax()).tolist()
+        if low < 0 or high >= V:
+            raise ValueError(
+                f"token id {low if low < 0 else high} is outside this model's vocabulary (ids 0 .. {V - 1}, "
+                f"vocab_size = {V}); the ids probably come from a tokenizer other than the one the model was trained "
+                "with: encode with that tokenizer, or build the model with a vocab_size that covers them"
+            )
+
+    def _check_stop_token(self, stop_token: int | None) -> None:
+        V = self.config.vocab_size
+        if stop_token is not None and (not _is_int(stop_token) or not 0 <= stop_token < V):
+            raise ValueError(
+                f"stop_token must be None (never stop) or a token id in 0 .. {V - 1} (vocab_size = {V}), got "
+                f"{stop_token!r}; pass the end-of-text id of the tokenizer the model was trained with"
             )
 
     def _check_state(self, state: ModelState) -> None:
@@ -282,7 +328,7 @@ def _mixers(cfg: ModelConfig) -> list[nn.Module]:
         return [
             Attention(
                 D, H, max_len=cfg.max_seq_len, rope_base=cfg.rope_base, kv_heads=cfg.n_kv_heads,
-                qkv_bias=cfg.qkv_bias, window=cfg.attn_window,
+                qkv_bias=cfg.qkv_bias, window=cfg.attn_window, rope_scaling=_rope_scaling(cfg),
             )
         ]  # fmt: skip
     if v == "hope":
@@ -300,8 +346,15 @@ def _mixers(cfg: ModelConfig) -> list[nn.Module]:
         return [MemoryAsGate(D, H, window=cfg.window, n_persistent=cfg.n_persistent, **memory)]
     if v == "titans_mac":
         return [MemoryAsContext(D, H, segment=cfg.segment, n_persistent=cfg.n_persistent, **memory)]
-    swa = Attention(D, H, window=cfg.window, n_persistent=cfg.n_persistent, rope_base=cfg.rope_base)
+    swa = Attention(
+        D, H, window=cfg.window, n_persistent=cfg.n_persistent, rope_base=cfg.rope_base,
+        rope_scaling=_rope_scaling(cfg),
+    )  # fmt: skip
     return [TitansMemory(D, H, **memory), swa]  # titans_mal
+
+
+def _rope_scaling(cfg: ModelConfig) -> dict[str, Any] | None:
+    return dict(cfg.rope_scaling) if cfg.rope_scaling is not None else None
 
 
 def _init_mixer(mixer: nn.Module, batch: int, device: torch.device, dtype: torch.dtype) -> Any:
@@ -310,14 +363,51 @@ def _init_mixer(mixer: nn.Module, batch: int, device: torch.device, dtype: torch
     return mixer.init_state(batch)
 
 
-def _sample(logits: Tensor, temperature: float, top_k: int | None, generator: torch.Generator | None) -> Tensor:
+# ---------------------------------------------------------------------------------------------
+# sampling
+
+
+def _check_sampling(max_new_tokens: int, temperature: float, top_k: int | None, top_p: float | None) -> None:
+    if not _is_int(max_new_tokens) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+    if not _is_real(temperature) or not math.isfinite(temperature) or temperature < 0:
+        raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature!r}")
+    if top_k is not None and (not _is_int(top_k) or top_k < 1):
+        raise ValueError(f"top_k must be None (no limit) or an int >= 1, got {top_k!r}")
+    if top_p is not None and (not _is_real(top_p) or not 0 < top_p <= 1):
+        raise ValueError(f"top_p must be None (off) or a number in (0, 1], got {top_p!r}")
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+def _is_real(x: Any) -> bool:
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+
+def _sample(
+    logits: Tensor, temperature: float, top_k: int | None, top_p: float | None, generator: torch.Generator | None
+) -> Tensor:
+    """logits `[B, V]` -> token ids `[B]`: the argmax at temperature 0, else a draw from the softmax of
+    logits / temperature restricted to the top_k most likely tokens, then to the top_p nucleus."""
     if temperature == 0:
         return logits.argmax(-1)
     logits = logits / temperature
-    if top_k is not None:
-        kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1:
+        logits = _nucleus(logits, top_p)
     return torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
+
+
+def _nucleus(logits: Tensor, top_p: float) -> Tensor:
+    """`[B, V]`: -inf outside the fewest most likely tokens whose probabilities sum to at least top_p (the most
+    likely token always stays)."""
+    probs, order = logits.softmax(-1).sort(-1, descending=True)
+    reached = probs.cumsum(-1) - probs >= top_p  # the more likely tokens already sum to top_p
+    return logits.masked_fill(torch.zeros_like(reached).scatter(-1, order, reached), float("-inf"))
 
 
 def _first_tensor(tree: Any) -> Tensor | None:

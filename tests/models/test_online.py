@@ -236,7 +236,7 @@ def test_inference_mode_is_refused_with_the_fix() -> None:
         (dict(cms_levels=()), "at least one level"),
         (dict(cms_levels=(None, 0)), "positive ints or None"),
         (dict(cms_online_layers=(5,)), "block indices run from 0 to 1"),
-        (dict(cms_meta_grad="second"), "cms_meta_grad must be"),
+        (dict(cms_meta_grad="second"), "cms_meta_grad: expected one of 'first_order', 'full'"),
         (dict(cms_lr=(0.1,)), "one CMS learning rate per level"),
     ],
 )
