@@ -1,7 +1,10 @@
-"""The `nestlearn` command: `nestlearn data fetch NAME...`, `nestlearn data prepare ...`, `nestlearn train ...`.
+"""The `nestlearn` command: `nestlearn data fetch NAME...`, `nestlearn data prepare ...`, `nestlearn data verify DIR`,
+`nestlearn train ...`.
 
-What this is: argument parsing that calls `data.corpora.fetch`, `data.shards.prepare` and `train.main`, turning
-bad input into one-line errors that name the fix. What it is not: any of the work itself.
+What this is: argument parsing that calls `data.corpora.fetch`, `data.shards.prepare`, `data.shards.Shards.verify`
+and `train.main`; every command runs inside `errors.user_errors`, so a mistake a user can fix is one line on
+stderr (`nestlearn <cmd>: <message>`, exit status 2; the traceback only with NESTLEARN_DEBUG=1).
+What it is not: any of the work itself.
 """
 
 from __future__ import annotations
@@ -10,8 +13,9 @@ import argparse
 import sys
 
 from .data.corpora import CORPORA, fetch, licence
-from .data.shards import prepare
+from .data.shards import Shards, prepare
 from .data.tokenizer import get_tokenizer
+from .errors import user_errors
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -21,6 +25,12 @@ def main(argv: list[str] | None = None) -> None:
 
         train_main(argv[1:])
         return
+    args = _parser().parse_args(argv)
+    with user_errors(f"nestlearn data {args.action}"):
+        {"fetch": _fetch, "prepare": _prepare, "verify": _verify}[args.action](args)
+
+
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="nestlearn")
     sub = p.add_subparsers(dest="cmd", required=True)
     data = sub.add_parser("data", help="fetch corpora, prepare shards").add_subparsers(dest="action", required=True)
@@ -32,18 +42,28 @@ def main(argv: list[str] | None = None) -> None:
     pr.add_argument("--tokenizer", default="gpt2", help="gpt2, bytes or hf:<local directory>")
     pr.add_argument("--val-fraction", type=float, default=0.05)
     pr.add_argument("--out", required=True)
+    v = data.add_parser("verify", help="check a prepared directory: sizes, SHA-256, token ids, document offsets")
+    v.add_argument("dir")
     sub.add_parser("train", help="train a model (see `nestlearn train --help`)")
-    args = p.parse_args(argv)
-    try:
-        if args.action == "fetch":
-            for name in args.names:
-                print(f"{name}: {fetch(name)}\n  {licence(name)}")
-        else:
-            out = prepare(args.sources, get_tokenizer(args.tokenizer), args.out, held_out=args.held_out,
-                          val_fraction=args.val_fraction)  # fmt: skip
-            print(f"prepared {out}")
-    except (ValueError, RuntimeError) as e:
-        sys.exit(f"nestlearn: {e}")
+    return p
+
+
+def _fetch(args: argparse.Namespace) -> None:
+    for name in args.names:
+        print(f"{name}: {fetch(name)}\n  {licence(name)}")
+
+
+def _prepare(args: argparse.Namespace) -> None:
+    out = prepare(args.sources, get_tokenizer(args.tokenizer), args.out, held_out=args.held_out,
+                  val_fraction=args.val_fraction)  # fmt: skip
+    print(f"prepared {out}")
+
+
+def _verify(args: argparse.Namespace) -> None:
+    summary = Shards(args.dir).verify(full=True)
+    for name, tokens in summary["files"].items():
+        print(f"{name:<28} {tokens:>15,} tokens  OK")
+    print(f"{args.dir}: {summary['tokens']:,} tokens verified in {summary['seconds']:.1f} s")
 
 
 if __name__ == "__main__":

@@ -50,11 +50,11 @@ def load_bundle(directory: str | Path, name: str) -> tuple[dict[str, torch.Tenso
     try:
         meta = json.loads(meta_path.read_text())
     except json.JSONDecodeError as e:
-        raise ValueError(f"{meta_path} is not valid JSON ({e}); the file is corrupted, save it again") from e
+        raise ValueError(f"{meta_path} is not valid JSON ({e}): the bundle is damaged and cannot be read") from e
     if meta.get("tensors_sha256") != _sha256(tensor_path):
         raise ValueError(
             f"{tensor_path} does not match the SHA-256 recorded in {meta_path}: the pair is corrupted, truncated or "
-            "comes from two different saves; save it again"
+            "comes from two different saves, and cannot be read"
         )
     return load_file(str(tensor_path)), meta
 
