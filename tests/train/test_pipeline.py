@@ -12,31 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from nestlearn import train as train_mod
-from nestlearn.data import shards as shards_mod
-from nestlearn.data.shards import prepare
-from nestlearn.data.tokenizer import ByteTokenizer
 from nestlearn.train import TrainConfig, load_config, lr_factor, train
-from tests.data.test_shards import CORPUS
-
-SMALL = {"n_layers": 2, "d_model": 32, "n_heads": 2, "mlp_hidden": 48}
-TINY = dict(model="debug", variant="transformer", seq_len=16, batch_size=4, warmup=2, log_every=1, eval_every=3,
-            eval_windows=2, ckpt_every=3, model_overrides=SMALL)  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    mp = pytest.MonkeyPatch()
-    mp.setattr(shards_mod, "read_docs", lambda name: CORPUS[name])
-    mp.setattr(shards_mod, "licence", lambda name: "public domain")
-    out = prepare(["plays", "novels"], ByteTokenizer(), tmp_path_factory.mktemp("d") / "data", val_fraction=0.2)
-    mp.undo()
-    return out
-
-
-def losses(out: Path) -> list[tuple[int, float, float | None]]:
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return [(r["step"], r["loss"], r.get("val_loss")) for r in rows]
+from nestlearn.train import checkpoints as train_mod
+from tests.train.helpers import TINY, losses
 
 
 def test_stop_and_resume_gives_the_same_loss_curve(data, tmp_path) -> None:
@@ -60,7 +38,7 @@ def test_keep_last_n(data, tmp_path) -> None:
 def _torchrun(nproc: int, args: list[str]) -> None:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            "-m", "nestlearn.train", *args]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
     result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
 
@@ -103,7 +81,7 @@ def test_config_files_and_overrides(tmp_path) -> None:
 
 
 def test_corrupt_checkpoint_is_refused(data, tmp_path) -> None:
-    train(TrainConfig(data=str(data), out=str(tmp_path), steps=3, **TINY))
+    train(TrainConfig(data=str(data), out=str(tmp_path), steps=6, stop_at=3, **TINY))
     weights = tmp_path / "checkpoints" / "step_0000003" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-100])
     with pytest.raises(ValueError, match=r"corrupt|truncated|does not match"):
@@ -111,7 +89,7 @@ def test_corrupt_checkpoint_is_refused(data, tmp_path) -> None:
 
 
 def test_checkpoint_from_another_tokenizer_is_refused(data, tmp_path) -> None:
-    train(TrainConfig(data=str(data), out=str(tmp_path), steps=3, **TINY))
+    train(TrainConfig(data=str(data), out=str(tmp_path), steps=6, stop_at=3, **TINY))
     path = tmp_path / "checkpoints" / "step_0000003" / "model.json"
     meta = json.loads(path.read_text())
     meta["tokenizer"] = {"name": "gpt2", "vocab_size": 50257}
@@ -121,7 +99,7 @@ def test_checkpoint_from_another_tokenizer_is_refused(data, tmp_path) -> None:
 
 
 def test_full_disk_mid_save_keeps_the_previous_checkpoint(data, tmp_path, monkeypatch) -> None:
-    train(TrainConfig(data=str(data), out=str(tmp_path), steps=3, **TINY))
+    train(TrainConfig(data=str(data), out=str(tmp_path), steps=6, stop_at=3, **TINY))
     real = train_mod.save_bundle
 
     def failing(directory, name, tensors, meta):
