@@ -2,9 +2,9 @@
 from its gathered checkpoint), online CMS levels under DDP, and `torch.compile`, each against one process with
 the same global batch. Prints a table and writes the measured record as JSON.
 
-What this is: the GPU half of the training loop's distributed tests (tests/test_train.py runs the same
-comparisons on CPU with gloo, where they are exact). What it is not: a speed benchmark; the tokens/s column is
-the loop's own progress figure, recorded so that a regression is visible, not a tuned number.
+What this is: the GPU half of the training loop's distributed tests (tests/train/test_pipeline.py runs the
+same comparisons on CPU with gloo, where they are exact). What it is not: a speed benchmark; the tokens/s column
+is the loop's own progress figure, recorded so that a regression is visible, not a tuned number.
 
 Usage (2 GPUs for the 2-rank rows; with 1 GPU those rows are skipped and said so):
   python scripts/train_gpu_check.py --data .cache/gpu_data --out /tmp/gpu_check --json train_gpu.json
@@ -135,7 +135,9 @@ def main() -> None:
     ap.add_argument("--json", default=None, help="write the record here")
     args = ap.parse_args()
     if not torch.cuda.is_available():
-        sys.exit("this check needs a CUDA GPU; the CPU versions of these comparisons are in tests/test_train.py")
+        sys.exit(
+            "this check needs a CUDA GPU; the CPU versions of these comparisons are in tests/train/test_pipeline.py"
+        )
     gpus = torch.cuda.device_count()
     root = Path(args.out)
     record = {"machine": f"{gpus} x {torch.cuda.get_device_name(0)}", "torch": torch.__version__,
