@@ -244,20 +244,22 @@ def _loop(run: Run) -> None:
         result = _train_step(run, micro, deadline)
         run.step += 1
         _count_nonfinite(run, result)
-        logged = run.step % cfg.log_every == 0 or run.step == cfg.steps
-        evaluated = logged and (run.step % cfg.eval_every == 0 or run.step == cfg.steps)
+        last = run.step == cfg.steps or result.out_of_time  # a run out of time ends logged and evaluated
+        logged = run.step % cfg.log_every == 0 or last
+        evaluated = logged and (run.step % cfg.eval_every == 0 or last)
         if logged:
             now = time.perf_counter()
             speed = (run.step - step_at_last) * tokens_per_step / max(now - t_last, 1e-9)
             t_last, step_at_last = now, run.step
             _write(run, result, lr_scale, speed, evaluated, (cfg.steps - run.step) * tokens_per_step / max(speed, 1))
-        saved = (run.step % cfg.ckpt_every == 0 or run.step == cfg.steps) and _may_save(run)
-        if saved:
-            save_checkpoint(run)
+        ending = result.signalled or result.out_of_time
+        path = None
+        if (run.step % cfg.ckpt_every == 0 or last or ending) and _may_save(run):
+            path = save_checkpoint(run)
         if cfg.stop_at is not None and run.step >= cfg.stop_at:
             break  # as if the job had been killed here (tests, preemption drills)
-        if result.signalled or result.out_of_time:
-            _end_early(run, result, lr_scale, evaluated, saved)
+        if ending:
+            _say_stopped(run, result, path)
             break
     if run.rank == 0:
         run.log.plot(f"{cfg.variant} {cfg.model}")
@@ -327,11 +329,7 @@ def _write(run: Run, result: StepResult, lr_scale: float, speed: float, evaluate
     run.log.write(record, run.cfg.steps, eta_s)
 
 
-def _end_early(run: Run, result: StepResult, lr_scale: float, evaluated: bool, saved: bool) -> None:
-    """Out of time: evaluate (if this step was not) and checkpoint. Signalled: checkpoint. Same on every rank."""
-    if result.out_of_time and not evaluated:
-        _write(run, result, lr_scale, 0.0, True, 0.0)
-    path = None if saved or not _may_save(run) else save_checkpoint(run)
+def _say_stopped(run: Run, result: StepResult, path: Path | None) -> None:
     if run.rank == 0:
         why = f"stopped by {run.stop.requested}" if result.signalled else f"out of time ({run.cfg.max_minutes} min)"
         where = path or newest_name(run.out)

@@ -189,3 +189,11 @@ def test_other_data_is_refused_on_resume(data, tmp_path) -> None:
     train(TrainConfig(data=str(data), out=str(tmp_path / "run"), steps=6, stop_at=3, **TINY))
     with pytest.raises(ValueError, match=r"data .*train\.bin.* differ from the checkpoint's"):
         train(TrainConfig(data=str(other), out=str(tmp_path / "run"), steps=6, **TINY))
+
+
+def test_out_of_time_ends_evaluated_and_checkpointed_logging_each_step_once(data, tmp_path, capsys) -> None:
+    train(TrainConfig(data=str(data), out=str(tmp_path), steps=50, max_minutes=1e-5, **{**TINY, "log_every": 1}))
+    rows = records(tmp_path)
+    assert [r["step"] for r in rows] == [1] and rows[0]["val_loss"] is not None
+    assert checkpoints(tmp_path) == ["step_0000001"]
+    assert "out of time (1e-05 min) at step 1/50" in capsys.readouterr().out
