@@ -7,6 +7,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_VERSION ?= 2.13.0
 STAMP := $(VENV)/.nestlearn-installed
+# idle OpenMP threads sleep instead of spinning: on a 2-core machine shared with another process, spinning threads
+# made a tiny HOPE training step take 47 s instead of 2.4 s (nestlearn/demo.py, choose_threads)
+export OMP_WAIT_POLICY ?= PASSIVE
 
 .PHONY: install demo test lint bench clean
 
