@@ -9,14 +9,21 @@ This module applies the weights (`forward`) and the updates (`step`); the gradie
 which runs segment by segment and differentiates its next-token loss (D10, `models/online.py`).
 What it is not: the driver of the online updates; it never sees a loss.
 
-Variants (levels listed in chain order, `x` the block input):
-    chain        z_0 = x,  z_l = z_{l-1} + MLP_l(z_{l-1}),  y = sum_l MLP_l(z_{l-1})     Eqs. 70, 73
+Variants (levels listed in chain order, `x` the block input, levels numbered from 1):
+    chain        z_0 = x,  z_1 = x + MLP_1(x),  z_l = z_{l-1} + MLP_l(N(z_{l-1})) for l > 1,
+                 y = z_k - x                                                               Eqs. 70, 73
     nested       the chain, and level l+1 restarts from a start point that level l learns: at every
                  boundary of level l the start moves by -lr_l * (level l+1's gradients since the last one)
                  and level l+1's weights return to it                                      Eq. 72
     independent  y = sum_l a_l MLP_l(x), a_l learnable, starting at 1/k                    Eq. 74
-The residual inside the chain is our choice (the paper "disregards normalizations"); with one level every
-variant is the plain MLP `y = MLP(x)`.
+The residual inside the chain and the normalisation `N(z) = z / sqrt(mean(z^2) + eps)` of every later level's
+input are our choices (the paper "disregards normalizations for the sake of clarity" in Eq. 70). The first level
+reads the block's pre-normed input as it is, so with one level every variant is the plain MLP `y = MLP(x)`.
+Why the norm (`level_norm`, docs/decisions.md, issue 12): a SwiGLU is homogeneous of degree 2 in its input, so
+in an un-normalised chain every later level squares the scale it reads (degree 2^k overall). Training a tiny
+HOPE with AdamW at lr 1e-2 took its first level's output to 2e2-1.5e3 and the chain's to 1e20, past the point
+where the next RMSNorm's mean square overflows float32 (logits exactly 0, then NaN). With the norm every level
+adds a term whose scale does not depend on the scale of its input, as in a pre-norm Transformer.
 """
 
 from __future__ import annotations
@@ -62,6 +69,8 @@ class CMS(nn.Module):
             ignored for static levels.
         learn_lr: make the learning rates outer parameters (`lr = exp(log_lr)`, so they must start > 0).
         online: False makes every level static (layers that carry no online levels).
+        level_norm: normalise the input of every chained level after the first (chain and nested variants;
+            the module docstring says why). False is the un-normalised chain, kept to show the divergence.
     """
 
     def __init__(
@@ -74,11 +83,13 @@ class CMS(nn.Module):
         lr: Sequence[float],
         learn_lr: bool = False,
         online: bool = True,
+        level_norm: bool = True,
     ) -> None:
         super().__init__()
         check_levels(chunks, variant, lr, learn_lr)
         self.chunks = tuple(c if online else None for c in chunks)
         self.variant = variant
+        self.level_norm = level_norm
         self.levels = nn.ModuleList(SwiGLU(dim, hidden) for _ in chunks)
         self.online_levels = tuple(i for i, c in enumerate(self.chunks) if c is not None)
         self.fixed_lr = tuple(float(x) for x in lr)  # Python floats: exact in float64 models too
@@ -116,7 +127,7 @@ class CMS(nn.Module):
             return sum(mix[i] * self._level(i, x, st) for i, st in enumerate(state))
         z, total = x, torch.zeros_like(x)
         for i, st in enumerate(state):
-            d = self._level(i, z, st)
+            d = self._level(i, rms_normalize(z) if i > 0 and self.level_norm else z, st)
             z, total = z + d, total + d
         return total
 
@@ -186,6 +197,16 @@ def check_levels(chunks: Sequence[int | None], variant: str, lr: Sequence[float]
                     f"nested CMS: level chunk {a} is not a multiple of the next level's {b}; list levels from "
                     "slow to fast with each chunk size a multiple of the next"
                 )
+
+
+NORM_EPS = 1e-6  # the models' RMSNorm epsilon (ModelConfig.norm_eps)
+
+
+def rms_normalize(z: Tensor, eps: float = NORM_EPS) -> Tensor:
+    """`z / sqrt(mean(z^2) + eps)` over the last dim, computed in float32 or wider and cast back (no weight: the
+    next level's gate and up projections already scale every input channel)."""
+    zf = state_float(z)
+    return (zf * torch.rsqrt(zf.pow(2).mean(-1, keepdim=True) + eps)).to(z.dtype)
 
 
 def _broadcast(weight: Tensor, batch: int) -> Tensor:

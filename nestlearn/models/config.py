@@ -49,7 +49,9 @@ class ModelConfig:
     `mlp_hidden` is per level), `cms_variant` ("chain", "nested", "independent"), `cms_lr` (per-token learning
     rate of the online levels: one value or one per level), `cms_learn_lr` (learning rates become parameters),
     `cms_meta_grad` ("first_order" or "full"), `cms_online_layers` (indices of the blocks whose levels learn
-    online; None = every block, () = none: every level static).
+    online; None = every block, () = none: every level static), `cms_level_norm` (the chain's later levels read
+    a normalised input; False is the un-normalised chain, which overflows float32 in training: docs/decisions.md,
+    "Stability and denormals").
     Attention: `n_kv_heads` (grouped-query attention; None = n_heads), `qkv_bias` (Qwen2-style projection
     biases), `attn_window` (a sliding window for the full-attention variants, e.g. Mistral's); `max_seq_len`
     bounds full attention (Transformer++, Hope-Attention); `window` is the sliding window
@@ -87,6 +89,7 @@ class ModelConfig:
     cms_learn_lr: bool = False
     cms_meta_grad: Literal["first_order", "full"] = "first_order"
     cms_online_layers: tuple[int, ...] | None = None
+    cms_level_norm: bool = True
     n_kv_heads: int | None = None
     qkv_bias: bool = False
     attn_window: int | None = None

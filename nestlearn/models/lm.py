@@ -2,7 +2,8 @@
 
 What this is: `CausalLM(config)`: token embedding, `n_layers` pre-norm residual blocks, final RMSNorm, tied LM
 head. `forward(input_ids, state=None) -> (logits, state)`; `generate` feeds the prompt in one pass and then
-samples token by token (up to a stop token), the memories still learning from every token they read. Blocks per variant:
+samples token by token (up to a stop token), the memories still learning from every token they read. Blocks
+per variant:
 
     transformer       x + Attn(norm x);            x + SwiGLU(norm x)     Llama-style Transformer++
     hope_attention    x + Attn(norm x);            x + CMS(norm x)        Transformer with the CMS (§8.3)
@@ -69,7 +70,7 @@ class Block(nn.Module):
         if cfg.uses_cms:
             self.mlp = CMS(
                 cfg.d_model, cfg.mlp_hidden, cfg.cms_levels, variant=cfg.cms_variant, lr=cfg.level_lrs,
-                learn_lr=cfg.cms_learn_lr, online=cfg.online_block(index),
+                learn_lr=cfg.cms_learn_lr, online=cfg.online_block(index), level_norm=cfg.cms_level_norm,
             )  # fmt: skip
         else:
             self.mlp = SwiGLU(cfg.d_model, cfg.mlp_hidden)

@@ -187,3 +187,23 @@ def test_default_gates_stay_bounded(normalize_v: bool, bounded: bool) -> None:
         _, st = layer(torch.randn(2, 256, 64))
     size = max(w.abs().max().item() for w in st.proj.weights + st.memory.weights)
     assert (size < 10) == bounded, size
+
+
+@pytest.mark.parametrize("flush", [True, False])
+def test_long_cpu_run_leaves_no_subnormal_state(flush: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 12: at its retention gates the untrained layer forgets geometrically (at the initial alpha 0.99 its
+    fast weights reach 1e-36 after 8K tokens); here alpha is 0.95 so 2,048 tokens suffice. Once the chunk's decay
+    `alpha^C` exceeds 1/2 the smallest subnormals stay fixed (round to nearest), so without the flush of the
+    memory op half of the carried state (projection and main memories) is subnormal; with it none is."""
+    import nestlearn.ops.memory.common as common
+
+    monkeypatch.setattr(common, "FLUSH_SUBNORMALS", flush)
+    torch.manual_seed(0)
+    layer = SelfModifyingTitans(16, 2, spec=MemorySpec(), mem_chunk=8, proj_chunk=8)
+    with torch.no_grad():
+        layer.readout_bias["alpha"].fill_(2.9444)  # sigmoid = 0.95
+        _, st = layer(torch.randn(1, 2048, 16))
+    tensors = [t for ms in (st.proj, st.memory) for t in ms.weights + ms.momenta]
+    tiny = torch.finfo(torch.float32).tiny
+    sub = sum(int(((t.abs() > 0) & (t.abs() < tiny)).sum()) for t in tensors) / sum(t.numel() for t in tensors)
+    assert (sub == 0.0) == flush, sub

@@ -459,6 +459,63 @@ def test_extreme_gates_no_nan(fn, kind: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# subnormal floats in the carried state (CPU, float32)
+
+TINY32 = torch.finfo(torch.float32).tiny
+
+
+def subnormal_fraction(st: MemoryState) -> float:
+    ts = [t for t in st.weights + st.momenta + st.anchor]
+    return sum(int(((t.abs() > 0) & (t.abs() < TINY32)).sum()) for t in ts) / sum(t.numel() for t in ts)
+
+
+def _decaying_inputs(T: int) -> dict:
+    """A float32 memory whose retention gate (0.9) erases it within a few hundred tokens: its gradients are
+    proportional to its weights (`silu(0) = 0`), so the weights decay geometrically into the subnormal range."""
+    spec = MemorySpec(kind="mlp", self_values=True)
+    g = torch.Generator().manual_seed(0)
+    u = F.normalize(torch.randn(1, T, 2, 8, generator=g), dim=-1)
+    gates = dict(eta=torch.full((1, T, 2), 0.025), alpha=torch.full((1, T, 2), 0.9), beta=torch.full((1, T, 2), 0.5))
+    return dict(q=u, k=u, v=u, **gates, state=init_state(spec, 1, 2, 8, generator=g))
+
+
+@pytest.mark.parametrize("fn", [memory_naive, memory_chunk])
+def test_carried_state_holds_no_subnormals(fn, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 12: without the flush half of the carried state is subnormal after 1,024 tokens (round to nearest
+    keeps the smallest subnormals fixed under a decay by more than 1/2 per step: alpha = 0.9 per token, 0.9^4 per
+    chunk), with it none is at a chunk boundary; the outputs are unchanged (the flushed values are below 1.2e-38),
+    and pieces split inside chunks are flushed at the same boundaries as one call."""
+    import nestlearn.ops.memory.common as common
+
+    x = _decaying_inputs(T=1024)
+    spec = MemorySpec(kind="mlp", self_values=True)
+    monkeypatch.setattr(common, "FLUSH_SUBNORMALS", False)
+    o_old, st_old = run(fn, x, spec, 4)
+    assert subnormal_fraction(st_old) > 0.25
+    monkeypatch.setattr(common, "FLUSH_SUBNORMALS", True)
+    o_new, st_new = run(fn, x, spec, 4)
+    assert subnormal_fraction(st_new) == 0.0
+    assert torch.equal(o_new, o_old)
+    st = x["state"]
+    for lo, hi in ((0, 333), (333, 1021), (1021, 1024)):  # splits inside chunks: flushed at the same boundaries
+        _, st = run(fn, _slice(x, lo, hi, st), spec, 4)
+    assert subnormal_fraction(st) == 0.0
+    for a, b in zip(st.weights + st.momenta, st_new.weights + st_new.momenta, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-30)
+
+
+def test_flush_leaves_float64_alone() -> None:
+    """The float64 reference path is never flushed (its subnormals are the exact values)."""
+    from nestlearn.ops.memory.common import flush_subnormals
+
+    t64 = torch.tensor([1e-310, 1e-40, 1.0], dtype=torch.float64)
+    t32 = torch.tensor([1e-40, -1e-39, 1e-37, float("nan"), float("inf")], dtype=torch.float32)
+    assert flush_subnormals([t64])[0] is t64
+    out = flush_subnormals([t32])[0]
+    assert out[:2].eq(0).all() and out[2] == t32[2] and out[3].isnan() and out[4].isinf()
+
+
+# ---------------------------------------------------------------------------------------------
 # bad input
 
 

@@ -33,6 +33,7 @@ from .common import (
     check_inputs,
     clip_factor,
     compute_dtype,
+    flush_subnormals,
     memory_apply,
     normalize,
     output_grad,
@@ -66,14 +67,15 @@ def memory_chunk(
     T = q.shape[1]
     head = min((chunk_size - state.offset) % chunk_size, T)  # tokens that finish a chunk an earlier call opened
     parts = []
+    offset = (state.offset + T) % chunk_size
     if head > 0:
         frozen = [w.to(dt) for w in state.anchor]
-        o, anchor = _run([x[:, :head] for x in seq], weights, momenta, frozen, head, spec)
+        ends = (state.offset + head) % chunk_size == 0
+        o, anchor = _run([x[:, :head] for x in seq], weights, momenta, frozen, head, spec, ends)
         parts.append(o)
     if head < T:
-        o, anchor = _run([x[:, head:] for x in seq], weights, momenta, None, chunk_size, spec)
+        o, anchor = _run([x[:, head:] for x in seq], weights, momenta, None, chunk_size, spec, offset == 0)
         parts.append(o)
-    offset = (state.offset + T) % chunk_size
     o = torch.cat(parts, dim=1).to(out_dtype)
     return o, MemoryState(tuple(weights), tuple(momenta), tuple(anchor if offset else weights), offset)
 
@@ -85,10 +87,13 @@ def _run(
     frozen: list[Tensor] | None,
     C: int,
     spec: MemorySpec,
+    ends_at_boundary: bool,
 ) -> tuple[Tensor, list[Tensor]]:
     """Chunks of size C from the start of `seq = (q, k, v, eta, alpha, beta)`; updates `weights`, `momenta`.
 
     `frozen` replaces the first chunk's start weights for its gradients (a chunk an earlier call opened).
+    At every chunk boundary the state is flushed of subnormal floats (CPU float32 only, `flush_subnormals`);
+    `ends_at_boundary` says whether the last chunk ends at one (else it ends inside a chunk: a later call goes on).
     Returns `o [B, T, H, D]` and the start weights of the last chunk (the next call's anchor).
     """
     q, k, v, eta, alpha, beta = seq
@@ -111,6 +116,8 @@ def _run(
         else:
             o = _mlp_chunk(weights, momenta, start, (qs[j], ks[j], vs[j]), coefs[j], key_ops[j], spec)
         outputs.append(o)
+        if j < N - 1 or ends_at_boundary:
+            weights[:], momenta[:] = flush_subnormals(weights), flush_subnormals(momenta)
     o = torch.stack(outputs, dim=2).reshape(B, H, N * n, D)[:, :, :T]
     return o.transpose(1, 2), start
 

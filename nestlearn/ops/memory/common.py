@@ -220,6 +220,34 @@ def output_grad(y: Tensor, v: Tensor, objective: str) -> Tensor:
     return y - v if objective == "l2" else -v
 
 
+# CPU float32 states are flushed of subnormal floats at every chunk boundary (`flush_subnormals`); tests switch
+# it off to show what it removes.
+FLUSH_SUBNORMALS = True
+_TINY32 = torch.finfo(torch.float32).tiny
+
+
+def flush_subnormals(ts: list[Tensor]) -> list[Tensor]:
+    """The state tensors with every subnormal float32 entry (`0 < |x| < 1.18e-38`) set to 0, on CPU only.
+
+    Why: a retention gate `alpha < 1` decays the fast weights geometrically (at the initial gates of an
+    untrained HOPE they reach 1e-36 after 8K tokens), and round to nearest keeps the smallest subnormals fixed
+    under any decay factor above 1/2 (a chunk's `alpha^C`: 0.99^64 = 0.53), so they never reach 0: 44 % of the
+    debug HOPE's memory state after 16K tokens. CPUs handle subnormal operands in slow paths (on the 2-core
+    AMD EPYC: silu, sigmoid, exp and division 1.7-2.7x slower; matmuls not; docs/results/denormals.md).
+    `torch.set_flush_denormal` is no substitute: it sets the calling thread only (intra-op workers started
+    earlier keep their mode) and changes float64 too. GPUs compute subnormals at full speed and float64 states
+    (the reference) are never touched; the result changes only by the flushed values (each below 1.18e-38), and
+    their outer gradient becomes 0. NaN and inf are kept.
+    """
+    if not FLUSH_SUBNORMALS:
+        return ts
+    return [t.masked_fill(t.abs() < _TINY32, 0.0) if _flushable(t) else t for t in ts]
+
+
+def _flushable(t: Tensor) -> bool:
+    return t.dtype == torch.float32 and t.device.type == "cpu"
+
+
 def compute_dtype(*tensors: Tensor) -> torch.dtype:
     """float64 if any input is float64, else float32 (D8: fast weights and accumulations in fp32)."""
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32

@@ -32,6 +32,7 @@ from .common import (
     check_inputs,
     clip_factor,
     compute_dtype,
+    flush_subnormals,
     memory_apply,
     normalize,
     output_grad,
@@ -77,6 +78,8 @@ def memory_naive(
     outputs = []
     for t in range(q.shape[1]):
         if (state.offset + t) % chunk_size == 0:
+            if t > 0:  # a chunk ended: flush subnormals as the chunk form does (CPU float32 only)
+                weights, momenta = flush_subnormals(weights), flush_subnormals(momenta)
             frozen = list(weights)
         inputs, errors = _frozen_terms(frozen, k[:, t], v[:, t], eta[:, t], spec)
         for i, (x, e) in enumerate(zip(inputs, errors, strict=True)):
@@ -84,6 +87,8 @@ def memory_naive(
         outputs.append(_read(weights, q[:, t], spec))
     o = torch.stack(outputs, dim=1).to(out_dtype)
     offset = (state.offset + q.shape[1]) % chunk_size
+    if offset == 0:  # the call ends at a chunk boundary
+        weights, momenta = flush_subnormals(weights), flush_subnormals(momenta)
     anchor = frozen if offset > 0 else weights
     return o, MemoryState(tuple(weights), tuple(momenta), tuple(anchor), offset)
 
