@@ -125,3 +125,17 @@ def test_warmup_longer_than_the_run_warns_and_trains(data, tmp_path, capsys) -> 
 def test_debug_shows_the_traceback(tmp_path) -> None:
     with pytest.raises(ValueError, match="lr: expected a number"):
         main(["--debug", f"data={tmp_path}", "lr=abc"])
+
+
+@pytest.mark.parametrize("damage", ["truncate", "overwrite"])
+def test_damaged_data_is_refused_before_any_step(tmp_path, capsys, damage) -> None:
+    """A truncated train.bin used to train silently; overwritten bytes failed at a later step with IndexError."""
+    from tests.train.conftest import make_data
+
+    data = make_data(tmp_path / "data")
+    tokens = data / "train.bin"
+    raw = bytearray(tokens.read_bytes())
+    tokens.write_bytes(raw[:-10] if damage == "truncate" else raw[:100] + b"\xff" * 10 + raw[110:])
+    err = _one_line_error([f"data={data}", f"out={tmp_path / 'run'}", "steps=3", *TINY_ARGS], capsys)
+    assert "train.bin" in err and ("truncated" in err or "SHA-256" in err or "vocabulary" in err), err
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
