@@ -102,6 +102,8 @@ def train(cfg: TrainConfig) -> list[dict[str, Any]]:
         run = _setup(cfg, stop)
         try:
             _loop(run)
+            if dist.is_initialized():
+                dist.barrier()  # no rank tears its process group down while another still uses it
         finally:
             run.log.close()
             if dist.is_initialized():
