@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from nestlearn import demo
 from nestlearn.models import CausalLM, load_state, preset, save_state
 
 DOCUMENT = "Notes from the old house. The key to the blue door is under the third stone. " * 4
@@ -30,11 +31,7 @@ def encode(text: str) -> torch.Tensor:
 
 def answer_loss(model: CausalLM, state, answer: str) -> float:
     """Mean next-token loss (nats per byte) of `answer` after PROMPT, read without learning."""
-    ids = encode(PROMPT + answer)
-    with torch.no_grad():
-        logits, _ = model(ids, state, learn=False)
-    n = len(answer)
-    return float(torch.nn.functional.cross_entropy(logits[0, -n - 1 : -1], ids[0, -n:]))
+    return demo.answer_loss(model, state, PROMPT, answer)
 
 
 def continuation(model: CausalLM, state) -> str:

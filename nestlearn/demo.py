@@ -36,8 +36,8 @@ import torch.nn.functional as F
 from .data.corpora import cache_dir
 from .data.shards import prepare
 from .data.tokenizer import ByteTokenizer
-from .models import CausalLM, ModelConfig, count_parameters, preset
-from .train import TrainConfig, next_token_loss, train
+from .models import CausalLM, ModelConfig, count_parameters, next_token_loss, preset
+from .train import TrainConfig, train
 
 # tiny shapes for a 2-core CPU; HOPE's memories make it far slower per byte, so its steps read fewer bytes.
 # HOPE's online CMS level updates every 16 bytes at rate 3e-2: fast enough to keep a document, slow enough not to

@@ -1,7 +1,7 @@
 """Model configs, the causal LM of every variant, its state (save / load) and the Hugging Face adapter."""
 
 from .config import PRESETS, VARIANTS, ModelConfig, preset
-from .lm import CausalLM, ModelState, count_parameters
+from .lm import CausalLM, ModelState, count_parameters, next_token_loss
 from .state import load_state, save_state
 
 __all__ = [
@@ -12,6 +12,7 @@ __all__ = [
     "ModelState",
     "count_parameters",
     "load_state",
+    "next_token_loss",
     "preset",
     "save_state",
 ]

@@ -101,7 +101,7 @@ class NestLearnForCausalLM(PreTrainedModel, GenerationMixin):
         _check_attention_mask(attention_mask)
         state = cache if isinstance(cache, ModelState) else None
         if state is None:  # a new prompt: refuse ids outside the vocabulary (later steps feed sampled ids)
-            self.lm._check_vocabulary(input_ids)
+            self.lm.check_vocabulary(input_ids)
         logits, state = self.lm(input_ids, state)
         loss = None
         if labels is not None:

@@ -182,7 +182,7 @@ class CausalLM(nn.Module):
         ids = torch.as_tensor(document, device=self.device)
         ids = ids[None] if ids.dim() == 1 else ids
         self._check(ids, state)
-        self._check_vocabulary(ids)
+        self.check_vocabulary(ids)
         _, state = self(ids, state)
         return state
 
@@ -201,8 +201,7 @@ class CausalLM(nn.Module):
     def loss(self, input_ids: Tensor, state: ModelState | None = None) -> tuple[Tensor, ModelState]:
         """Mean next-token cross-entropy over `input_ids[:, 1:]`."""
         logits, state = self(input_ids, state)
-        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), input_ids[:, 1:].flatten())
-        return loss, state
+        return next_token_loss(logits[:, :-1], input_ids[:, 1:]), state
 
     @torch.no_grad()
     def generate(
@@ -235,7 +234,7 @@ class CausalLM(nn.Module):
         _check_sampling(max_new_tokens, temperature, top_k, top_p)
         self._check_stop_token(stop_token)
         self._check(input_ids, state)
-        self._check_vocabulary(input_ids)
+        self.check_vocabulary(input_ids)
         logits, state = self(input_ids, state)
         out: list[Tensor] = []
         done = None if stop_token is None else torch.zeros(input_ids.shape[0], dtype=torch.bool, device=logits.device)
@@ -266,7 +265,7 @@ class CausalLM(nn.Module):
                 "states are per sequence (D1): pass a state of the same batch size"
             )
 
-    def _check_vocabulary(self, input_ids: Tensor) -> None:
+    def check_vocabulary(self, input_ids: Tensor) -> None:
         """Refuse ids outside `0 .. vocab_size - 1` (one host sync: for the user-facing `generate` and `learn`;
         `forward` stays free of syncs and the trainer checks its data itself)."""
         V = self.config.vocab_size
@@ -296,6 +295,11 @@ class CausalLM(nn.Module):
                 "state comes from a model with another configuration; use model.init_state(batch_size) or a state "
                 "this model produced or saved"
             )
+
+
+def next_token_loss(logits: Tensor, targets: Tensor) -> Tensor:
+    """Mean cross-entropy of logits `[B, T, V]` against target ids `[B, T]`, computed in float32."""
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
 
 
 def count_parameters(cfg: ModelConfig) -> int:

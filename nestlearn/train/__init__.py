@@ -13,7 +13,7 @@ FSDP2 (`fully_shard`) under torchrun. What it is not: data preparation (`nestlea
 from .checkpoints import TrainingDiverged, code_version
 from .command import main
 from .config import TrainConfig, load_config
-from .loop import evaluate, lr_factor, next_token_loss, train
+from .loop import evaluate, lr_factor, train
 
 __all__ = ["TrainConfig", "TrainingDiverged", "code_version", "evaluate", "load_config", "lr_factor", "main",
-           "next_token_loss", "train"]  # fmt: skip
+           "train"]  # fmt: skip

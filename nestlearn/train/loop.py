@@ -31,10 +31,9 @@ from typing import Any, NamedTuple
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from ..data.shards import Shards
-from ..models import CausalLM, preset
+from ..models import CausalLM, next_token_loss, preset
 from ..optim import route
 from .checkpoints import TrainingDiverged, newest_name, resume, save_checkpoint
 from .config import TrainConfig
@@ -349,11 +348,6 @@ def evaluate(run: Run) -> float:
             logits, _ = run.model(row[:, :-1])
         losses.append(next_token_loss(logits, row[:, 1:]))
     return float(torch.stack(losses).mean())
-
-
-def next_token_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy of logits `[B, T, V]` against targets `[B, T]`, in float32."""
-    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:
