@@ -5,8 +5,8 @@ runs under bf16 autocast (fast weights stay float32, D8); peak memory is `torch.
 On CPU each variant runs in its own subprocess so that its peak resident memory (ru_maxrss) is its own.
 The last thing printed is a table with tokens/s relative to Transformer++.
 
-    python benchmarks/models.py --preset 20M --seq 512 --device cpu
-    python benchmarks/models.py --preset 125M --seq 4096 --device cuda --json out.json
+    python -m benchmarks.models --preset 20M --seq 512 --device cpu
+    python -m benchmarks.models --preset 125M --seq 4096 --device cuda --json out.json
 """
 
 from __future__ import annotations
@@ -19,13 +19,12 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import run_meta, time_training
 from nestlearn.models import VARIANTS, count_parameters, preset
 
 
 def one_variant(variant: str, args: argparse.Namespace) -> dict:
-    cfg = preset(args.preset, variant, checkpoint=args.checkpoint)
+    cfg = preset(args.preset, variant, activation_checkpointing=args.checkpoint)
     stats = time_training(cfg, batch=args.batch, seq=args.seq, device=args.device, steps=args.steps, warmup=args.warmup)
     return {"variant": variant, **stats}
 
@@ -47,7 +46,8 @@ def run_isolated(variant: str, args: argparse.Namespace) -> dict:
     flags = ["--preset", args.preset, "--seq", str(args.seq), "--batch", str(args.batch), "--device", args.device]
     flags += ["--steps", str(args.steps), "--warmup", str(args.warmup), "--variants", variant, "--child"]
     flags += ["--checkpoint"] if args.checkpoint else []
-    out = subprocess.run([sys.executable, __file__, *flags], capture_output=True, text=True, check=True)
+    cmd = [sys.executable, "-m", "benchmarks.models", *flags]  # run from the repository root, as this one is
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 

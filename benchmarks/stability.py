@@ -6,17 +6,19 @@ Three modes; each prints a short table last and writes everything (per-step loss
 on one repeated random batch, per `inner_grad_clip` value; the table gives the first and last loss and the first
 non-finite step.
 
-    python benchmarks/stability.py --preset 125M --seq 4096 --steps 25 --variants titans_mag --clips none,3
+    python -m benchmarks.stability --preset 125M --seq 4096 --steps 25 --variants titans_mag --clips none,3
 
-`sweep` (issue 12): tiny models of each variant (by default the issue's: 2 blocks, width 64, 4 heads, the debug
-preset's MLP width, a 4-token vocabulary) trained on fresh batches of a synthetic bit task with AdamW (gradient
-clip 1) at every learning rate of `--lrs`, in every dtype of `--dtypes` (bf16 = autocast, fp32 = none).
+`sweep`: tiny models of each variant (by default the diverging tiny setting of docs/results/stability.md:
+2 blocks, width 64, 4 heads, the debug preset's MLP width, a 4-token vocabulary) trained on fresh batches of a
+synthetic bit task with AdamW (gradient clip 1) at every learning rate of `--lrs`, in every dtype of `--dtypes`
+(bf16 = autocast, fp32 = none).
 
-    python benchmarks/stability.py --mode sweep --variants hope --steps 100 --max-minutes 7 --json sweep_hope.json
+    python -m benchmarks.stability --mode sweep --variants hope --steps 100 --max-minutes 7 --json sweep_hope.json
 
-`--old-chain` turns the CMS level norm off (HOPE, Hope-Attention), recreating the tiny-HOPE divergence of issue 12:
+`--old-chain` turns the CMS level norm off (HOPE, Hope-Attention), recreating the tiny-HOPE divergence
+(docs/decisions.md):
 
-    python benchmarks/stability.py --mode sweep --variants hope --task copy --lrs 1e-2 --dtypes fp32 --steps 200 \\
+    python -m benchmarks.stability --mode sweep --variants hope --task copy --lrs 1e-2 --dtypes fp32 --steps 200 \\
         --old-chain --max-minutes 4
 
 `train`: one or more variants at a preset (default 20M), bf16 autocast, on a synthetic copy task (or the train
@@ -24,7 +26,7 @@ split of a prepared dataset, `--data DIR`), counting the steps whose loss or gra
 update is skipped) and those whose gradient norm is exactly 0, and reporting tokens/s (steps after the first
 `--warmup`, wall clock including the per-step check of the loss and gradient norm).
 
-    python benchmarks/stability.py --mode train --preset 20M --variants hope --batch 4 --seq 256 --steps 2000 \\
+    python -m benchmarks.stability --mode train --preset 20M --variants hope --batch 4 --seq 256 --steps 2000 \\
         --max-minutes 7 --json train_hope.json
 
 `--max-minutes` bounds the whole call: runs go in order and each may use its share of the time left
@@ -40,19 +42,18 @@ import argparse
 import json
 import math
 import os
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import run_meta, sync
 from nestlearn.models import CausalLM, preset
-from nestlearn.models.config import VARIANTS
+from nestlearn.models.config import VARIANTS, fields_for
 
-# the issue's tiny model: 2 blocks of width 64 (4 heads of 16), the debug preset's MLP width, 4 tokens
+# the tiny model that diverges without the level norm:
+# 2 blocks of width 64 (4 heads of 16), the debug preset's MLP width, 4 tokens
 TINY = dict(vocab_size=4, n_layers=2, d_model=64, n_heads=4)
 
 
@@ -175,11 +176,15 @@ def build(variant: str, args: argparse.Namespace, device: torch.device) -> Causa
     overrides = json.loads(args.overrides) if args.overrides else {}
     if args.mode == "sweep" and args.preset == "debug":
         overrides = {**TINY, **overrides}
+    dropped = sorted(set(overrides) - set(fields_for(variant, overrides)))
+    if dropped:  # one set of overrides for every variant: each takes the fields that apply to it
+        print(f"{variant}: {', '.join(dropped)} do not apply to it", flush=True)
+        overrides = fields_for(variant, overrides)
     if args.data:
         from nestlearn.data.shards import Shards
 
         overrides["vocab_size"] = Shards(args.data).meta["tokenizer"]["vocab_size"]
-    if args.old_chain and variant in ("hope", "hope_attention"):  # the chain before issue 12 (its divergence)
+    if args.old_chain and variant in ("hope", "hope_attention"):  # the un-normalised chain (its divergence)
         overrides["cms_level_norm"] = False
     return CausalLM(preset(args.preset, variant, **overrides)).to(device)
 
@@ -285,7 +290,7 @@ def main() -> None:
     p.add_argument("--task", default=None, choices=("xor", "copy", "random"), help="synthetic task (sweep, train)")
     p.add_argument("--data", default=None, help="a prepared dataset directory (train split) instead of a task")
     p.add_argument("--overrides", default=None, help="model overrides as JSON, e.g. '{\"mem_chunk\": 32}'")
-    p.add_argument("--old-chain", action="store_true", help="CMS chain without the level norm (before issue 12)")
+    p.add_argument("--old-chain", action="store_true", help="CMS chain without the level norm (it diverges)")
     p.add_argument("--grad-clip", type=float, default=1.0)
     p.add_argument("--warmup", type=int, default=3, help="steps not timed for tokens/s")
     p.add_argument("--max-minutes", type=float, default=None, help="wall-clock budget of the whole call")
@@ -294,10 +299,8 @@ def main() -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--clips", default="none,3", help="clip: inner_grad_clip values; 'none' = off")
     p.add_argument("--json", default=None)
+    p.set_defaults(**DEFAULTS[p.parse_known_args()[0].mode])  # the mode's own defaults, then the real parse
     args = p.parse_args()
-    for k, v in DEFAULTS[args.mode].items():
-        if getattr(args, k) is None:
-            setattr(args, k, v)
     if args.device == "cpu":
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())))
     meta = run_meta(args.device, **{k: v for k, v in vars(args).items() if k != "device"})

@@ -31,7 +31,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from .data.corpora import cache_dir
 from .data.shards import prepare
@@ -256,7 +255,7 @@ def answer_loss(model: CausalLM, state: Any, prompt: str, answer: str) -> float:
     with torch.no_grad():
         logits, _ = model(ids, state, learn=False)
     n = len(answer.encode())
-    return float(F.cross_entropy(logits[0, -n - 1 : -1].float(), ids[0, -n:]))
+    return float(next_token_loss(logits[:, -n - 1 : -1], ids[:, -n:]))
 
 
 def _encode(text: str) -> torch.Tensor:

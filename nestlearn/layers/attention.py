@@ -12,8 +12,7 @@ position. Context tokens (MAC's retrieved memory) sit at the positions of the to
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 import torch
@@ -26,23 +25,12 @@ from .basic import RotaryEmbedding
 # cuDNN's SDPA backend failed with CUDNN_STATUS_INTERNAL_ERROR on the H100 (torch 2.11, bf16, [1, 12, 4096, 64]
 # causal); flash, memory-efficient and math kernels cover every case.
 _BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
-_second_order = False  # set by `twice_differentiable`
 
 
-@contextlib.contextmanager
-def twice_differentiable() -> Iterator[None]:
-    """Attention computed inside can be differentiated twice: SDPA's math kernel only (the flash and
-    memory-efficient kernels have no double backward). Used by full meta-gradients through online CMS updates."""
-    global _second_order
-    before, _second_order = _second_order, True
-    try:
-        yield
-    finally:
-        _second_order = before
-
-
-def _backends() -> list[SDPBackend]:
-    return [SDPBackend.MATH] if _second_order else _BACKENDS
+def _backends(second_order: bool) -> list[SDPBackend]:
+    """SDPA kernels allowed: the math kernel only when the output will be differentiated twice (the flash and
+    memory-efficient kernels have no double backward; full meta-gradients through online CMS updates need it)."""
+    return [SDPBackend.MATH] if second_order else _BACKENDS
 
 
 class AttentionState(NamedTuple):
@@ -117,9 +105,16 @@ class Attention(nn.Module):
         return AttentionState(empty, empty, empty, empty, 0)
 
     def forward(
-        self, x: Tensor, state: AttentionState | None = None, context: Tensor | None = None
+        self,
+        x: Tensor,
+        state: AttentionState | None = None,
+        context: Tensor | None = None,
+        *,
+        second_order: bool = False,
     ) -> tuple[Tensor, AttentionState]:
-        """x `[B, T, D]`; context `[B, T, D]` (optional, one context token per input token) -> `[B, T, D]`."""
+        """x `[B, T, D]`; context `[B, T, D]` (optional, one context token per input token) -> `[B, T, D]`.
+
+        `second_order`: the output will be differentiated twice (SDPA's math kernel is then used)."""
         B, T, _ = x.shape
         state = state if state is not None else self.init_state(B, x.device, x.dtype)
         pos = state.position
@@ -135,7 +130,7 @@ class Attention(nn.Module):
         if context is not None:
             ck, cv = self._keys_values(context, pos)
             ctx_k, ctx_v = torch.cat([ctx_k, ck], dim=2), torch.cat([ctx_v, cv], dim=2)
-        o = self._attend(q, k, v, ctx_k, ctx_v, pos)
+        o = self._attend(q, k, v, ctx_k, ctx_v, pos, second_order)
         y = self.o_proj(o.transpose(1, 2).reshape(B, T, -1))
         end = pos + T
         keep = self._cache_length(end, k.shape[2])
@@ -165,7 +160,9 @@ class Attention(nn.Module):
             keep = min(keep, end % self.segment)
         return keep
 
-    def _attend(self, q: Tensor, k: Tensor, v: Tensor, ctx_k: Tensor, ctx_v: Tensor, pos: int) -> Tensor:
+    def _attend(
+        self, q: Tensor, k: Tensor, v: Tensor, ctx_k: Tensor, ctx_v: Tensor, pos: int, second_order: bool
+    ) -> Tensor:
         B, _, T, _ = q.shape
         if self.kv_heads != self.heads:  # grouped-query attention: key/value head j serves query heads j*r .. j*r+r-1
             r = self.heads // self.kv_heads
@@ -173,7 +170,7 @@ class Attention(nn.Module):
         n_p = self.n_persistent
         plain = n_p == 0 and ctx_k.shape[2] == 0 and k.shape[2] == T and self.window is None and self.segment is None
         if plain:  # the training fast path: SDPA's own causal kernel
-            with sdpa_kernel(_backends()):
+            with sdpa_kernel(_backends(second_order)):
                 return F.scaled_dot_product_attention(q, k, v, is_causal=True)
         qpos = torch.arange(pos, pos + T, device=q.device)
         parts_k, parts_v, masks = [], [], []
@@ -187,7 +184,7 @@ class Attention(nn.Module):
             parts_v.append(vv)
             masks.append(self._visible(qpos, kpos))
         mask = torch.cat(masks, dim=1)
-        with sdpa_kernel(_backends()):
+        with sdpa_kernel(_backends(second_order)):
             return F.scaled_dot_product_attention(q, torch.cat(parts_k, 2), torch.cat(parts_v, 2), attn_mask=mask)
 
     def _visible(self, qpos: Tensor, kpos: Tensor) -> Tensor:

@@ -6,7 +6,7 @@ static level (`C_l = inf`: an ordinary MLP that only the outer loop trains). An 
 per-sequence fast weights held in the state (`CMSLevel`): the meta-learned initial weights broadcast over the
 batch, changed every `C_l` tokens by `lr_l` times the sum of the task loss's gradients over that chunk (Eq. 71).
 This module applies the weights (`forward`) and the updates (`step`); the gradients come from the language model,
-which runs segment by segment and differentiates its next-token loss (D10, `models/online.py`).
+which runs segment by segment and differentiates its next-token loss (D10, `models/lm.py`).
 What it is not: the driver of the online updates; it never sees a loss.
 
 Variants (levels listed in chain order, `x` the block input, levels numbered from 1):
@@ -19,7 +19,7 @@ Variants (levels listed in chain order, `x` the block input, levels numbered fro
 The residual inside the chain and the normalisation `N(z) = z / sqrt(mean(z^2) + eps)` of every later level's
 input are our choices (the paper "disregards normalizations for the sake of clarity" in Eq. 70). The first level
 reads the block's pre-normed input as it is, so with one level every variant is the plain MLP `y = MLP(x)`.
-Why the norm (`level_norm`, docs/decisions.md, issue 12): a SwiGLU is homogeneous of degree 2 in its input, so
+Why the norm (`level_norm`, docs/decisions.md): a SwiGLU is homogeneous of degree 2 in its input, so
 in an un-normalised chain every later level squares the scale it reads (degree 2^k overall). Training a tiny
 HOPE with AdamW at lr 1e-2 took its first level's output to 2e2-1.5e3 and the chain's to 1e20, past the point
 where the next RMSNorm's mean square overflows float32 (logits exactly 0, then NaN). With the norm every level
@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Literal, NamedTuple
 
 import torch
@@ -56,6 +56,12 @@ class CMSLevel(NamedTuple):
     grads: Weights
     start: Weights = ()
     start_grads: Weights = ()
+
+
+class CMSState(NamedTuple):
+    """The CMS's fast state: one entry per level in chain order, None for a static level."""
+
+    levels: tuple[CMSLevel | None, ...]
 
 
 class CMS(nn.Module):
@@ -101,7 +107,7 @@ class CMS(nn.Module):
     # -----------------------------------------------------------------------------------------
     # state
 
-    def init_state(self, batch: int) -> tuple[CMSLevel | None, ...]:
+    def init_state(self, batch: int) -> CMSState:
         """The meta-learned initial fast weights of every online level (None for static levels)."""
         out: list[CMSLevel | None] = [None] * len(self.levels)
         for i in self.online_levels:
@@ -110,7 +116,7 @@ class CMS(nn.Module):
             zeros = tuple(torch.zeros_like(t) for t in w)
             nested = self._parent(i) is not None
             out[i] = CMSLevel(w, zeros, w if nested else (), zeros if nested else ())
-        return tuple(out)
+        return CMSState(tuple(out))
 
     @property
     def lr(self) -> Tensor | tuple[float, ...]:
@@ -120,13 +126,13 @@ class CMS(nn.Module):
     # -----------------------------------------------------------------------------------------
     # forward
 
-    def forward(self, x: Tensor, state: Sequence[CMSLevel | None]) -> Tensor:
+    def forward(self, x: Tensor, state: CMSState) -> Tensor:
         """x `[B, T, D]` -> `[B, T, D]` with the weights in force (the state does not change here)."""
         if self.variant == "independent":
             mix = self.mix.to(x.dtype)
-            return sum(mix[i] * self._level(i, x, st) for i, st in enumerate(state))
+            return sum(mix[i] * self._level(i, x, st) for i, st in enumerate(state.levels))
         z, total = x, torch.zeros_like(x)
-        for i, st in enumerate(state):
+        for i, st in enumerate(state.levels):
             d = self._level(i, rms_normalize(z) if i > 0 and self.level_norm else z, st)
             z, total = z + d, total + d
         return total
@@ -141,31 +147,53 @@ class CMS(nn.Module):
     # -----------------------------------------------------------------------------------------
     # updates (Eq. 71)
 
-    def fast_weights(self, state: Sequence[CMSLevel | None]) -> list[Tensor]:
-        """The tensors the task loss is differentiated against, in `step`'s order."""
-        return [w for i in self.online_levels for w in state[i].weights]  # type: ignore[union-attr]
+    def fast_weights(self, state: CMSState) -> tuple[Tensor, ...]:
+        """The tensors the task loss is differentiated against: every online level's weights, in level order
+        (`step` takes their gradients in the same order)."""
+        return tuple(w for i in self.online_levels for w in self._online(state, i).weights)
 
-    def step(self, state: Sequence[CMSLevel | None], grads: Sequence[Tensor], end: int) -> tuple[CMSLevel | None, ...]:
+    def map_fast_weights(self, state: CMSState, fn: Callable[[Tensor], Tensor]) -> CMSState:
+        """The state with `fn` applied to every online level's weights (e.g. to make them differentiable)."""
+        levels = list(state.levels)
+        for i in self.online_levels:
+            st = self._online(state, i)
+            levels[i] = st._replace(weights=tuple(fn(w) for w in st.weights))
+        return CMSState(tuple(levels))
+
+    def step(self, state: CMSState, grads: Sequence[Tensor], end: int) -> CMSState:
         """Add one segment's gradients (ordered as `fast_weights`) and apply every update due at absolute
         position `end` (the number of tokens read): level l when `end % C_l == 0` (Eq. 71); in the nested
         variant, a level restarts from its (moved) start point when `end` is a boundary of its parent (Eq. 72)."""
-        lr = self.lr
-        new = list(state)
-        for n, i in enumerate(self.online_levels):
-            st: CMSLevel = state[i]  # type: ignore[assignment]
-            g = tuple(grads[3 * n : 3 * n + 3])
-            acc, w = _add(st.grads, g), st.weights
-            if end % self.chunks[i] == 0:  # type: ignore[operator]
-                w, acc = _sub(w, lr[i], acc), _zeros(acc)
-            start, sacc = st.start, st.start_grads
-            parent = self._parent(i)
-            if parent is not None:
-                sacc = _add(sacc, g)
-                if end % self.chunks[parent] == 0:  # type: ignore[operator]
-                    start, sacc = _sub(start, lr[parent], sacc), _zeros(sacc)
-                    w, acc = start, _zeros(acc)
-            new[i] = CMSLevel(w, acc, start, sacc)
-        return tuple(new)
+        expected = sum(len(self._online(state, i).weights) for i in self.online_levels)
+        if len(grads) != expected:
+            raise ValueError(f"CMS.step needs {expected} gradients (ordered as fast_weights), got {len(grads)}")
+        lr, levels, k = self.lr, list(state.levels), 0
+        for i in self.online_levels:
+            st = self._online(state, i)
+            g = tuple(grads[k : k + len(st.weights)])
+            k += len(st.weights)
+            levels[i] = self._step_level(i, st, g, end, lr)
+        return CMSState(tuple(levels))
+
+    def _step_level(self, i: int, st: CMSLevel, g: Weights, end: int, lr: Tensor | tuple[float, ...]) -> CMSLevel:
+        acc, w = _add(st.grads, g), st.weights
+        if end % self.chunks[i] == 0:  # type: ignore[operator]
+            w, acc = _sub(w, lr[i], acc), _zeros(acc)
+        start, sacc = st.start, st.start_grads
+        parent = self._parent(i)
+        if parent is not None:
+            sacc = _add(sacc, g)
+            if end % self.chunks[parent] == 0:  # type: ignore[operator]
+                start, sacc = _sub(start, lr[parent], sacc), _zeros(sacc)
+                w, acc = start, _zeros(acc)
+        return CMSLevel(w, acc, start, sacc)
+
+    @staticmethod
+    def _online(state: CMSState, i: int) -> CMSLevel:
+        st = state.levels[i]
+        if st is None:
+            raise ValueError(f"CMS level {i} is online but its state is None; start from CMS.init_state")
+        return st
 
     def _parent(self, i: int) -> int | None:
         """The online level whose learning restarts level i (nested variant only)."""

@@ -1,6 +1,6 @@
 """Titans' hybrids of attention and the long-term memory (Titans §4): Memory as a Context (MAC) and Memory as a
 Gate (MAG). Memory as a Layer (MAL) needs no module of its own: it is a memory sub-layer followed by a
-sliding-window attention sub-layer in the block (`models/lm.py`).
+sliding-window attention sub-layer in the block (`models/block.py`).
 
 What this is: `MemoryAsContext` and `MemoryAsGate`, `[B, T, D] -> [B, T, D]` with explicit state, built from
 `Attention` and `TitansMemory`. Persistent memory tokens (Titans Eq. 19) are the attention's learned key/value
@@ -10,7 +10,8 @@ What it is not: the Titans LMM alone (`titans.py`).
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from collections.abc import Mapping
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -46,19 +47,33 @@ class MemoryAsGate(nn.Module):
     """MAG (Titans Eqs. 26-28): sliding-window attention with persistent tokens, gated by the memory's read."""
 
     def __init__(
-        self, dim: int, heads: int, *, spec: MemorySpec, chunk_size: int, window: int, n_persistent: int, impl: Impl
+        self,
+        dim: int,
+        heads: int,
+        *,
+        spec: MemorySpec,
+        chunk_size: int,
+        window: int,
+        n_persistent: int,
+        impl: Impl,
+        rope_base: float = 10000.0,
+        rope_scaling: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
-        self.attention = Attention(dim, heads, window=window, n_persistent=n_persistent)
+        rope = dict(rope_base=rope_base, rope_scaling=rope_scaling)
+        self.attention = Attention(dim, heads, window=window, n_persistent=n_persistent, **rope)
         self.memory = TitansMemory(dim, heads, spec=spec, chunk_size=chunk_size, impl=impl)
         self.combine = GateCombine(dim)
 
     def init_state(self, batch: int) -> MAGState:
         return MAGState(self.attention.init_state(batch), self.memory.init_state(batch))
 
-    def forward(self, x: Tensor, state: MAGState | None = None) -> tuple[Tensor, MAGState]:
+    def forward(
+        self, x: Tensor, state: MAGState | None = None, *, second_order: bool = False
+    ) -> tuple[Tensor, MAGState]:
+        """x `[B, T, D]` -> `[B, T, D]`; `second_order` as in `Attention.forward`."""
         state = state if state is not None else self.init_state(x.shape[0])
-        y, att = self.attention(x, state.attention)
+        y, att = self.attention(x, state.attention, second_order=second_order)
         m, mem = self.memory(x, state.memory)
         return self.combine(y, m), MAGState(att, mem)
 
@@ -84,11 +99,22 @@ class MemoryAsContext(nn.Module):
     """
 
     def __init__(
-        self, dim: int, heads: int, *, spec: MemorySpec, chunk_size: int, segment: int, n_persistent: int, impl: Impl
+        self,
+        dim: int,
+        heads: int,
+        *,
+        spec: MemorySpec,
+        chunk_size: int,
+        segment: int,
+        n_persistent: int,
+        impl: Impl,
+        rope_base: float = 10000.0,
+        rope_scaling: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
         self.segment = segment
-        self.attention = Attention(dim, heads, segment=segment, n_persistent=n_persistent)
+        rope = dict(rope_base=rope_base, rope_scaling=rope_scaling)
+        self.attention = Attention(dim, heads, segment=segment, n_persistent=n_persistent, **rope)
         self.memory = TitansMemory(dim, heads, spec=spec, chunk_size=chunk_size, impl=impl, retrieval=True)
         self.combine = GateCombine(dim)
 
@@ -96,7 +122,10 @@ class MemoryAsContext(nn.Module):
         memory = self.memory.init_state(batch)
         return MACState(self.attention.init_state(batch), memory, memory.memory.weights)
 
-    def forward(self, x: Tensor, state: MACState | None = None) -> tuple[Tensor, MACState]:
+    def forward(
+        self, x: Tensor, state: MACState | None = None, *, second_order: bool = False
+    ) -> tuple[Tensor, MACState]:
+        """x `[B, T, D]` -> `[B, T, D]`; `second_order` as in `Attention.forward`."""
         state = state if state is not None else self.init_state(x.shape[0])
         att, mem, seg_w = state
         outs, t, T = [], 0, x.shape[1]
@@ -104,7 +133,7 @@ class MemoryAsContext(nn.Module):
             n = min(self.segment - att.position % self.segment, T - t)
             xs = x[:, t : t + n]
             h = self.memory.retrieve(xs, seg_w)
-            y, att = self.attention(xs, att, context=h)
+            y, att = self.attention(xs, att, context=h, second_order=second_order)
             m, mem = self.memory(y, mem)
             outs.append(self.combine(y, m))
             if att.position % self.segment == 0:

@@ -123,8 +123,12 @@ class SelfModifyingTitans(nn.Module):
         conv = self.conv.initial_state(batch, self.in_proj.weight)
         return SelfModState(conv, self.proj_init.state(batch), self.mem_init.state(batch))
 
-    def forward(self, x: Tensor, state: SelfModState | None = None) -> tuple[Tensor, SelfModState]:
-        """x `[B, T, D]` -> `[B, T, D]`, state carried (D12)."""
+    def forward(
+        self, x: Tensor, state: SelfModState | None = None, *, second_order: bool = False
+    ) -> tuple[Tensor, SelfModState]:
+        """x `[B, T, D]` -> `[B, T, D]`, state carried (D12). `second_order` is part of the mixer interface
+        (`models/block.py`); the memory ops are plain tensor code and twice differentiable as they are."""
+        del second_order
         state = state if state is not None else self.init_state(x.shape[0])
         h, conv = self.conv(self.in_proj(x), state.conv)
         parts = [state_float(split_heads(t, self.heads)).transpose(1, 2) for t in h.split(x.shape[-1], dim=-1)]

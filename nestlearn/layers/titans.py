@@ -68,7 +68,12 @@ class TitansMemory(nn.Module):
     def init_state(self, batch: int) -> TitansState:
         return TitansState(self.conv.initial_state(batch, self.qkv.weight), self.init.state(batch))
 
-    def forward(self, x: Tensor, state: TitansState | None = None) -> tuple[Tensor, TitansState]:
+    def forward(
+        self, x: Tensor, state: TitansState | None = None, *, second_order: bool = False
+    ) -> tuple[Tensor, TitansState]:
+        """x `[B, T, D]` -> `[B, T, D]`, state carried (D12). `second_order` is part of the mixer interface
+        (`models/block.py`); the memory op is plain tensor code and twice differentiable as it is."""
+        del second_order
         state = state if state is not None else self.init_state(x.shape[0])
         h, conv = self.conv(self.qkv(x), state.conv)
         q, k, v = (split_heads(t, self.heads) for t in h.chunk(3, dim=-1))  # [B, T, H, d]

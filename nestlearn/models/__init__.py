@@ -1,15 +1,21 @@
-"""Model configs, the causal LM of every variant, its state (save / load) and the Hugging Face adapter."""
+"""Model configs and presets, the causal LM of every variant, its state (save / load) and the Hugging Face
+adapter (`nestlearn.models.hf`, imported on its own: it needs transformers)."""
 
-from .config import PRESETS, VARIANTS, ModelConfig, preset
-from .lm import CausalLM, ModelState, count_parameters, next_token_loss
+from .block import Block, BlockState
+from .config import VARIANTS, ModelConfig
+from .lm import CausalLM, ModelState, Pending, count_parameters, next_token_loss
+from .presets import PRESETS, preset
 from .state import load_state, save_state
 
 __all__ = [
     "PRESETS",
     "VARIANTS",
+    "Block",
+    "BlockState",
     "CausalLM",
     "ModelConfig",
     "ModelState",
+    "Pending",
     "count_parameters",
     "load_state",
     "next_token_loss",

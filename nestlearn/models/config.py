@@ -1,14 +1,11 @@
-"""One typed configuration for every model of the family, and the size presets.
+"""One typed configuration for every model of the family.
 
 What this is: `ModelConfig` (variant, sizes, memory and chunking, Table 6 ablation switches, attention limits),
-checked on construction with messages that name the fix, and `preset(name, variant)`, the one size dial.
-What it is not: the model (`lm.py`) or the training configuration (a later issue).
-
-Presets: the width, depth and head count follow Titans' Table 5 where it has the size (340M, 760M, 1.3B:
-`paper.md` §5.3) and GPT-style shapes below it; the SwiGLU hidden width is then solved per variant so that every
-variant of a preset has the same total parameter count (tied embeddings, the preset's vocabulary), which makes
-"equal size" comparisons fair: self-modifying Titans spends parameters on its memories' meta-learned initial
-states, the Titans hybrids on a second mixer, and the MLP gives them back.
+checked on construction with messages that name the fix. Every field has one meaning, and a field that does not
+apply to the chosen variant is refused when it is set (`APPLIES_TO`; e.g. `mem_chunk` for a Transformer++).
+Configs saved under the earlier field names (`weight_decay`, `momentum`, `checkpoint`, `attn_window`) are
+read by `from_dict`. What it is not: the model (`lm.py`), the size presets (`presets.py`) or the training
+configuration (`nestlearn/train/config.py`).
 """
 
 from __future__ import annotations
@@ -28,39 +25,63 @@ from ..layers.titans import INNER_GRAD_CLIP
 Variant = Literal["hope", "hope_attention", "titans_lmm", "titans_mac", "titans_mag", "titans_mal", "transformer"]
 VARIANTS: tuple[str, ...] = Variant.__args__  # type: ignore[attr-defined]
 RECURRENT: tuple[str, ...] = ("hope", "titans_lmm", "titans_mac", "titans_mag", "titans_mal")
+TITANS: tuple[str, ...] = ("titans_lmm", "titans_mac", "titans_mag", "titans_mal")
+CMS_VARIANTS: tuple[str, ...] = ("hope", "hope_attention")
+FULL_ATTENTION: tuple[str, ...] = ("transformer", "hope_attention")
+SLIDING_WINDOW: tuple[str, ...] = ("titans_mag", "titans_mal")  # their attention always has a window
+SWA_WINDOW = 2048  # MAG / MAL's window when none is given
+
+# The variants each field applies to; fields not listed apply to every variant. The CMS fields apply only when
+# `cms=True` as well.
+APPLIES_TO: dict[str, tuple[str, ...]] = {
+    **dict.fromkeys(("memory_kind", "memory_expansion", "memory_activation", "mem_chunk", "memory_momentum",
+                     "memory_decay", "impl"), RECURRENT),
+    **dict.fromkeys(("proj_chunk", "dgd", "adaptive_k", "adaptive_v", "adaptive_q", "normalize_v"), ("hope",)),
+    "inner_grad_clip": TITANS,
+    **dict.fromkeys(("cms", "cms_levels", "cms_variant", "cms_lr", "cms_learn_lr", "cms_meta_grad",
+                     "cms_online_layers", "cms_level_norm"), CMS_VARIANTS),
+    **dict.fromkeys(("n_kv_heads", "qkv_bias", "max_seq_len"), FULL_ATTENTION),
+    "window": FULL_ATTENTION + SLIDING_WINDOW,
+    "segment": ("titans_mac",),
+    "n_persistent": ("titans_mac", "titans_mag", "titans_mal"),
+    **dict.fromkeys(("rope_base", "rope_scaling"), ("transformer", "hope_attention", *TITANS[1:])),
+}  # fmt: skip
+CMS_FIELDS = tuple(k for k, v in APPLIES_TO.items() if v == CMS_VARIANTS and k != "cms")
+RENAMED = {"weight_decay": "memory_decay", "momentum": "memory_momentum", "checkpoint": "activation_checkpointing",
+           "attn_window": "window"}  # fmt: skip
 
 
 @dataclass(frozen=True, kw_only=True)
 class ModelConfig:
-    """Everything that defines a model; `dataclasses.replace` or `preset(..., **overrides)` to change it.
+    """Everything that defines a model; `dataclasses.replace` or `presets.preset(..., **overrides)` to change it.
 
     Sizes: `vocab_size`, `d_model`, `n_layers`, `n_heads` (head dim = d_model / n_heads), `mlp_hidden`.
-    Memories (D2-D6): `memory_kind`, `memory_expansion`, `memory_activation`, `mem_chunk` (C_mem),
-    `proj_chunk` (C_proj, self-modifying Titans only).
-    Ablations (Table 6): `dgd` (self-modifying Titans; Titans variants always use plain GD), `momentum`,
-    `weight_decay` (the retention gate alpha), `adaptive_k`, `adaptive_v` (False: the projection stays at its
-    meta-learned initial state), `adaptive_q` (True: the query is a memory too; the paper's final design and our
-    default is a static query). `normalize_v`: L2-normalise self-modifying Titans' generated values
-    (docs/decisions.md: the self-referential loop diverges without it). `inner_grad_clip`: per-token clip of the
+    Memories (D2-D6; the recurrent variants): `memory_kind`, `memory_expansion`, `memory_activation`, `mem_chunk`
+    (C_mem), `proj_chunk` (C_proj, HOPE's self-modifying Titans only), `impl` ("chunk", or "naive": the per-token
+    float64 reference of every memory; same results, slow).
+    Ablations (Table 6, docs/decisions.md): `dgd` (HOPE; the Titans variants always use plain GD),
+    `memory_momentum` (the inner momentum beta), `memory_decay` (the retention gate alpha), `adaptive_k`,
+    `adaptive_v` (False: the projection stays at its meta-learned initial state), `adaptive_q` (True: the query is
+    a memory too; the default static query is the paper's final design). `normalize_v`: L2-normalise HOPE's
+    generated values (the self-referential loop diverges without it). `inner_grad_clip`: per-token clip of the
     inner gradient of the Titans variants' plain-GD memories (`MemorySpec.max_grad_norm`; None turns it off;
-    docs/decisions.md: without it a MAG memory diverges within a few training steps).
-    CMS (HOPE and Hope-Attention's MLP position, D9, D10; docs/decisions.md): `cms` (False = the Table 6 "w/o
-    CMS" ablation: one static SwiGLU), `cms_levels` (each level's chunk size, None = static; the hidden width
-    `mlp_hidden` is per level), `cms_variant` ("chain", "nested", "independent"), `cms_lr` (per-token learning
-    rate of the online levels: one value or one per level), `cms_learn_lr` (learning rates become parameters),
-    `cms_meta_grad` ("first_order" or "full"), `cms_online_layers` (indices of the blocks whose levels learn
-    online; None = every block, () = none: every level static), `cms_level_norm` (the chain's later levels read
-    a normalised input; False is the un-normalised chain, which overflows float32 in training: docs/decisions.md,
-    "Stability and denormals").
+    without it a MAG memory diverges within a few training steps).
+    CMS (HOPE and Hope-Attention's MLP position, D9, D10): `cms` (False = the Table 6 "w/o CMS" ablation: one
+    static SwiGLU), `cms_levels` (each level's chunk size, None = static; the hidden width `mlp_hidden` is per
+    level), `cms_variant` ("chain", "nested", "independent"), `cms_lr` (per-token learning rate of the online
+    levels: one value or one per level), `cms_learn_lr` (learning rates become parameters), `cms_meta_grad`
+    ("first_order" or "full"), `cms_online_layers` (indices of the blocks whose levels learn online; None = every
+    block, () = none: every level static), `cms_level_norm` (the chain's later levels read a normalised input;
+    False is the un-normalised chain, which overflows float32 in training).
     Attention: `n_kv_heads` (grouped-query attention; None = n_heads), `qkv_bias` (Qwen2-style projection
-    biases), `attn_window` (a sliding window for the full-attention variants, e.g. Mistral's); `max_seq_len`
-    bounds full attention (Transformer++, Hope-Attention); `window` is the sliding window
-    of MAG / MAL; `segment` the MAC segment; `n_persistent` learned persistent tokens (Titans Eq. 19).
-    `rope_scaling`: the RoPE frequency scaling of a converted checkpoint (`RotaryEmbedding`) as sorted (key, value)
-    pairs, e.g. `(("factor", 8.0), ..., ("rope_type", "llama3"))` (`tuple(sorted(d.items()))`); None = plain.
-    `impl`: "chunk" or "naive" (the per-token float64 reference of every memory; same results, slow).
-    `checkpoint`: recompute each block in the backward pass instead of keeping its activations (activation
-    checkpointing; same results, about one more forward pass of compute, a fraction of the memory).
+    biases), `max_seq_len` (the longest context of full attention: Transformer++, Hope-Attention), `window` (the
+    sliding window of the attention: None = full causal for Transformer++ / Hope-Attention, e.g. Mistral's
+    window when set; Titans MAG / MAL always have one, `SWA_WINDOW` when None), `segment` (the MAC segment),
+    `n_persistent` (learned persistent tokens, Titans Eq. 19), `rope_base`, `rope_scaling` (the RoPE frequency
+    scaling of a converted checkpoint as sorted (key, value) pairs, e.g. `(("factor", 8.0), ...,
+    ("rope_type", "llama3"))`; None = plain).
+    `activation_checkpointing`: recompute each block in the backward pass instead of keeping its activations
+    (same results, about one more forward pass of compute, a fraction of the memory).
     """
 
     variant: Variant = "hope"
@@ -75,8 +96,8 @@ class ModelConfig:
     mem_chunk: int = 64
     proj_chunk: int = 64
     dgd: bool = True
-    momentum: bool = True
-    weight_decay: bool = True
+    memory_momentum: bool = True
+    memory_decay: bool = True
     adaptive_k: bool = True
     adaptive_v: bool = True
     adaptive_q: bool = False
@@ -92,9 +113,8 @@ class ModelConfig:
     cms_level_norm: bool = True
     n_kv_heads: int | None = None
     qkv_bias: bool = False
-    attn_window: int | None = None
     max_seq_len: int = 8192
-    window: int = 2048
+    window: int | None = None
     segment: int = 512
     n_persistent: int = 64
     rope_base: float = 10000.0
@@ -103,7 +123,7 @@ class ModelConfig:
     init_std: float = 0.02
     norm_eps: float = 1e-6
     impl: Literal["chunk", "naive"] = "chunk"
-    checkpoint: bool = False
+    activation_checkpointing: bool = False
 
     def __post_init__(self) -> None:
         if self.variant not in VARIANTS:
@@ -112,11 +132,16 @@ class ModelConfig:
             levels = tuple(None if c == math.inf else c for c in self.cms_levels)
             object.__setattr__(self, "cms_levels", levels)
         coerce_fields(self)  # '3e-3' from YAML is a float, JSON lists are tuples (nestlearn/fields.py)
+        self._check_applies()
+        if self.variant in SLIDING_WINDOW and self.window is None:
+            object.__setattr__(self, "window", SWA_WINDOW)
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "mlp_hidden", "memory_expansion", "mem_chunk",
-                     "proj_chunk", "max_seq_len", "window", "segment"):  # fmt: skip
+                     "proj_chunk", "max_seq_len", "segment"):  # fmt: skip
             val = getattr(self, name)
             if not isinstance(val, int) or isinstance(val, bool) or val < 1:
                 raise ValueError(f"{name} must be a positive int, got {val!r}")
+        if self.window is not None and self.window < 1:
+            raise ValueError(f"window must be a positive int or None (full attention), got {self.window!r}")
         if self.d_model % self.n_heads:
             raise ValueError(
                 f"d_model = {self.d_model} is not divisible by n_heads = {self.n_heads}; "
@@ -132,6 +157,17 @@ class ModelConfig:
         self._check_rope_scaling()
         if self.n_kv_heads is not None and (self.n_kv_heads < 1 or self.n_heads % self.n_kv_heads):
             raise ValueError(f"n_kv_heads = {self.n_kv_heads} must be a positive divisor of n_heads = {self.n_heads}")
+
+    def _check_applies(self) -> None:
+        """Refuse a field set away from its default where it changes nothing (it would be silently ignored)."""
+        for f in dataclasses.fields(self):
+            if getattr(self, f.name) == f.default or applies(f.name, self.variant, cms=self.cms):
+                continue
+            if f.name in CMS_FIELDS and self.variant in CMS_VARIANTS:
+                why = "cms=False (the Table 6 'w/o CMS' ablation has no CMS levels); remove it or set cms=True"
+            else:
+                why = f"variant {self.variant!r}; it applies to {', '.join(APPLIES_TO[f.name])}. Remove it"
+            raise ValueError(f"{f.name} = {getattr(self, f.name)!r} does not apply to {why}")
 
     def _check_cms(self) -> None:
         check_levels(self.cms_levels, self.cms_variant, self.level_lrs, self.cms_learn_lr)
@@ -175,6 +211,8 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
+        """A config from `to_dict` (also one saved under the earlier field names: see `upgrade`)."""
+        d = upgrade(d)
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
@@ -182,59 +220,39 @@ class ModelConfig:
         return cls(**d)
 
     def fingerprint(self) -> str:
-        """Identifies the computation a state belongs to (`impl` and `checkpoint` change no result)."""
-        d = {k: v for k, v in self.to_dict().items() if k not in ("impl", "checkpoint")}
-        if d["rope_scaling"] is None:  # configs from before the field keep their fingerprint (saved states)
-            del d["rope_scaling"]
+        """Identifies the computation a state belongs to (`impl` and `activation_checkpointing` change no
+        result)."""
+        d = {k: v for k, v in self.to_dict().items() if k not in ("impl", "activation_checkpointing")}
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def applies(name: str, variant: str, *, cms: bool = True) -> bool:
+    """Whether config field `name` changes a model of `variant` (with or without its CMS)."""
+    if name in CMS_FIELDS and not cms:
+        return False
+    return variant in APPLIES_TO.get(name, VARIANTS)
+
+
+def fields_for(variant: str, fields: dict[str, Any], *, cms: bool = True) -> dict[str, Any]:
+    """The entries of `fields` that apply to `variant` (for code that builds several variants from one set)."""
+    return {k: v for k, v in fields.items() if k == "variant" or applies(k, variant, cms=cms)}
+
+
+def upgrade(d: dict[str, Any]) -> dict[str, Any]:
+    """A saved config dict under today's field names. Configs written before the rename hold `weight_decay`,
+    `momentum`, `checkpoint`, and two windows (`attn_window` for full attention, `window` for MAG / MAL); they
+    also hold every field at some value, including fields that changed nothing for their variant, which are
+    dropped here (their values never had an effect)."""
+    if not any(k in d for k in RENAMED):
+        return dict(d)
+    variant = d.get("variant", "hope")
+    old = dict(d)
+    attn_window, swa_window = old.pop("attn_window", None), old.pop("window", None)
+    new = {RENAMED.get(k, k): v for k, v in old.items()}
+    new["window"] = attn_window if variant in FULL_ATTENTION else swa_window if variant in SLIDING_WINDOW else None
+    return fields_for(variant, new, cms=bool(new.get("cms", True)))
 
 
 def _divisors_near(n: int, h: int) -> list[int]:
     divs = [d for d in range(1, n + 1) if n % d == 0 and (n // d) % 2 == 0]
     return sorted(divs, key=lambda d: abs(d - h))[:3]
-
-
-# ---------------------------------------------------------------------------------------------
-# size presets: target parameters, width, depth, heads, vocabulary
-
-PRESETS: dict[str, dict[str, int]] = {
-    "debug": dict(params=1_000_000, d_model=128, n_layers=4, n_heads=8, vocab_size=256),
-    "20M": dict(params=20_000_000, d_model=256, n_layers=10, n_heads=8, vocab_size=32000),
-    "60M": dict(params=60_000_000, d_model=512, n_layers=12, n_heads=8, vocab_size=32000),
-    "125M": dict(params=125_000_000, d_model=768, n_layers=12, n_heads=12, vocab_size=32000),
-    "340M": dict(params=340_000_000, d_model=1024, n_layers=24, n_heads=16, vocab_size=32000),
-    "760M": dict(params=760_000_000, d_model=1536, n_layers=24, n_heads=16, vocab_size=32000),
-    "1.3B": dict(params=1_300_000_000, d_model=2048, n_layers=18, n_heads=8, vocab_size=32000),
-}
-
-
-def preset(name: str, variant: str = "hope", **overrides: Any) -> ModelConfig:
-    """The config of a named size for a variant; the MLP hidden width is solved to hit the size.
-
-    `overrides` may change anything (e.g. `vocab_size=50257`, `mem_chunk=16`, `dgd=False`); the hidden width
-    is solved after them unless `mlp_hidden` is given.
-    """
-    if name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
-    p = dict(PRESETS[name])
-    target = p.pop("params")
-    cfg = ModelConfig(variant=variant, **{**p, **overrides})  # type: ignore[arg-type]
-    if "mlp_hidden" in overrides:
-        return cfg
-    from .lm import count_parameters  # the model defines what a parameter is
-
-    fixed = count_parameters(dataclasses.replace(cfg, mlp_hidden=1)) - _mlp_params(cfg, 1)
-    per_unit = _mlp_params(cfg, 2) - _mlp_params(cfg, 1)
-    hidden = round((target - fixed) / per_unit / 16) * 16
-    if hidden < 16:
-        raise ValueError(
-            f"preset {name!r} cannot hold a {variant} model with these settings ({fixed:,} parameters before the "
-            "MLP); use a larger preset or a smaller vocabulary / memory expansion"
-        )
-    return dataclasses.replace(cfg, mlp_hidden=hidden)
-
-
-def _mlp_params(cfg: ModelConfig, hidden: int) -> int:
-    """Parameters of all SwiGLU MLPs (every CMS level) at a given hidden width."""
-    levels = len(cfg.cms_levels) if cfg.uses_cms else 1
-    return cfg.n_layers * levels * 3 * cfg.d_model * hidden

@@ -135,7 +135,7 @@ def _model_config(hf: dict[str, Any]) -> dict[str, Any]:
         "norm_eps": hf.get("rms_norm_eps", 1e-6),
         "tie_embeddings": bool(hf.get("tie_word_embeddings", False)),
         "max_seq_len": hf.get("max_position_embeddings", 8192),
-        "attn_window": window,
+        "window": window,
     }
 
 

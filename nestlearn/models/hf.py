@@ -17,7 +17,6 @@ import contextlib
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 try:
     from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, PretrainedConfig, PreTrainedModel
@@ -27,7 +26,7 @@ except ImportError as e:  # pragma: no cover - depends on the environment
 
 from ..layers.basic import RotaryEmbedding
 from .config import ModelConfig
-from .lm import CausalLM, ModelState
+from .lm import CausalLM, ModelState, next_token_loss
 
 
 class NestLearnConfig(PretrainedConfig):
@@ -105,7 +104,7 @@ class NestLearnForCausalLM(PreTrainedModel, GenerationMixin):
         logits, state = self.lm(input_ids, state)
         loss = None
         if labels is not None:
-            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+            loss = next_token_loss(logits[:, :-1], labels[:, 1:])  # -100 is ignored
         return CausalLMOutputWithPast(loss=loss, logits=logits, cache=state)
 
     def prepare_inputs_for_generation(

@@ -1,28 +1,37 @@
-"""The causal language model of every variant, with its learning state as an explicit object (D11, D12).
+"""The causal language model of every variant, with its learning state as an explicit object (D11, D12), and
+the online CMS driver (D10, Eq. 71).
 
-What this is: `CausalLM(config)`: token embedding, `n_layers` pre-norm residual blocks, final RMSNorm, tied LM
-head. `forward(input_ids, state=None) -> (logits, state)`; `generate` feeds the prompt in one pass and then
-samples token by token (up to a stop token), the memories still learning from every token they read. Blocks
-per variant:
+What this is: `CausalLM(config)`: token embedding, `n_layers` pre-norm residual blocks (`block.py`), final
+RMSNorm, tied LM head. `forward(input_ids, state=None) -> (logits, state)`; `generate` feeds the prompt in one
+pass and then samples token by token (up to a stop token), the memories still learning from every token they
+read; `learn` reads a document without generating; `forget_context` drops what the sequence mixers hold while
+keeping what the CMS learned. `ModelState` holds one `BlockState` per block; `next_token_loss` is the one
+next-token cross-entropy of the package.
 
-    transformer       x + Attn(norm x);            x + SwiGLU(norm x)     Llama-style Transformer++
-    hope_attention    x + Attn(norm x);            x + CMS(norm x)        Transformer with the CMS (§8.3)
-    hope              x + SelfModTitans(norm x);   x + CMS(norm x)        Eqs. 94-97
-    titans_lmm        x + TitansMemory(norm x);    x + SwiGLU(norm x)
-    titans_mac        x + MAC(norm x);             x + SwiGLU(norm x)     Titans Eqs. 21-25
-    titans_mag        x + MAG(norm x);             x + SwiGLU(norm x)     Titans Eqs. 26-28
-    titans_mal        x + TitansMemory(norm x);    x + SWA(norm x);  x + SwiGLU(norm x)   Titans Eqs. 29-31
-
-When a CMS has online levels the forward pass runs segment by segment and the levels learn from the next-token
-loss of what the model reads (D10, `online.py`); `learn` reads a document without generating, and
-`forget_context` drops what the sequence mixers hold while keeping what the CMS learned.
+The online CMS (blocks whose CMS has online levels) is driven inside `forward`: the model runs segment by
+segment. Segments are aligned to absolute positions and `S` tokens long (`S` = the gcd of the online chunk
+sizes, so every level boundary is a segment end). For each segment: forward every block from the carried state
+with the CMS weights in force; take the segment's next-token loss on its observed targets (the pairs inside the
+segment, summed over tokens); take its gradient with respect to every online level's fast weights (per
+sequence: each sequence's loss depends only on its own weights); hand it to each CMS (`CMS.step`), which adds it
+to its accumulators and applies the updates due at the segment end. The logits a caller gets are those of that
+forward, so an outer loss over them sees every segment with the weights that were in force for it.
+A call may end inside a segment. Its tokens are read at once (their logits need no gradient), and the state
+keeps them with the block states at the segment start (`Pending`); the call that completes the segment runs the
+whole segment again from there to take its gradient. So one pass == pieces == token by token, and a decoded
+token costs one step plus, every `S` tokens, one segment's forward and backward.
+Meta-gradients (`cms_meta_grad`): "first_order" takes the inner gradient without a graph (the outer gradient
+reaches the initial weights through the update's identity path, and the learning rates through `-lr * g`);
+"full" keeps its graph (exact second order; the blocks are then told `second_order=True`, and attention runs
+SDPA's math kernel, the only one with a double backward). Inner gradients need autograd, so learning is
+unavailable under `torch.inference_mode` (`torch.no_grad` is fine: the segment is differentiated locally and the
+results detached).
 What it is not: a trainer, a tokenizer, or the Hugging Face wrapper (`hf.py`).
 """
 
 from __future__ import annotations
 
 import math
-import numbers
 from typing import Any, NamedTuple
 
 import torch
@@ -30,69 +39,35 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from ..layers.attention import Attention
-from ..layers.basic import RMSNorm, SwiGLU
-from ..layers.cms import CMS
-from ..layers.hybrid import MemoryAsContext, MemoryAsGate
-from ..layers.self_modifying import SelfModifyingTitans
-from ..layers.titans import TitansMemory
-from ..ops.memory import MemorySpec
+from ..layers.basic import RMSNorm
+from .block import Block, BlockState
 from .config import ModelConfig
-from .online import OnlineCMS, Pending, run_online
+from .sampling import check_sampling, is_int, sample
+
+
+class Pending(NamedTuple):
+    """The current online segment's tokens read so far `[B, n]` and every block's state at the segment start
+    (None for a block that has not run yet)."""
+
+    tokens: Tensor
+    blocks: tuple[BlockState | None, ...]
 
 
 class ModelState(NamedTuple):
-    """The model's whole learning state (D12): one entry per block (its mixers' states, then its CMS fast weights
-    when it has a CMS), tokens seen, the config it belongs to, and the segment an online CMS has not yet learned
-    from (`online.Pending`; None when there is none)."""
+    """The model's whole learning state (D12): one `BlockState` per block (None before the block's first call),
+    tokens seen, the config it belongs to, and the segment an online CMS has not yet learned from (None when
+    there is none)."""
 
-    layers: tuple[Any, ...]
+    blocks: tuple[BlockState | None, ...]
     position: int
     fingerprint: str
     pending: Pending | None = None
 
     @property
     def batch_size(self) -> int:
-        first = _first_tensor(self.layers)
+        first = _first_tensor(self.blocks)
         assert first is not None, "a model state always holds tensors"
         return first.shape[0]
-
-
-class Block(nn.Module):
-    """Pre-norm residual block: one or two sequence mixers, then the MLP (a SwiGLU, or the CMS)."""
-
-    def __init__(self, cfg: ModelConfig, index: int) -> None:
-        super().__init__()
-        self.mixers = nn.ModuleList(_mixers(cfg))
-        self.norms = nn.ModuleList(RMSNorm(cfg.d_model, cfg.norm_eps) for _ in self.mixers)
-        self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.mlp: nn.Module
-        if cfg.uses_cms:
-            self.mlp = CMS(
-                cfg.d_model, cfg.mlp_hidden, cfg.cms_levels, variant=cfg.cms_variant, lr=cfg.level_lrs,
-                learn_lr=cfg.cms_learn_lr, online=cfg.online_block(index), level_norm=cfg.cms_level_norm,
-            )  # fmt: skip
-        else:
-            self.mlp = SwiGLU(cfg.d_model, cfg.mlp_hidden)
-
-    def init_state(self, batch: int, device: torch.device, dtype: torch.dtype) -> tuple[Any, ...]:
-        mixers = tuple(_init_mixer(m, batch, device, dtype) for m in self.mixers)
-        return (*mixers, self.mlp.init_state(batch)) if isinstance(self.mlp, CMS) else mixers
-
-    def forward(self, x: Tensor, state: tuple[Any, ...] | None) -> tuple[Tensor, tuple[Any, ...]]:
-        """`state=None` starts from the initial state, built here (inside the block's own forward, so that a
-        parameter-sharding wrapper such as FSDP2 has gathered the block's weights first)."""
-        if state is None:
-            state = self.init_state(x.shape[0], x.device, self.mlp_norm.weight.dtype)
-        new = []
-        for norm, mixer, st in zip(self.norms, self.mixers, state, strict=False):
-            y, st = mixer(norm(x), st)
-            x = x + y
-            new.append(st)
-        if isinstance(self.mlp, CMS):
-            cms = state[-1]
-            return x + self.mlp(self.mlp_norm(x), cms), (*new, cms)
-        return x + self.mlp(self.mlp_norm(x)), tuple(new)
 
 
 class CausalLM(nn.Module):
@@ -108,6 +83,10 @@ class CausalLM(nn.Module):
         if config.tie_embeddings:
             self.lm_head.weight = self.embed.weight
         self._init_weights()
+        # the blocks whose CMS learns online, and the segment length of the online driver
+        self.online_blocks = tuple(i for i, b in enumerate(self.blocks) if b.cms is not None and b.cms.online_levels)
+        chunks = [c for i in self.online_blocks for c in self.blocks[i].cms.chunks if c is not None]
+        self.online_segment: int | None = math.gcd(*chunks) if chunks else None
 
     def _init_weights(self) -> None:
         """N(0, init_std) for the embedding and every linear weight; biases (gate offsets) keep their values."""
@@ -120,19 +99,8 @@ class CausalLM(nn.Module):
         return self.embed.weight.device
 
     def init_state(self, batch_size: int) -> ModelState:
-        """The meta-learned initial state for `batch_size` sequences (what `reset` returns to)."""
-        dtype = self.embed.weight.dtype
-        layers = tuple(b.init_state(batch_size, self.device, dtype) for b in self.blocks)
-        return ModelState(layers, 0, self.config.fingerprint())
-
-    @property
-    def online(self) -> OnlineCMS | None:
-        """The blocks whose CMS learns online, with the segment length and meta-gradient mode (None if none)."""
-        blocks = [(i, b.mlp) for i, b in enumerate(self.blocks) if isinstance(b.mlp, CMS) and b.mlp.online_levels]
-        if not blocks:
-            return None
-        segment = math.gcd(*(c for _, cms in blocks for c in cms.chunks if c is not None))
-        return OnlineCMS(blocks, segment, self.config.cms_meta_grad == "full")
+        """The meta-learned initial state for `batch_size` sequences (where every new sequence starts)."""
+        return ModelState(tuple(b.init_state(batch_size) for b in self.blocks), 0, self.config.fingerprint())
 
     def forward(
         self, input_ids: Tensor, state: ModelState | None = None, *, learn: bool = True
@@ -146,26 +114,98 @@ class CausalLM(nn.Module):
         if state is None:  # every block builds its own initial state (see Block.forward)
             state = ModelState((None,) * len(self.blocks), 0, self.config.fingerprint())
         end = state.position + input_ids.shape[1]
-        online = self.online
-        if online is None:
-            logits, layers = self._forward_layers(input_ids, state.layers)
-            return logits, ModelState(layers, end, state.fingerprint)
-        logits, layers, pending = run_online(
-            self._forward_layers, online, input_ids, state.layers, state.position, state.pending, learn
-        )
-        return logits, ModelState(layers, end, state.fingerprint, pending)
+        if self.online_segment is None:
+            logits, blocks = self._forward_blocks(input_ids, state.blocks)
+            return logits, ModelState(blocks, end, state.fingerprint)
+        logits, blocks, pending = self._forward_online(input_ids, state, learn)
+        return logits, ModelState(blocks, end, state.fingerprint, pending)
 
-    def _forward_layers(self, input_ids: Tensor, layers: tuple[Any, ...]) -> tuple[Tensor, tuple[Any, ...]]:
+    def _forward_blocks(
+        self, input_ids: Tensor, states: tuple[BlockState | None, ...], second_order: bool = False
+    ) -> tuple[Tensor, tuple[BlockState, ...]]:
         """Every block from the given states with the CMS weights in force. -> logits `[B, T, V]`, new states."""
         x = self.embed(input_ids)
         new = []
-        for block, st in zip(self.blocks, layers, strict=True):
-            if self.config.checkpoint and torch.is_grad_enabled():
-                x, st = checkpoint(block, x, st, use_reentrant=False)
+        for block, st in zip(self.blocks, states, strict=True):
+            if self.config.activation_checkpointing and torch.is_grad_enabled():
+                x, st = checkpoint(block, x, st, second_order=second_order, use_reentrant=False)
             else:
-                x, st = block(x, st)
+                x, st = block(x, st, second_order=second_order)
             new.append(st)
         return self.lm_head(self.norm(x)), tuple(new)
+
+    # -----------------------------------------------------------------------------------------
+    # the online CMS driver (D10, Eq. 71; the module docstring describes it)
+
+    def _forward_online(
+        self, ids: Tensor, state: ModelState, learn: bool
+    ) -> tuple[Tensor, tuple[BlockState, ...], Pending | None]:
+        """ids `[B, T]` from `state.position` -> logits `[B, T, V]`, the block states, the pending segment.
+
+        A pending None inside a segment means that segment is not learned from (a call with `learn=False` read
+        part of it); learning resumes at the next segment start.
+        """
+        S, position, blocks, pending = self.online_segment, state.position, state.blocks, state.pending
+        assert S is not None
+        outs, t, T = [], 0, ids.shape[1]
+        while t < T:
+            n = min(S - position % S, T - t)
+            piece = ids[:, t : t + n]
+            if position % S == 0:
+                pending = Pending(piece[:, :0], blocks)
+            if not learn or pending is None:
+                logits, blocks = self._forward_blocks(piece, blocks)
+                pending = None
+            elif (position + n) % S == 0:
+                logits, blocks = self._learn_segment(pending, piece, position + n)
+                pending = None
+            else:
+                logits, blocks = self._forward_blocks(piece, blocks)
+                pending = Pending(torch.cat([pending.tokens, piece], dim=1), pending.blocks)
+            outs.append(logits)
+            position, t = position + n, t + n
+        return torch.cat(outs, dim=1), blocks, pending
+
+    def _learn_segment(self, pending: Pending, piece: Tensor, end: int) -> tuple[Tensor, tuple[BlockState, ...]]:
+        """Forward the whole segment from its start, differentiate its loss, update the levels. -> logits of
+        `piece` and the states after the segment."""
+        if torch.is_inference_mode_enabled():
+            raise RuntimeError(
+                "online CMS learning needs autograd, which torch.inference_mode disables; use torch.no_grad() "
+                "instead, or pass learn=False to read without learning"
+            )
+        outer = torch.is_grad_enabled()
+        full = self.config.cms_meta_grad == "full" and outer
+        tokens = torch.cat([pending.tokens, piece], dim=1)
+        with torch.enable_grad():
+            start = self._differentiable(pending.blocks, fresh=not outer)
+            logits, blocks = self._forward_blocks(tokens, start, second_order=full)
+            cms_states = {i: blocks[i].cms for i in self.online_blocks}
+            fast = {i: self.blocks[i].cms.fast_weights(st) for i, st in cms_states.items()}
+            grads = _inner_grads(logits, tokens, [w for ws in fast.values() for w in ws], full, outer)
+            new, k = list(blocks), 0
+            for i, st in cms_states.items():
+                n = len(fast[i])
+                new[i] = blocks[i]._replace(cms=self.blocks[i].cms.step(st, grads[k : k + n], end))
+                k += n
+        out: tuple[BlockState, ...] = tuple(new)
+        if not outer:
+            logits, out = logits.detach(), _detach(out)
+        return logits[:, pending.tokens.shape[1] :], out
+
+    def _differentiable(self, states: tuple[BlockState | None, ...], fresh: bool) -> tuple[BlockState | None, ...]:
+        """The block states with every online fast weight differentiable: a new detached leaf where it was not,
+        or everywhere when `fresh` (no outer graph to keep). A block not yet run (None) builds its fast weights
+        from the parameters inside its forward."""
+        new = list(states)
+        for i in self.online_blocks:
+            st = states[i]
+            if st is not None:
+                new[i] = st._replace(cms=self.blocks[i].cms.map_fast_weights(st.cms, lambda w: _leaf(w, fresh)))
+        return tuple(new)
+
+    # -----------------------------------------------------------------------------------------
+    # reading, forgetting, loss, generation
 
     @torch.no_grad()
     def learn(
@@ -192,11 +232,11 @@ class CausalLM(nn.Module):
         weights and their accumulated gradients are kept."""
         self._check_state(state)
         fresh = self.init_state(state.batch_size)
-        layers = tuple(
-            (*new[:-1], old[-1]) if isinstance(b.mlp, CMS) else new
-            for b, new, old in zip(self.blocks, fresh.layers, state.layers, strict=True)
+        blocks = tuple(
+            new if old is None else new._replace(cms=old.cms)
+            for new, old in zip(fresh.blocks, state.blocks, strict=True)
         )
-        return ModelState(layers, 0, state.fingerprint)
+        return ModelState(blocks, 0, state.fingerprint)
 
     def loss(self, input_ids: Tensor, state: ModelState | None = None) -> tuple[Tensor, ModelState]:
         """Mean next-token cross-entropy over `input_ids[:, 1:]`."""
@@ -231,7 +271,7 @@ class CausalLM(nn.Module):
         Prompt ids outside the vocabulary are refused (one host sync). `learn_generated=False` keeps the online
         CMS levels from learning on sampled tokens (the sequence mixers still read them).
         """
-        _check_sampling(max_new_tokens, temperature, top_k, top_p)
+        check_sampling(max_new_tokens, temperature, top_k, top_p)
         self._check_stop_token(stop_token)
         self._check(input_ids, state)
         self.check_vocabulary(input_ids)
@@ -239,7 +279,7 @@ class CausalLM(nn.Module):
         out: list[Tensor] = []
         done = None if stop_token is None else torch.zeros(input_ids.shape[0], dtype=torch.bool, device=logits.device)
         for _ in range(max_new_tokens):
-            nxt = _sample(logits[:, -1].float(), temperature, top_k, top_p, generator)
+            nxt = sample(logits[:, -1].float(), temperature, top_k, top_p, generator)
             if done is not None:
                 nxt = nxt.masked_fill(done, stop_token)
                 done = done | (nxt == stop_token)
@@ -281,7 +321,7 @@ class CausalLM(nn.Module):
 
     def _check_stop_token(self, stop_token: int | None) -> None:
         V = self.config.vocab_size
-        if stop_token is not None and (not _is_int(stop_token) or not 0 <= stop_token < V):
+        if stop_token is not None and (not is_int(stop_token) or not 0 <= stop_token < V):
             raise ValueError(
                 f"stop_token must be None (never stop) or a token id in 0 .. {V - 1} (vocab_size = {V}), got "
                 f"{stop_token!r}; pass the end-of-text id of the tokenizer the model was trained with"
@@ -297,9 +337,13 @@ class CausalLM(nn.Module):
             )
 
 
-def next_token_loss(logits: Tensor, targets: Tensor) -> Tensor:
-    """Mean cross-entropy of logits `[B, T, V]` against target ids `[B, T]`, computed in float32."""
-    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+def next_token_loss(logits: Tensor, targets: Tensor, *, reduction: str = "mean") -> Tensor:
+    """Cross-entropy of logits `[B, T, V]` against the target ids `[B, T]` (the tokens that follow; -100 is
+    ignored), "mean" or "sum" over tokens; computed in float32 (float64 logits stay float64). The one next-token
+    loss of the package: training, evaluation, the online CMS's inner loss and the Hugging Face adapter use it."""
+    x = logits.flatten(0, 1)
+    x = x if x.dtype == torch.float64 else x.float()
+    return F.cross_entropy(x, targets.flatten(), reduction=reduction)
 
 
 def count_parameters(cfg: ModelConfig) -> int:
@@ -309,110 +353,27 @@ def count_parameters(cfg: ModelConfig) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-# ---------------------------------------------------------------------------------------------
-# construction helpers
+def _inner_grads(logits: Tensor, tokens: Tensor, fast: list[Tensor], full: bool, outer: bool) -> list[Tensor]:
+    """Gradient of the segment's summed next-token loss (Eq. 71) w.r.t. each fast weight (zeros if unused);
+    with `full` the gradient keeps its graph, with `outer` the forward's graph is kept for the outer loss."""
+    if tokens.shape[1] < 2:  # a one-token segment has no observed target
+        return [torch.zeros_like(w) for w in fast]
+    loss = next_token_loss(logits[:, :-1], tokens[:, 1:], reduction="sum")
+    grads = torch.autograd.grad(loss, fast, create_graph=full, retain_graph=outer or full, allow_unused=True)
+    return [g if g is not None else torch.zeros_like(w) for g, w in zip(grads, fast, strict=True)]
 
 
-def memory_spec(cfg: ModelConfig, *, titans: bool) -> MemorySpec:
-    """The memories' spec from the config (Titans variants: plain GD, Titans Eqs. 13-14, with the inner clip)."""
-    return MemorySpec(
-        kind=cfg.memory_kind,
-        activation=cfg.memory_activation,
-        expansion=cfg.memory_expansion,
-        dgd=cfg.dgd and not titans,
-        momentum=cfg.momentum,
-        decay=cfg.weight_decay,
-        max_grad_norm=cfg.inner_grad_clip if titans else None,
-    )
+def _leaf(w: Tensor, fresh: bool) -> Tensor:
+    return w if w.requires_grad and not fresh else w.detach().requires_grad_()
 
 
-def _mixers(cfg: ModelConfig) -> list[nn.Module]:
-    D, H, v = cfg.d_model, cfg.n_heads, cfg.variant
-    titans = memory_spec(cfg, titans=True)
-    if v in ("transformer", "hope_attention"):
-        return [
-            Attention(
-                D, H, max_len=cfg.max_seq_len, rope_base=cfg.rope_base, kv_heads=cfg.n_kv_heads,
-                qkv_bias=cfg.qkv_bias, window=cfg.attn_window, rope_scaling=_rope_scaling(cfg),
-            )
-        ]  # fmt: skip
-    if v == "hope":
-        return [
-            SelfModifyingTitans(
-                D, H, spec=memory_spec(cfg, titans=False), mem_chunk=cfg.mem_chunk, proj_chunk=cfg.proj_chunk,
-                adaptive_k=cfg.adaptive_k, adaptive_v=cfg.adaptive_v, adaptive_q=cfg.adaptive_q,
-                normalize_v=cfg.normalize_v, impl=cfg.impl,
-            )
-        ]  # fmt: skip
-    memory = dict(spec=titans, chunk_size=cfg.mem_chunk, impl=cfg.impl)
-    if v == "titans_lmm":
-        return [TitansMemory(D, H, **memory)]
-    if v == "titans_mag":
-        return [MemoryAsGate(D, H, window=cfg.window, n_persistent=cfg.n_persistent, **memory)]
-    if v == "titans_mac":
-        return [MemoryAsContext(D, H, segment=cfg.segment, n_persistent=cfg.n_persistent, **memory)]
-    swa = Attention(
-        D, H, window=cfg.window, n_persistent=cfg.n_persistent, rope_base=cfg.rope_base,
-        rope_scaling=_rope_scaling(cfg),
-    )  # fmt: skip
-    return [TitansMemory(D, H, **memory), swa]  # titans_mal
-
-
-def _rope_scaling(cfg: ModelConfig) -> dict[str, Any] | None:
-    return dict(cfg.rope_scaling) if cfg.rope_scaling is not None else None
-
-
-def _init_mixer(mixer: nn.Module, batch: int, device: torch.device, dtype: torch.dtype) -> Any:
-    if isinstance(mixer, Attention):
-        return mixer.init_state(batch, device, dtype)
-    return mixer.init_state(batch)
-
-
-# ---------------------------------------------------------------------------------------------
-# sampling
-
-
-def _check_sampling(max_new_tokens: int, temperature: float, top_k: int | None, top_p: float | None) -> None:
-    if not _is_int(max_new_tokens) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
-    if not _is_real(temperature) or not math.isfinite(temperature) or temperature < 0:
-        raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature!r}")
-    if top_k is not None and (not _is_int(top_k) or top_k < 1):
-        raise ValueError(f"top_k must be None (no limit) or an int >= 1, got {top_k!r}")
-    if top_p is not None and (not _is_real(top_p) or not 0 < top_p <= 1):
-        raise ValueError(f"top_p must be None (off) or a number in (0, 1], got {top_p!r}")
-
-
-def _is_int(x: Any) -> bool:
-    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
-
-
-def _is_real(x: Any) -> bool:
-    return isinstance(x, numbers.Real) and not isinstance(x, bool)
-
-
-def _sample(
-    logits: Tensor, temperature: float, top_k: int | None, top_p: float | None, generator: torch.Generator | None
-) -> Tensor:
-    """logits `[B, V]` -> token ids `[B]`: the argmax at temperature 0, else a draw from the softmax of
-    logits / temperature restricted to the top_k most likely tokens, then to the top_p nucleus."""
-    if temperature == 0:
-        return logits.argmax(-1)
-    logits = logits / temperature
-    if top_k is not None and top_k < logits.shape[-1]:
-        kth = logits.topk(top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and top_p < 1:
-        logits = _nucleus(logits, top_p)
-    return torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
-
-
-def _nucleus(logits: Tensor, top_p: float) -> Tensor:
-    """`[B, V]`: -inf outside the fewest most likely tokens whose probabilities sum to at least top_p (the most
-    likely token always stays)."""
-    probs, order = logits.softmax(-1).sort(-1, descending=True)
-    reached = probs.cumsum(-1) - probs >= top_p  # the more likely tokens already sum to top_p
-    return logits.masked_fill(torch.zeros_like(reached).scatter(-1, order, reached), float("-inf"))
+def _detach(tree: Any) -> Any:
+    if isinstance(tree, Tensor):
+        return tree.detach()
+    if isinstance(tree, tuple):
+        items = [_detach(x) for x in tree]
+        return type(tree)(*items) if hasattr(tree, "_fields") else tuple(items)
+    return tree
 
 
 def _first_tensor(tree: Any) -> Tensor | None:

@@ -2,8 +2,10 @@
 
 What this is: the package of the training pipeline, read in this order:
     config.py       TrainConfig (typed, checked) and load_config (YAML / Python file + key=value overrides)
+    run.py          Run (what one process holds) and Stop (SIGINT / SIGTERM finish the step, then stop)
     loop.py         train(cfg): set-up, steps with non-finite guards, evaluation, safe stops (signals, time)
-    checkpoints.py  atomic checkpoints from finite state only; resume from the newest intact one, same run only
+    checkpoints.py  atomic checkpoints from finite state only (the state serializer of nestlearn/io.py); resume from
+                    the newest intact one, same run only
     metrics.py      metrics.jsonl (truncated to the resumed step), TensorBoard, the loss PNG
     command.py      the command line: one-line errors instead of tracebacks
 Each rank owns its sequences, their memory states and online CMS updates (the state never crosses ranks); DDP or

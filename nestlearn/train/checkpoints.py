@@ -19,17 +19,16 @@ import json
 import shutil
 import subprocess
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from ..data.tokenizer import check_identity
-from ..io import load_bundle, save_bundle
+from ..io import join_tree, load_bundle, save_bundle, split_tree
+from ..models import ModelConfig
 from .config import CHANGEABLE
-
-if TYPE_CHECKING:
-    from .loop import Run
+from .run import Run
 
 
 class TrainingDiverged(RuntimeError):
@@ -50,7 +49,7 @@ def save_checkpoint(run: Run) -> Path | None:
             f"checkpoint is {newest_name(run.out)}. Lower lr (now {run.cfg.lr}) or clip and resume from it"
         )
     model_state = _full_model_state(run)
-    opt_tensors, opt_meta = _flatten_optimizer(_full_optimizer_state(run))
+    opt_tensors, opt_meta = split_tree(_full_optimizer_state(run), "opt")
     if run.rank != 0:
         return None
     root = run.out / "checkpoints"
@@ -127,7 +126,7 @@ def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], Any]:
         bad = [k for k, t in group.items() if t.is_floating_point() and not bool(t.isfinite().all())]
         if bad:
             raise ValueError(f"its {what} hold NaN or inf ({bad[0]} and {len(bad) - 1} more)")
-    return tensors, meta, _unflatten_optimizer(opt_tensors, opt_meta["structure"])
+    return tensors, meta, join_tree(opt_tensors, opt_meta["structure"])
 
 
 def _check_same_run(run: Run, path: Path, meta: dict[str, Any]) -> set[str]:
@@ -157,7 +156,8 @@ def differences(meta: dict[str, Any], run: Run) -> dict[str, str]:
         for name in CHANGEABLE
         if name not in ("data", "model") and name in then and then[name] != now[name]
     }
-    old_model, new_model = meta["model_config"], _jsonable(run.core.config.to_dict())
+    old_model = _jsonable(ModelConfig.from_dict(meta["model_config"]).to_dict())  # also under earlier field names
+    new_model = _jsonable(run.core.config.to_dict())
     fields = [k for k in sorted(set(old_model) | set(new_model)) if old_model.get(k) != new_model.get(k)]
     if fields:
         out["model"] = "model " + ", ".join(f"{k} {old_model.get(k)!r} -> {new_model.get(k)!r}" for k in fields)
@@ -211,7 +211,7 @@ def _jsonable(x: Any) -> Any:
 
 
 # ---------------------------------------------------------------------------------------------
-# full (gathered) states under FSDP2, and the optimizer state as tensors + JSON
+# full (gathered) states under FSDP2
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
@@ -257,43 +257,6 @@ def _load_states(run: Run, model: dict[str, torch.Tensor], optimizer: Any) -> No
     run.core.load_state_dict(model)
     if optimizer is not None:
         run.opt.load_state_dict(optimizer)
-
-
-def _flatten_optimizer(state: Any, prefix: str = "") -> tuple[dict[str, torch.Tensor], Any]:
-    """Split a (nested) optimizer state_dict into tensors (by dotted path) and a JSON structure."""
-    tensors: dict[str, torch.Tensor] = {}
-
-    def walk(x: Any, path: str) -> Any:
-        if isinstance(x, torch.Tensor):
-            tensors[path] = x
-            return {"__tensor__": path}
-        if isinstance(x, dict):
-            return {"__dict__": [[_key(k), walk(v, f"{path}.{k}")] for k, v in x.items()]}
-        if isinstance(x, list | tuple):
-            items = [walk(v, f"{path}.{i}") for i, v in enumerate(x)]
-            return {"__list__" if isinstance(x, list) else "__tuple__": items}
-        return x
-
-    return tensors, walk(state, prefix or "opt")
-
-
-def _key(k: Any) -> Any:
-    return {"__int__": k} if isinstance(k, int) else k
-
-
-def _unflatten_optimizer(tensors: dict[str, torch.Tensor], structure: Any) -> Any:
-    def build(x: Any) -> Any:
-        if isinstance(x, dict) and "__tensor__" in x:
-            return tensors[x["__tensor__"]]
-        if isinstance(x, dict) and "__dict__" in x:
-            return {(k["__int__"] if isinstance(k, dict) else k): build(v) for k, v in x["__dict__"]}
-        if isinstance(x, dict) and "__list__" in x:
-            return [build(v) for v in x["__list__"]]
-        if isinstance(x, dict) and "__tuple__" in x:
-            return tuple(build(v) for v in x["__tuple__"])
-        return x
-
-    return build(structure)
 
 
 def code_version() -> str:

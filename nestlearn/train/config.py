@@ -20,7 +20,8 @@ from typing import Any, Literal
 
 from ..fields import coerce, coerce_fields
 from ..models import ModelConfig
-from ..models.config import PRESETS, VARIANTS
+from ..models.config import RENAMED, VARIANTS
+from ..models.presets import PRESETS
 from ..optim.routing import MATRIX_OPTIMIZERS
 
 SCHEDULES = ("cosine", "wsd", "constant")
@@ -122,6 +123,10 @@ def check_model_overrides(overrides: dict[str, Any]) -> dict[str, Any]:
     hints = typing.get_type_hints(ModelConfig)
     out = {}
     for key, value in overrides.items():
+        if key in RENAMED:
+            raise ValueError(
+                f"model_overrides.{key} is now called {RENAMED[key]!r}; write model_overrides.{RENAMED[key]}"
+            )
         if key not in hints or key == "variant":
             close = difflib.get_close_matches(str(key), list(hints), n=1)
             hint = f" (did you mean {close[0]!r}?)" if close and close[0] != "variant" else ""

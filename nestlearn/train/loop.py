@@ -20,12 +20,9 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import signal
 import sys
 import tempfile
-import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -38,53 +35,7 @@ from ..optim import route
 from .checkpoints import TrainingDiverged, newest_name, resume, save_checkpoint
 from .config import TrainConfig
 from .metrics import MetricsLog, finite_or_none
-
-
-class Stop:
-    """SIGINT / SIGTERM set `requested` (the loop stops after the current step); a second SIGINT aborts."""
-
-    def __init__(self) -> None:
-        self.requested: str | None = None
-        self._old: dict[int, Any] = {}
-
-    def __enter__(self) -> Stop:
-        if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self._old[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.requested is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt  # the second Ctrl-C: stop now, without a checkpoint
-        self.requested = signal.Signals(signum).name
-        print(f"\n{self.requested}: stopping after the current step and writing a checkpoint "
-              "(Ctrl-C again aborts without saving)", file=sys.stderr, flush=True)  # fmt: skip
-
-
-@dataclass
-class Run:
-    """What one process of a run holds."""
-
-    cfg: TrainConfig
-    rank: int
-    world: int
-    device: torch.device
-    mode: str
-    shards: Shards
-    model: torch.nn.Module
-    core: CausalLM
-    opt: Any
-    out: Path
-    stop: Stop
-    log: MetricsLog
-    base_lrs: list[float] = field(default_factory=list)  # the schedule scales these
-    step: int = 0
-    nonfinite_total: int = 0
-    nonfinite_in_a_row: int = 0
+from .run import Run, Stop
 
 
 class StepResult(NamedTuple):
@@ -219,9 +170,9 @@ def _check_fits(cfg: TrainConfig, model_cfg: Any, shards: Shards) -> None:
 def _check_fsdp(cfg: TrainConfig, core: CausalLM) -> None:
     if cfg.optimizer != "adamw":
         raise ValueError("FSDP shards every matrix across ranks; use optimizer=adamw with distributed=fsdp")
-    if core.online is not None:
+    if core.online_segment is not None:
         raise ValueError(
-            "online CMS levels under FSDP2 are not supported yet (the inner gradient runs inside the sharded "
+            "online CMS levels under FSDP2 are not supported (the inner gradient runs inside the sharded "
             "forward); use distributed=ddp, or static levels (model_overrides.cms_online_layers=[])"
         )
 

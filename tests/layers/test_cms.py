@@ -21,8 +21,8 @@ def swiglu(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Te
 
 def level_weights(cms: CMS, state, i: int):
     """Level i's weights as `[B, ...]` tensors (fast weights, or the static parameters broadcast)."""
-    if state[i] is not None:
-        return state[i].weights
+    if state.levels[i] is not None:
+        return state.levels[i].weights
     lv = cms.levels[i]
     return tuple(m.weight[None] for m in (lv.gate, lv.up, lv.down))
 
@@ -63,7 +63,7 @@ def test_one_level_is_the_plain_mlp() -> None:
 
 @pytest.mark.parametrize("variant", ["chain", "nested"])
 def test_level_norm_bounds_the_chain_gain(variant: str) -> None:
-    """Issue 12: a SwiGLU is homogeneous of degree 2, so without the norm every later level squares the scale of
+    """A SwiGLU is homogeneous of degree 2, so without the norm every later level squares the scale of
     what it reads. With every level's weights 4x their initial size (what 100 AdamW steps at lr 1e-2 did to a tiny
     HOPE's levels: mean |w| 0.016 -> 0.06), the three-level chain's output is 1e9 without the norm, 39 with it."""
     x = torch.randn(2, 7, 6, dtype=torch.float64)
@@ -85,13 +85,13 @@ def test_step_sums_gradients_and_applies_them_at_boundaries() -> None:
     st1 = cms.step(st0, g[0], end=2)  # boundary of level 2 only
     st2 = cms.step(st1, g[1], end=4)  # boundary of both
     for j in range(3):
-        w1, w2 = st0[1].weights[j], st0[2].weights[j]
-        torch.testing.assert_close(st1[1].weights[j], w1)  # level 1 waits
-        torch.testing.assert_close(st1[1].grads[j], g[0][j])
-        torch.testing.assert_close(st1[2].weights[j], w2 - 0.25 * g[0][3 + j])
-        torch.testing.assert_close(st2[1].weights[j], w1 - 0.5 * (g[0][j] + g[1][j]))
-        torch.testing.assert_close(st2[2].weights[j], w2 - 0.25 * (g[0][3 + j] + g[1][3 + j]))
-        assert not st2[1].grads[j].any() and not st2[2].grads[j].any()
+        w1, w2 = st0.levels[1].weights[j], st0.levels[2].weights[j]
+        torch.testing.assert_close(st1.levels[1].weights[j], w1)  # level 1 waits
+        torch.testing.assert_close(st1.levels[1].grads[j], g[0][j])
+        torch.testing.assert_close(st1.levels[2].weights[j], w2 - 0.25 * g[0][3 + j])
+        torch.testing.assert_close(st2.levels[1].weights[j], w1 - 0.5 * (g[0][j] + g[1][j]))
+        torch.testing.assert_close(st2.levels[2].weights[j], w2 - 0.25 * (g[0][3 + j] + g[1][3 + j]))
+        assert not st2.levels[1].grads[j].any() and not st2.levels[2].grads[j].any()
 
 
 def test_nested_restarts_from_the_start_its_parent_learns() -> None:
@@ -99,16 +99,16 @@ def test_nested_restarts_from_the_start_its_parent_learns() -> None:
     -lr_1 * (level 2's gradients since level 1's last boundary)."""
     cms = make("nested", chunks=(None, 4, 2), lr=(0.0, 0.5, 0.25))
     st = cms.init_state(1)
-    start = st[2].start
+    start = st.levels[2].start
     g = [[torch.randn_like(w) for w in cms.fast_weights(st)] for _ in range(2)]
     mid = cms.step(st, g[0], end=2)
     end = cms.step(mid, g[1], end=4)
     for j in range(3):
-        torch.testing.assert_close(mid[2].weights[j], start[j] - 0.25 * g[0][3 + j])  # its own update first
+        torch.testing.assert_close(mid.levels[2].weights[j], start[j] - 0.25 * g[0][3 + j])  # its own update first
         moved = start[j] - 0.5 * (g[0][3 + j] + g[1][3 + j])
-        torch.testing.assert_close(end[2].start[j], moved)
-        torch.testing.assert_close(end[2].weights[j], moved)  # restarted there
-    assert st[1].start == ()  # level 1's parent is static: it never restarts
+        torch.testing.assert_close(end.levels[2].start[j], moved)
+        torch.testing.assert_close(end.levels[2].weights[j], moved)  # restarted there
+    assert st.levels[1].start == ()  # level 1's parent is static: it never restarts
 
 
 def test_learnable_rates_are_parameters() -> None:
@@ -120,7 +120,7 @@ def test_learnable_rates_are_parameters() -> None:
 
 def test_offline_layer_has_only_static_levels() -> None:
     cms = make(online=False)
-    assert cms.online_levels == () and cms.init_state(2) == (None, None, None)
+    assert cms.online_levels == () and cms.init_state(2).levels == (None, None, None)
 
 
 @pytest.mark.parametrize(

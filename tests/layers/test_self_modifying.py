@@ -191,7 +191,7 @@ def test_default_gates_stay_bounded(normalize_v: bool, bounded: bool) -> None:
 
 @pytest.mark.parametrize("flush", [True, False])
 def test_long_cpu_run_leaves_no_subnormal_state(flush: bool, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Issue 12: at its retention gates the untrained layer forgets geometrically (at the initial alpha 0.99 its
+    """At its retention gates the untrained layer forgets geometrically (at the initial alpha 0.99 its
     fast weights reach 1e-36 after 8K tokens); here alpha is 0.95 so 2,048 tokens suffice. Once the chunk's decay
     `alpha^C` exceeds 1/2 the smallest subnormals stay fixed (round to nearest), so without the flush of the
     memory op half of the carried state (projection and main memories) is subnormal; with it none is."""

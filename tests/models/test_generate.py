@@ -9,7 +9,7 @@ import torch
 
 from nestlearn.data.tokenizer import ByteTokenizer
 from nestlearn.models import CausalLM, preset
-from nestlearn.models.lm import _sample
+from nestlearn.models.sampling import sample as _sample
 from tests.models.test_lm import tiny
 
 
@@ -82,7 +82,7 @@ def test_stop_token_ends_a_single_sequence_early() -> None:
     assert got.shape == (1, n) and 1 < n < 12 and state.position == 5 + n
     with torch.no_grad():
         _, ref = model(torch.cat([prompt, got], 1))
-    torch.testing.assert_close(state.layers, ref.layers, rtol=0, atol=1e-10)
+    torch.testing.assert_close(state.blocks, ref.blocks, rtol=0, atol=1e-10)
 
 
 def test_stop_token_pads_finished_sequences_until_the_batch_is_done() -> None:

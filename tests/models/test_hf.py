@@ -63,7 +63,7 @@ def test_generate_keeps_the_cms_learning() -> None:
     out = model.generate(ids, max_new_tokens=6, do_sample=False, return_dict_in_generate=True)
     ours, state = model.lm.generate(ids, 6, temperature=0)
     torch.testing.assert_close(out.sequences[:, 9:], ours)
-    learned = state.layers[0][-1][1].weights[0]
+    learned = state.blocks[0].cms.levels[1].weights[0]
     assert (learned - model.lm.blocks[0].mlp.levels[1].gate.weight).abs().max() > 0
 
 

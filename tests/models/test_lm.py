@@ -10,16 +10,25 @@ import pytest
 import torch
 
 from nestlearn.models import VARIANTS, CausalLM, ModelConfig, preset
-from nestlearn.models.lm import memory_spec
+from nestlearn.models.block import memory_spec
+from nestlearn.models.config import SLIDING_WINDOW, fields_for
 
 SMALL = dict(mem_chunk=4, proj_chunk=3, segment=8, window=6, n_persistent=2)
+
+
+def applicable(variant: str, fields: dict) -> dict:
+    """The entries of one set of fields for all variants that apply to `variant`; their `window` is MAG / MAL's
+    sliding window (full attention stays full)."""
+    fields = fields_for(variant, fields)
+    return fields if variant in SLIDING_WINDOW else {k: v for k, v in fields.items() if k != "window"}
 
 
 def tiny(variant: str, **kw) -> CausalLM:
     torch.manual_seed(0)
     cfg = ModelConfig(
-        variant=variant, vocab_size=64, d_model=16, n_layers=2, n_heads=2, mlp_hidden=24, **{**SMALL, **kw}
-    )
+        variant=variant, vocab_size=64, d_model=16, n_layers=2, n_heads=2, mlp_hidden=24,
+        **{**applicable(variant, SMALL), **kw},
+    )  # fmt: skip
     return CausalLM(cfg).double()
 
 
@@ -54,7 +63,7 @@ def test_one_pass_equals_pieces_equals_token_by_token(variant: str) -> None:
 def test_checkpointing_changes_nothing(variant: str) -> None:
     """Activation checkpointing recomputes blocks: same loss, same gradients, same state fingerprint."""
     model = tiny(variant)
-    ckpt = CausalLM(dataclasses.replace(model.config, checkpoint=True)).double()
+    ckpt = CausalLM(dataclasses.replace(model.config, activation_checkpointing=True)).double()
     ckpt.load_state_dict(model.state_dict())
     ids = torch.randint(0, 64, (2, 13))
     results = []
@@ -78,8 +87,8 @@ def test_naive_impl_gives_the_same_model(variant: str) -> None:
 
 ABLATIONS = {
     "dgd": False,
-    "momentum": False,
-    "weight_decay": False,
+    "memory_momentum": False,
+    "memory_decay": False,
     "adaptive_k": False,
     "adaptive_v": False,
     "adaptive_q": True,
@@ -119,7 +128,7 @@ def test_generate_keeps_learning_and_matches_forward() -> None:
         logits, ref_state = model(full)
     torch.testing.assert_close(new, logits[:, 8:-1].argmax(-1))
     assert state.position == 15
-    for a, b in zip(_tensors(state.layers), _tensors(ref_state.layers), strict=True):
+    for a, b in zip(_tensors(state.blocks), _tensors(ref_state.blocks), strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
     sampled, _ = model.generate(prompt, 4, temperature=0.8, top_k=5, generator=torch.Generator().manual_seed(0))
     assert sampled.shape == (2, 4) and int(sampled.max()) < 64

@@ -12,16 +12,16 @@ import torch
 import torch.nn.functional as F
 
 from nestlearn.models import CausalLM, ModelConfig, load_state, save_state
+from nestlearn.models.config import fields_for
 
 VARIANTS = ["hope_attention", "hope"]
 
 
 def online_model(variant: str = "hope_attention", **kw) -> CausalLM:
     torch.manual_seed(0)
-    base = dict(
-        variant=variant, vocab_size=64, d_model=16, n_layers=2, n_heads=2, mlp_hidden=24, mem_chunk=4,
-        proj_chunk=3, cms_levels=(None, 8, 4), cms_lr=0.5,
-    )  # fmt: skip
+    memory = fields_for(variant, dict(mem_chunk=4, proj_chunk=3))
+    base = dict(variant=variant, vocab_size=64, d_model=16, n_layers=2, n_heads=2, mlp_hidden=24,
+                cms_levels=(None, 8, 4), cms_lr=0.5, **memory)  # fmt: skip
     return CausalLM(ModelConfig(**{**base, **kw})).double()
 
 
@@ -33,7 +33,7 @@ def same_weights(model: CausalLM, **changes) -> CausalLM:
 
 
 def cms_states(state) -> list[torch.Tensor]:
-    return [w for layer in state.layers for lv in layer[-1] if lv is not None for w in lv.weights + lv.grads]
+    return [w for block in state.blocks for lv in block.cms.levels if lv is not None for w in lv.weights + lv.grads]
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -70,7 +70,7 @@ def test_a_level_whose_chunk_is_not_reached_is_a_static_mlp() -> None:
         online, st = model(ids)
         static, _ = same_weights(model, cms_levels=(None, None))(ids)
     torch.testing.assert_close(online, static, rtol=0, atol=0)
-    assert (st.layers[0][-1][1].weights[0] - model.blocks[0].mlp.levels[1].gate.weight).abs().max() > 0
+    assert (st.blocks[0].cms.levels[1].weights[0] - model.blocks[0].mlp.levels[1].gate.weight).abs().max() > 0
 
 
 def test_updates_happen_exactly_at_multiples_of_the_chunk() -> None:
@@ -82,7 +82,7 @@ def test_updates_happen_exactly_at_multiples_of_the_chunk() -> None:
         for t in range(14):
             _, new = model(ids[:, t : t + 1], st)
             for lvl in (1, 2):
-                before, after = st.layers[1][-1][lvl].weights[0], new.layers[1][-1][lvl].weights[0]
+                before, after = st.blocks[1].cms.levels[lvl].weights[0], new.blocks[1].cms.levels[lvl].weights[0]
                 if not torch.equal(before, after):
                     changed[lvl].append(t + 1)  # tokens read when it changed
             st = new
@@ -101,7 +101,7 @@ def test_update_is_the_gradient_of_the_segment_loss() -> None:
     loss = F.cross_entropy(logits[0, :-1], ids[0, 1:], reduction="sum")
     lv = static.blocks[0].mlp.levels[0]
     grads = torch.autograd.grad(loss, [lv.gate.weight, lv.up.weight, lv.down.weight])
-    for w, p, g in zip(st.layers[0][-1][0].weights, (lv.gate, lv.up, lv.down), grads, strict=True):
+    for w, p, g in zip(st.blocks[0].cms.levels[0].weights, (lv.gate, lv.up, lv.down), grads, strict=True):
         torch.testing.assert_close(w[0], p.weight - 0.3 * g, rtol=0, atol=1e-12)
 
 
@@ -122,7 +122,7 @@ def test_only_the_configured_layers_learn_online() -> None:
     assert [b.mlp.online_levels for b in model.blocks] == [(), (), (1, 2)]
     with torch.no_grad():
         _, st = model(torch.randint(0, 64, (1, 9)))
-    assert st.layers[0][-1] == (None, None, None) and st.layers[2][-1][1] is not None
+    assert st.blocks[0].cms.levels == (None, None, None) and st.blocks[2].cms.levels[1] is not None
 
 
 def test_outer_gradients_reach_initial_weights_and_rates() -> None:
@@ -203,9 +203,10 @@ def test_reading_without_learning() -> None:
     with torch.no_grad():
         _, st = model(ids[:, :2])
         _, st = model(ids[:, 2:6], st, learn=False)  # ends at a boundary: no update from tokens 0-3
-        assert torch.equal(st.layers[0][-1][1].weights[0], model.init_state(1).layers[0][-1][1].weights[0])
+        first = model.init_state(1).blocks[0].cms.levels[1].weights[0]
+        assert torch.equal(st.blocks[0].cms.levels[1].weights[0], first)
         _, st = model(ids[:, 6:], st)
-        assert not torch.equal(st.layers[0][-1][1].weights[0], model.init_state(1).layers[0][-1][1].weights[0])
+        assert not torch.equal(st.blocks[0].cms.levels[1].weights[0], first)
         new, st2 = model.generate(ids[:, :5], 6, temperature=0, learn_generated=False)
     assert new.shape == (1, 6) and st2.pending is None
 

@@ -17,7 +17,7 @@ def test_parameter_counts_match_names(name: str) -> None:
 
 
 def test_large_presets_follow_titans_table5() -> None:
-    """Width / depth / heads of 340M, 760M, 1.3B as in Titans' Table 5 (paper.md §5.3)."""
+    """Width / depth / heads of 340M, 760M, 1.3B as in Titans' Table 5."""
     dims = {n: (preset(n).d_model, preset(n).n_layers, preset(n).n_heads) for n in ("340M", "760M", "1.3B")}
     assert dims == {"340M": (1024, 24, 16), "760M": (1536, 24, 16), "1.3B": (2048, 18, 8)}
 

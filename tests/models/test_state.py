@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
+import safetensors.torch
 import torch
 
 from nestlearn.models import load_state, save_state
@@ -31,3 +34,25 @@ def test_state_from_another_model_is_refused(tmp_path) -> None:
         load_state(tmp_path, tiny("hope", mem_chunk=8))
     with pytest.raises(ValueError, match="needs a ModelState"):
         save_state({"not": "a state"}, tmp_path)  # type: ignore[arg-type]
+
+
+def test_the_file_names_every_tensor_by_its_field(tmp_path) -> None:
+    """Typed state: tensors are stored under field names, not positions, and come back as the same types."""
+    model = tiny("hope", cms_levels=(None, 4), cms_lr=(0.0, 0.1))
+    with torch.no_grad():
+        _, st = model(torch.randint(0, 64, (1, 6)))
+    save_state(st, tmp_path)
+    names = set(safetensors.torch.load_file(tmp_path / "state.safetensors"))
+    assert "state.blocks.0.mixers.0.memory.weights.0" in names and "state.blocks.1.cms.levels.1.grads.2" in names
+    back = load_state(tmp_path, model)
+    assert type(back.blocks[0]) is type(st.blocks[0]) and type(back.blocks[0].cms) is type(st.blocks[0].cms)
+
+
+def test_a_state_of_the_earlier_positional_format_is_refused_with_the_fix(tmp_path) -> None:
+    _, st = tiny("transformer")(torch.randint(0, 64, (1, 5)))
+    save_state(st, tmp_path)
+    meta = json.loads((tmp_path / "state.json").read_text())
+    del meta["state_format"]  # the earlier files have no format key
+    (tmp_path / "state.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match=r"state format 1 \(an earlier nestlearn\); this version reads format 2"):
+        load_state(tmp_path, tiny("transformer"))

@@ -481,7 +481,7 @@ def _decaying_inputs(T: int) -> dict:
 
 @pytest.mark.parametrize("fn", [memory_naive, memory_chunk])
 def test_carried_state_holds_no_subnormals(fn, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Issue 12: without the flush half of the carried state is subnormal after 1,024 tokens (round to nearest
+    """Without the flush half of the carried state is subnormal after 1,024 tokens (round to nearest
     keeps the smallest subnormals fixed under a decay by more than 1/2 per step: alpha = 0.9 per token, 0.9^4 per
     chunk), with it none is at a chunk boundary; the outputs are unchanged (the flushed values are below 1.2e-38),
     and pieces split inside chunks are flushed at the same boundaries as one call."""

@@ -129,7 +129,8 @@ def test_debug_shows_the_traceback(tmp_path) -> None:
 
 @pytest.mark.parametrize("damage", ["truncate", "overwrite"])
 def test_damaged_data_is_refused_before_any_step(tmp_path, capsys, damage) -> None:
-    """A truncated train.bin used to train silently; overwritten bytes failed at a later step with IndexError."""
+    """A truncated or overwritten train.bin is refused in one line before any step (unchecked, a truncated file trains
+    silently and overwritten bytes fail at a later step with IndexError)."""
     from tests.train.conftest import make_data
 
     data = make_data(tmp_path / "data")

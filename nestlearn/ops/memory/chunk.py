@@ -8,8 +8,8 @@ system (the UT/WY structure of DeltaNet). Only the loop over chunks is sequentia
 Two paths, the same math: the weight whose input is the key (`W`, or `W2` of the MLP) has state-independent
 grams, so its whole chunk is one precomputed linear operator applied to `[W_c^T; S_c^T; E]` (one matmul per
 chunk); the MLP's `W1` sees chunk-start hidden activations, so its grams are built inside the chunk loop.
-What it is not: a fused kernel. Each chunk still costs a few dozen kernel launches; a later Triton kernel
-keeps the state on chip.
+What it is not: a fused kernel. Each chunk costs a few dozen kernel launches, and the state goes through global
+memory between them (docs/results/memory_op.md measures the cost).
 
 Index conventions inside a chunk of `n` tokens (tokens 1..n, 0 = the chunk start):
     P_a[t, s] = prod_{s<r<=t} alpha_r,  P_b[t, s] = prod_{s<r<=t} beta_r   (s <= t, else 0), [n+1, n+1]
