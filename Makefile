@@ -11,7 +11,7 @@ STAMP := $(VENV)/.nestlearn-installed
 # made a tiny HOPE training step take 47 s instead of 2.4 s (nestlearn/demo.py, choose_threads)
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test lint bench golden clean
 
 install: $(STAMP)
 
@@ -32,7 +32,11 @@ lint: install
 	$(VENV)/bin/ruff format --check nestlearn tests benchmarks examples scripts
 
 bench: install
-	$(PY) benchmarks/memory_op.py
+	$(PY) -m benchmarks.memory_op
+
+# rewrite tests/golden/losses.json (only when a change of training numerics is intended; say why in the commit)
+golden: install
+	$(PY) -m tests.golden.regenerate
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

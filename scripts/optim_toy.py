@@ -3,19 +3,17 @@
 optimizers beside them. Prints a table (final psi, steps until psi < 0.1), a grid of momentum against delta momentum
 over rates, momentum factors and zeta, and writes the trajectories over the contours of psi to a PNG.
 
-    python scripts/optim_toy.py --out docs/results/optimizers_toy.png
+    python -m scripts.optim_toy --out docs/results/optimizers_toy.png
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 from functools import partial
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from nestlearn.optim import M3, AssociativeAdam, DeepMomentum, DeltaMomentum, Muon, PreconditionedMomentum
 from nestlearn.optim.toy import START, psi, run_toy
 

@@ -6,8 +6,8 @@ What this is: the GPU half of the training loop's distributed tests (tests/train
 same comparisons on CPU with gloo, where they are exact). What it is not: a speed benchmark; the tokens/s column
 is the loop's own progress figure, recorded so that a regression is visible, not a tuned number.
 
-Usage (2 GPUs for the 2-rank rows; with 1 GPU those rows are skipped and said so):
-  python scripts/train_gpu_check.py --data .cache/gpu_data --out /tmp/gpu_check --json train_gpu.json
+Usage, from the repository root (2 GPUs for the 2-rank rows; with 1 GPU those rows are skipped and said so):
+  python -m scripts.train_gpu_check --data .cache/gpu_data --out /tmp/gpu_check --json train_gpu.json
 """
 
 from __future__ import annotations
@@ -23,8 +23,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-
-ROOT = Path(__file__).resolve().parents[1]
 
 # bf16 autocast rounds every matmul input to 8 mantissa bits; splitting a batch over ranks (or compiling) changes
 # the kernels' shapes and reduction orders, so losses drift apart; fp32 keeps only the reduction-order
@@ -88,7 +86,8 @@ def launch(case: Case, out: Path, extra: list[str]) -> float:
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={case.nproc}",
                "-m", "nestlearn.train"]  # fmt: skip
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "4"}
+    # the children inherit the working directory (the repository root), which `python -m` puts on their path
+    env = {**os.environ, "OMP_NUM_THREADS": "4"}
     start = time.perf_counter()
     done = subprocess.run([*cmd, *case.args, f"out={out}", *extra], capture_output=True, text=True, env=env)
     if done.returncode != 0:
