@@ -1,5 +1,6 @@
-"""Benchmark: tokens/s of the deep-memory op, `naive` (per-token) vs `chunk`, with causal SDPA attention
-at the same B, H, T, d timed in the same process. Prints a ratio table last; `--json` keeps the raw numbers.
+"""Benchmark: tokens/s of the deep-memory op, `naive` (per-token) vs `chunk` vs the fused Triton kernel (`fused`,
+the linear memory on CUDA), with causal SDPA attention at the same B, H, T, d timed in the same process, and the
+peak memory of forward + backward on CUDA. Prints a ratio table last; `--json` keeps the raw numbers.
 
 What it times: forward, and forward + backward (gradients to q, k, v, gates and the initial state), after
 warm-ups, median over repeats, with device synchronisation around each timed call only. Memory runs in
@@ -23,7 +24,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from nestlearn.ops.memory import MemorySpec, MemoryState, init_state, memory_chunk, memory_naive
+from nestlearn.ops.memory import MemorySpec, MemoryState, init_state, memory_chunk, memory_fused, memory_naive
+from nestlearn.ops.memory.fused import supports
 
 # (B, T, C, H, d)
 CPU_CASES = [(1, 1024, 16, 4, 64), (1, 1024, 64, 4, 64), (2, 1024, 64, 8, 64)]
@@ -117,7 +119,25 @@ def bench_case(case: tuple[int, ...], kind: str, device: str, args: argparse.Nam
         row[f"{tag}_naive_T"] = Tn
         row[f"{tag}_sdpa_tok_s"] = B * T / t_sdpa
         row[f"{tag}_chunk_ms"] = 1000 * t_chunk
+        row[f"{tag}_chunk_peak_mb"] = peak_mb(memory_call(memory_chunk, x, spec, C, bwd), device)
+        row[f"{tag}_fused_tok_s"] = row[f"{tag}_fused_peak_mb"] = None
+        if supports(spec, MemoryState(tuple(x["weights"]), tuple(x["momenta"])), x["q"]):
+            t_fused = timeit(memory_call(memory_fused, x, spec, C, bwd), device, args.warmup, args.reps)
+            row[f"{tag}_fused_tok_s"] = B * T / t_fused
+            row[f"{tag}_fused_peak_mb"] = peak_mb(memory_call(memory_fused, x, spec, C, bwd), device)
     return row
+
+
+def peak_mb(fn: Callable[[], object], device: str) -> float | None:
+    """Peak CUDA memory of one call above what was allocated before it (None on CPU)."""
+    if device != "cuda":
+        return None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
 def header(device: str) -> str:
@@ -136,16 +156,27 @@ def header(device: str) -> str:
 
 
 def table(rows: list[dict]) -> str:
-    cols = "| kind | B | T | C | H | d | pass | naive tok/s | chunk tok/s | SDPA tok/s | chunk/naive | chunk/SDPA |"
-    lines = [cols, "|" + "---|" * 12]
+    cols = ("| kind | B | T | C | H | d | pass | naive tok/s | chunk tok/s | fused tok/s | SDPA tok/s | chunk/naive | "
+            "chunk/SDPA | fused/chunk | fused/SDPA | chunk MiB | fused MiB |")  # fmt: skip
+    lines = [cols, "|" + "---|" * 17]
     for r in rows:
         for tag in ("fwd", "fwdbwd"):
-            n, c, s = r[f"{tag}_naive_tok_s"], r[f"{tag}_chunk_tok_s"], r[f"{tag}_sdpa_tok_s"]
+            n, c, s, f = (r[f"{tag}_{name}_tok_s"] for name in ("naive", "chunk", "sdpa", "fused"))
+            mc, mf = r.get(f"{tag}_chunk_peak_mb"), r.get(f"{tag}_fused_peak_mb")
             lines.append(
                 f"| {r['kind']} | {r['B']} | {r['T']} | {r['C']} | {r['H']} | {r['d']} | {tag} | "
-                f"{n:,.0f} | {c:,.0f} | {s:,.0f} | {c / n:.1f}x | {c / s:.3f}x |"
+                f"{n:,.0f} | {c:,.0f} | {_num(f)} | {s:,.0f} | {c / n:.1f}x | {c / s:.3f}x | "
+                f"{_ratio(f, c)} | {_ratio(f, s)} | {_num(mc)} | {_num(mf)} |"
             )
     return "\n".join(lines)
+
+
+def _num(x: float | None) -> str:
+    return "-" if x is None else f"{x:,.0f}"
+
+
+def _ratio(a: float | None, b: float) -> str:
+    return "-" if a is None else f"{a / b:.3f}x"
 
 
 def main() -> None:

@@ -1,9 +1,15 @@
-"""Test harness: fixed seeds, NaN-filled `torch.empty*` (so unwritten memory shows up), GPU markers."""
+"""Test harness: fixed seeds, NaN-filled `torch.empty*` (so unwritten memory shows up), GPU markers, and Triton's
+interpreter on machines without CUDA (set before any kernel is compiled, so the fused kernels' tests run on CPU)."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 _EMPTY, _EMPTY_LIKE = torch.empty, torch.empty_like
 

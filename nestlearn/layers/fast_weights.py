@@ -15,18 +15,21 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..ops.memory import MemorySpec, MemoryState, memory_chunk, memory_naive
+from ..ops.memory import MemorySpec, MemoryState, memory_auto, memory_chunk, memory_fused, memory_naive
 from .basic import RMSNorm
 
-Impl = Literal["chunk", "naive"]
+Impl = Literal["auto", "chunk", "fused", "naive"]
 MemoryOp = Callable[..., tuple[Tensor, MemoryState]]
 
 
 def memory_op(impl: Impl) -> MemoryOp:
-    """`memory_chunk` (training and inference) or `memory_naive` (the float64 reference)."""
-    if impl not in ("chunk", "naive"):
-        raise ValueError(f"memory impl must be 'chunk' or 'naive', got {impl!r}")
-    return memory_chunk if impl == "chunk" else memory_naive
+    """"auto": the fused Triton kernel where it applies on CUDA, else the chunk form (`ops/memory/fused.py`);
+    "chunk": the PyTorch chunk form; "fused": the kernel only (an error where it does not apply); "naive": the
+    per-token float64 reference."""
+    ops = {"auto": memory_auto, "chunk": memory_chunk, "fused": memory_fused, "naive": memory_naive}
+    if impl not in ops:
+        raise ValueError(f"memory impl must be one of {', '.join(map(repr, ops))}, got {impl!r}")
+    return ops[impl]
 
 
 class MemoryInit(nn.Module):

@@ -85,7 +85,7 @@ class SelfModifyingTitans(nn.Module):
         adaptive_q: bool = False,
         normalize_v: bool = True,
         conv_width: int = 4,
-        impl: Impl = "chunk",
+        impl: Impl = "auto",
     ) -> None:
         super().__init__()
         if dim % heads:

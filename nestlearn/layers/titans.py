@@ -48,7 +48,7 @@ class TitansMemory(nn.Module):
         spec: MemorySpec,
         chunk_size: int,
         conv_width: int = 4,
-        impl: Impl = "chunk",
+        impl: Impl = "auto",
         retrieval: bool = False,
     ) -> None:
         super().__init__()

@@ -1,0 +1,354 @@
+"""Fused Triton kernel of the linear memory's chunk recurrence: one launch per call, the chunk loop inside.
+
+What this is: `memory_fused(q, k, v, eta, alpha, beta, *, state, spec, chunk_size)`, the same function as
+`memory_chunk` (same signature, same semantics: D5's chunk-start gradients and inclusive reads, DGD, momentum,
+decay) for the linear memory `M(x) = W x` (D2), computed by one Triton program per (sequence, head, block of
+`BV` output rows of W) that keeps its rows of `W` and `S` on chip and walks the chunks in order. Within a chunk it
+forms the chunk's gate products (cumulative products, no division: gates of exactly 0 are fine), the frozen
+errors `E = -eta (K W^T - V)` (Eq. 93), the grams, solves the unit-triangular DGD system row by row and writes the
+reads and the chunk-end state (the equations of `chunk.py`'s `_matrix_chunk`). The rows of W are independent
+given the keys and gates, which is what lets `BV` split them over programs.
+The backward pass recomputes: the forward saves only each chunk's start state `(W_j, S_j)` (`T / C` states per
+sequence and head), and the backward walks the chunks from the last to the first, re-running one chunk of the
+PyTorch chunk form from its saved state under autograd and handing the state's gradient to the chunk before.
+So activation memory is one state per chunk instead of every intermediate of every chunk.
+`supports(...)` says when this path applies (CUDA or the Triton interpreter; linear memory; no self-generated
+values, gradient clip or branch norm; a call that starts at a chunk boundary); `memory_chunk` covers the rest.
+What it is not: the MLP memory's kernel or a fused backward kernel (the recompute runs PyTorch per chunk).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .chunk import memory_chunk
+from .common import MemorySpec, MemoryState, check_inputs
+
+try:  # Triton is optional: CPU machines without it use the PyTorch chunk form
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - depends on the environment
+    triton = None  # type: ignore[assignment]
+
+
+def available(device: torch.device, interpret: bool = False) -> bool:
+    """Whether the kernel can run on `device`: Triton installed, and CUDA, or with `interpret` Triton's interpreter
+    on CPU tensors (`TRITON_INTERPRET=1` set before Triton compiles the kernel: the tests' way)."""
+    if triton is None:
+        return False
+    return device.type == "cuda" or (interpret and os.environ.get("TRITON_INTERPRET") == "1")
+
+
+def supports(spec: MemorySpec, state: MemoryState, q: Tensor, interpret: bool = False) -> bool:
+    """Whether the fused kernel computes this call (otherwise `memory_chunk` does); `interpret` as `available`.
+    float64 calls (the reference precision) stay with the chunk form: the kernel computes in float32 (D8)."""
+    head_dim = q.shape[-1]
+    return (
+        available(q.device, interpret)
+        and q.dtype != torch.float64
+        and all(t.dtype == torch.float32 for t in (*state.weights, *state.momenta))
+        and spec.kind == "linear"
+        and not spec.self_values
+        and spec.max_grad_norm is None
+        and not spec.out_norm
+        and state.offset == 0
+        and head_dim >= 16
+        and head_dim & (head_dim - 1) == 0
+    )
+
+
+if triton is not None:
+
+    @triton.jit
+    def _row(m, ar, i):
+        """Row `i` of a `[R, X]` tile as a `[X]` vector (register tiles cannot be indexed)."""
+        return tl.sum(tl.where(ar[:, None] == i, m, 0.0), axis=0)
+
+    @triton.jit
+    def _linear_fwd_kernel(
+        Q, K, V, ETA, ALPHA, BETA,  # [B, T, H, D] x3, [B, T, H] x3
+        W0, S0,  # [B, H, D, D] chunk-0 start state (float32)
+        O,  # [B, T, H, D] reads (float32)
+        WS, SS,  # [B, H, N, D, D] every chunk's start state (float32), written when SAVE
+        WF, SF, WA,  # [B, H, D, D] the state after the last token, and W at the last chunk's start (float32)
+        T, H, N, eps,
+        sq_b, sq_t, sq_h,  # strides of q / k / v / o (last dim contiguous)
+        sg_b, sg_t, sg_h,  # strides of the gates
+        C: tl.constexpr, BC: tl.constexpr, D: tl.constexpr, BV: tl.constexpr,
+        DGD: tl.constexpr, L2: tl.constexpr, SAVE: tl.constexpr,
+    ):  # fmt: skip
+        pid_v, pid_bh = tl.program_id(0), tl.program_id(1)
+        b, h = pid_bh // H, pid_bh % H
+        ar = tl.arange(0, BC)  # token rows of a chunk
+        ad = tl.arange(0, D)  # input dims
+        av = pid_v * BV + tl.arange(0, BV)  # this program's output rows of W
+        st_off = (b * H + h) * D * D + av[:, None] * D + ad[None, :]  # [BV, D] into a [D, D] state
+        w = tl.load(W0 + st_off)
+        s = tl.load(S0 + st_off)
+        lower = ar[:, None] >= ar[None, :]  # t >= r
+        strict = ar[:, None] > ar[None, :]
+        for j in range(N):
+            t0 = j * C
+            rows = t0 + ar
+            valid = (ar < C) & (rows < T)
+            # -- inputs of the chunk (padding: k = q = v = 0, eta = 0, alpha = beta = 1) --
+            vec = b * sq_b + rows[:, None] * sq_t + h * sq_h
+            kk = tl.load(K + vec + ad[None, :], mask=valid[:, None], other=0.0).to(tl.float32)  # [BC, D]
+            qq = tl.load(Q + vec + ad[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
+            vv = tl.load(V + vec + av[None, :], mask=valid[:, None], other=0.0).to(tl.float32)  # [BC, BV]
+            gate = b * sg_b + rows * sg_t + h * sg_h
+            eta = tl.load(ETA + gate, mask=valid, other=0.0).to(tl.float32)
+            alpha = tl.load(ALPHA + gate, mask=valid, other=1.0).to(tl.float32)
+            beta = tl.load(BETA + gate, mask=valid, other=1.0).to(tl.float32)
+            a_prev = tl.load(ALPHA + gate - sg_t, mask=valid & (ar > 0), other=1.0).to(tl.float32)  # alpha_{t-1}
+            if j == N - 1:
+                tl.store(WA + st_off, w)
+            if SAVE:
+                so = ((b * H + h) * N + j) * D * D + av[:, None] * D + ad[None, :]
+                tl.store(WS + so, w)
+                tl.store(SS + so, s)
+            # -- gate products (chunk.py's module docstring): R[t, r], Lb[t, s], their previous-row forms --
+            R = tl.where(lower, tl.cumprod(tl.where(strict, alpha[:, None], 1.0), axis=0), 0.0)
+            Lb = tl.where(lower, tl.cumprod(tl.where(strict, beta[:, None], 1.0), axis=0), 0.0)
+            before = ar[:, None] > ar[None, :] + 1
+            Rp = tl.where(strict, tl.cumprod(tl.where(before, a_prev[:, None], 1.0), axis=0), 0.0)  # R[t-1, r]
+            gam = tl.cumprod(alpha, axis=0)  # Γ_t
+            gam_p = tl.cumprod(a_prev, axis=0)  # Γ_{t-1}
+            bb = tl.cumprod(beta, axis=0)  # b_t
+            Dm = tl.dot(R, Lb, input_precision="ieee")  # D = R Lβ
+            Dp = tl.dot(Rp, Lb, input_precision="ieee")
+            m = tl.sum(R * bb[None, :], axis=1)  # m = R b
+            mp = tl.sum(Rp * bb[None, :], axis=1)
+            # -- frozen errors at the chunk start (Eq. 93): E = -eta dl/dy --
+            y0 = tl.dot(kk, tl.trans(w), input_precision="ieee")  # [BC, BV]
+            g = y0 - vv if L2 else -vv
+            e = -eta[:, None] * g
+            xh = kk * tl.rsqrt(tl.sum(kk * kk, axis=1) + eps * eps)[:, None]
+            qx = tl.dot(qq, tl.trans(kk), input_precision="ieee")  # [BC, BC]
+            read = (
+                gam[:, None] * tl.dot(qq, tl.trans(w), input_precision="ieee")
+                + m[:, None] * tl.dot(qq, tl.trans(s), input_precision="ieee")
+                + tl.dot(Dm * qx, e, input_precision="ieee")
+            )
+            # -- the chunk-end row of the last real token --
+            last = tl.minimum(C, T - t0) - 1
+            R_e = _row(R, ar, last)
+            D_e = _row(Dm, ar, last)
+            Lb_e = _row(Lb, ar, last)
+            gam_e = tl.sum(tl.where(ar == last, gam, 0.0), axis=0)
+            m_e = tl.sum(tl.where(ar == last, m, 0.0), axis=0)
+            b_e = tl.sum(tl.where(ar == last, bb, 0.0), axis=0)
+            w_new = gam_e * w + m_e * s + tl.dot(tl.trans(e * D_e[:, None]), kk, input_precision="ieee")
+            s_new = b_e * s + tl.dot(tl.trans(e * Lb_e[:, None]), kk, input_precision="ieee")
+            if DGD:
+                # U = (I + diag(eta)(Rp ∘ X̂X̂ᵀ))⁻¹ (-eta ⊙ Y), Y = Γp X̂Wᵀ + mp X̂Sᵀ + (Dp ∘ X̂Xᵀ) E
+                xx = tl.dot(xh, tl.trans(kk), input_precision="ieee")
+                rhs = -eta[:, None] * (
+                    gam_p[:, None] * tl.dot(xh, tl.trans(w), input_precision="ieee")
+                    + mp[:, None] * tl.dot(xh, tl.trans(s), input_precision="ieee")
+                    + tl.dot(Dp * xx, e, input_precision="ieee")
+                )
+                low = eta[:, None] * Rp * tl.dot(xh, tl.trans(xh), input_precision="ieee")  # strictly lower
+                u = tl.zeros((BC, BV), dtype=tl.float32)
+                for i in range(BC):
+                    u_i = _row(rhs, ar, i) - tl.sum(_row(low, ar, i)[:, None] * u, axis=0)
+                    u = tl.where(ar[:, None] == i, u_i[None, :], u)
+                qxh = tl.dot(qq, tl.trans(xh), input_precision="ieee")
+                read += tl.dot(R * qxh, u, input_precision="ieee")
+                w_new += tl.dot(tl.trans(u * R_e[:, None]), xh, input_precision="ieee")
+            tl.store(O + vec + av[None, :], read, mask=valid[:, None])
+            w, s = w_new, s_new
+        tl.store(WF + st_off, w)
+        tl.store(SF + st_off, s)
+
+
+def _block_rows(D: int) -> int:
+    """Output rows of W per program: small enough to spread a head over several programs."""
+    return min(D, 32)
+
+
+def linear_forward(
+    q: Tensor, k: Tensor, v: Tensor, eta: Tensor, alpha: Tensor, beta: Tensor,
+    w0: Tensor, s0: Tensor, spec: MemorySpec, chunk_size: int, save: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None, Tensor | None]:  # fmt: skip
+    """The kernel launch. q, k, v `[B, T, H, D]`; gates `[B, T, H]`; w0, s0 `[B, H, D, D]` float32.
+    -> reads `[B, T, H, D]` (float32), final W, S, W at the last chunk's start (the anchor of a call that ends
+    inside a chunk), and every chunk's start W, S `[B, H, N, D, D]` when `save`."""
+    B, T, H, D = q.shape
+    N = -(-T // chunk_size)
+    BC = max(16, triton.next_power_of_2(chunk_size))
+    BV = _block_rows(D)
+    q, k, v = (x.contiguous() for x in (q, k, v))
+    eta, alpha, beta = (g.contiguous() for g in (eta, alpha, beta))
+    w0, s0 = w0.float().contiguous(), s0.float().contiguous()
+    o = torch.empty(B, T, H, D, device=q.device, dtype=torch.float32)
+    wf, sf, wa = torch.empty_like(w0), torch.empty_like(s0), torch.empty_like(w0)
+    ws = torch.empty(B, H, N, D, D, device=q.device, dtype=torch.float32) if save else wf
+    ss = torch.empty(B, H, N, D, D, device=q.device, dtype=torch.float32) if save else sf
+    grid = (D // BV, B * H)
+    _linear_fwd_kernel[grid](
+        q, k, v, eta, alpha, beta, w0, s0, o, ws, ss, wf, sf, wa,
+        T, H, N, spec.norm_eps, q.stride(0), q.stride(1), q.stride(2), eta.stride(0), eta.stride(1), eta.stride(2),
+        C=chunk_size, BC=BC, D=D, BV=BV, DGD=spec.dgd, L2=spec.objective == "l2", SAVE=save,
+    )  # fmt: skip
+    return o, wf, sf, wa, (ws if save else None), (ss if save else None)
+
+
+def memory_fused(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    eta: Tensor,
+    alpha: Tensor | None = None,
+    beta: Tensor | None = None,
+    *,
+    state: MemoryState,
+    spec: MemorySpec,
+    chunk_size: int,
+    check_gates: bool = False,
+) -> tuple[Tensor, MemoryState]:
+    """`memory_chunk` through the fused kernel (see `supports`); arguments and results as `memory_naive`."""
+    alpha, beta = check_inputs(q, k, v, eta, alpha, beta, state, spec, chunk_size, check_gates)
+    if not supports(spec, state, q, interpret=True):
+        raise ValueError(
+            "memory_fused covers the linear memory without self-generated values, clip or branch norm, a power-of-2 "
+            "head dim >= 16, calls that start at a chunk boundary, on CUDA (or TRITON_INTERPRET=1); use "
+            "memory_auto, which falls back to memory_chunk"
+        )
+    return _apply(q, k, v, eta, alpha, beta, state, spec, chunk_size)
+
+
+def memory_auto(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    eta: Tensor,
+    alpha: Tensor | None = None,
+    beta: Tensor | None = None,
+    *,
+    state: MemoryState,
+    spec: MemorySpec,
+    chunk_size: int,
+    check_gates: bool = False,
+) -> tuple[Tensor, MemoryState]:
+    """The fused kernel where it applies on CUDA, else `memory_chunk` (the layers' default, `impl="auto"`)."""
+    if not supports(spec, state, q):
+        return memory_chunk(q, k, v, eta, alpha, beta, state=state, spec=spec, chunk_size=chunk_size,
+                            check_gates=check_gates)  # fmt: skip
+    alpha, beta = check_inputs(q, k, v, eta, alpha, beta, state, spec, chunk_size, check_gates)
+    return _apply(q, k, v, eta, alpha, beta, state, spec, chunk_size)
+
+
+def _apply(
+    q: Tensor, k: Tensor, v: Tensor, eta: Tensor, alpha: Tensor, beta: Tensor,
+    state: MemoryState, spec: MemorySpec, chunk_size: int,
+) -> tuple[Tensor, MemoryState]:  # fmt: skip
+    w0, s0 = state.weights[0], state.momenta[0]
+    inputs = (q, k, v, eta, alpha, beta, w0, s0)
+    save = torch.is_grad_enabled() and any(x.requires_grad for x in inputs)
+    o, wf, sf, wa, _, _ = linear_memory(*inputs, chunk_size, spec.dgd, spec.objective == "l2", spec.norm_eps, save)
+    offset = q.shape[1] % chunk_size  # a call that ends inside a chunk leaves it open for the next one (D5, D12)
+    return o.to(q.dtype), MemoryState((wf,), (sf,), (wa if offset else wf,), offset)
+
+
+# ---------------------------------------------------------------------------------------------
+# the op as torch.library custom ops (opaque to torch.compile, activation checkpointing and FSDP2)
+
+
+@torch.library.custom_op("nestlearn::linear_memory", mutates_args=())
+def linear_memory(
+    q: Tensor, k: Tensor, v: Tensor, eta: Tensor, alpha: Tensor, beta: Tensor, w0: Tensor, s0: Tensor,
+    chunk_size: int, dgd: bool, l2: bool, eps: float, save: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
+    """-> reads `[B, T, H, D]`, final W and S `[B, H, D, D]`, W at the last chunk's start (float32), and when `save`
+    every chunk's start W and S `[B, H, N, D, D]` (empty otherwise). Gates are all given (alpha = 1, beta = 0 when
+    switched off)."""
+    spec = MemorySpec(kind="linear", dgd=dgd, objective="l2" if l2 else "dot", norm_eps=eps)
+    o, wf, sf, wa, ws, ss = linear_forward(q, k, v, eta, alpha, beta, w0, s0, spec, chunk_size, save)
+    empty = q.new_empty(0, dtype=torch.float32)
+    return o, wf, sf, wa, ws if ws is not None else empty, ss if ss is not None else empty.clone()
+
+
+@linear_memory.register_fake
+def _(q, k, v, eta, alpha, beta, w0, s0, chunk_size, dgd, l2, eps, save):  # type: ignore[no-untyped-def]
+    B, T, H, D = q.shape
+    N = -(-T // chunk_size)
+    state = (B, H, N, D, D) if save else (0,)
+    f32 = dict(dtype=torch.float32, device=q.device)
+    return (q.new_empty(q.shape, **f32), w0.new_empty(w0.shape, **f32), s0.new_empty(s0.shape, **f32),
+            w0.new_empty(w0.shape, **f32), q.new_empty(state, **f32), q.new_empty(state, **f32))  # fmt: skip
+
+
+@torch.library.custom_op("nestlearn::linear_memory_backward", mutates_args=())
+def linear_memory_backward(
+    q: Tensor, k: Tensor, v: Tensor, eta: Tensor, alpha: Tensor, beta: Tensor, ws: Tensor, ss: Tensor,
+    do: Tensor, dwf: Tensor, dsf: Tensor, dwa: Tensor, chunk_size: int, dgd: bool, l2: bool, eps: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
+    """Gradients of `linear_memory` w.r.t. q, k, v, eta, alpha, beta, W_0, S_0 (float32): chunk by chunk from the
+    last, each chunk re-run from its saved start state by `memory_chunk` under autograd (`dwa`, the gradient of
+    the last chunk's start W, joins there)."""
+    spec = MemorySpec(kind="linear", dgd=dgd, objective="l2" if l2 else "dot", norm_eps=eps)
+    C, T = chunk_size, q.shape[1]
+    seq = (q, k, v, eta, alpha, beta)
+    grads = [torch.zeros(x.shape, dtype=torch.float32, device=x.device) for x in seq]
+    dw, ds = dwf, dsf
+    for j in reversed(range(ws.shape[2])):
+        lo, hi = j * C, min((j + 1) * C, T)
+        with _autograd_inside_op(), torch.enable_grad():
+            piece = [x[:, lo:hi].detach().float().requires_grad_() for x in seq]
+            w, s = ws[:, :, j].detach().requires_grad_(), ss[:, :, j].detach().requires_grad_()
+            o, new = memory_chunk(*piece, state=MemoryState((w,), (s,)), spec=spec, chunk_size=C)
+            got = torch.autograd.grad((o, new.weights[0], new.momenta[0]), [*piece, w, s], (do[:, lo:hi], dw, ds))
+        for g_all, g in zip(grads, got[:6], strict=True):
+            g_all[:, lo:hi] = g
+        dw, ds = got[6] + (dwa if j == ws.shape[2] - 1 else 0), got[7]
+    return (*grads, dw, ds)
+
+
+@contextlib.contextmanager
+def _autograd_inside_op() -> Iterator[None]:
+    """Autograd back on inside a custom op's implementation, which the dispatcher runs with the autograd keys
+    excluded (the backward op differentiates one chunk of the PyTorch form at a time). Uses the dispatcher's
+    thread-local key sets (`torch._C`), restored on exit."""
+    keys = torch._C.DispatchKey
+    exclude = torch._C._dispatch_tls_local_exclude_set()
+    for key in (keys.AutogradFunctionality, keys.AutogradOther, keys.AutogradNestedTensor):
+        exclude = exclude.remove(key)
+    with torch._C._ForceDispatchKeyGuard(torch._C._dispatch_tls_local_include_set(), exclude):
+        yield
+
+
+@linear_memory_backward.register_fake
+def _(q, k, v, eta, alpha, beta, ws, ss, do, dwf, dsf, dwa, chunk_size, dgd, l2, eps):  # type: ignore[no-untyped-def]
+    f32 = dict(dtype=torch.float32)
+    return (*(x.new_empty(x.shape, **f32) for x in (q, k, v, eta, alpha, beta)), dwf.new_empty(dwf.shape, **f32),
+            dsf.new_empty(dsf.shape, **f32))  # fmt: skip
+
+
+def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...]) -> None:
+    q, k, v, eta, alpha, beta, w0, s0, chunk_size, dgd, l2, eps, save = inputs
+    if not save:
+        raise RuntimeError("linear_memory ran with save=False but a gradient is needed; call it with save=True")
+    ctx.save_for_backward(q, k, v, eta, alpha, beta, output[4], output[5])
+    ctx.args = (chunk_size, dgd, l2, eps)
+    ctx.dtypes = [x.dtype for x in (q, k, v, eta, alpha, beta, w0, s0)]
+
+
+def _backward(
+    ctx: Any, do: Tensor, dwf: Tensor, dsf: Tensor, dwa: Tensor, _dws: Tensor, _dss: Tensor
+) -> tuple[Any, ...]:
+    q, k, v, eta, alpha, beta, ws, ss = ctx.saved_tensors
+    zeros = torch.zeros(ws[:, :, 0].shape, dtype=torch.float32, device=ws.device)
+    do = do.float() if do is not None else torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+    dwf, dsf, dwa = (g.float() if g is not None else zeros for g in (dwf, dsf, dwa))
+    grads = linear_memory_backward(q, k, v, eta, alpha, beta, ws, ss, do, dwf, dsf, dwa, *ctx.args)
+    return (*(g.to(dt) for g, dt in zip(grads, ctx.dtypes, strict=True)), None, None, None, None, None)
+
+
+linear_memory.register_autograd(_backward, setup_context=_setup_context)
