@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nestlearn.ops.memory import MemorySpec, MemoryState, init_state, memory_auto, memory_chunk, memory_fused
+from nestlearn.ops.memory import MemorySpec, MemoryState, fused, init_state, memory_auto, memory_chunk, memory_fused
 from nestlearn.ops.memory.fused import linear_memory
 
 pytest.importorskip("triton")
@@ -67,8 +67,12 @@ CPU_SHAPES = [(1, 7, 3, 16), (4, 19, 2, 32), (16, 37, 3, 16)]  # (C, T, H, D)
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("recompute", [8, 1024], ids=["groups", "one_group"])
 @pytest.mark.parametrize("shape", CPU_SHAPES, ids=lambda s: "C{}_T{}_H{}_D{}".format(*s))
-def test_kernel_equals_chunk_form(shape, device: str) -> None:
+def test_kernel_equals_chunk_form(shape, recompute: int, device: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`recompute` tokens per backward group: 8 splits every sequence into several groups (the anchor's gradient
+    then joins inside a group or at its start), 1024 re-runs it in one."""
+    monkeypatch.setattr(fused, "RECOMPUTE_TOKENS", recompute)
     C, T, H, D = shape
     spec = MemorySpec(kind="linear")
     xs = inputs(2, T, H, D, spec, device)

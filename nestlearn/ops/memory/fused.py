@@ -71,12 +71,42 @@ if triton is not None:
         return tl.sum(tl.where(ar[:, None] == i, m, 0.0), axis=0)
 
     @triton.jit
+    def _system_inverse_kernel(
+        K, ETA, ALPHA, TINV, T, H, N, eps, sq_b, sq_t, sq_h, sg_b, sg_t, sg_h,
+        C: tl.constexpr, BC: tl.constexpr, D: tl.constexpr,
+    ):  # fmt: skip
+        """`(I + diag(eta)(Rp ∘ X̂X̂ᵀ))⁻¹` of chunk `program_id(0)`: state-independent, so every chunk's inverse is
+        formed in parallel before the sequential pass (forward substitution on the identity, row by row)."""
+        j, pid_bh = tl.program_id(0), tl.program_id(1)
+        b, h = pid_bh // H, pid_bh % H
+        ar = tl.arange(0, BC)
+        ad = tl.arange(0, D)
+        rows = j * C + ar
+        valid = (ar < C) & (rows < T)
+        kk = tl.load(K + b * sq_b + rows[:, None] * sq_t + h * sq_h + ad[None, :], mask=valid[:, None], other=0.0)
+        kk = kk.to(tl.float32)
+        gate = b * sg_b + rows * sg_t + h * sg_h
+        eta = tl.load(ETA + gate, mask=valid, other=0.0).to(tl.float32)
+        a_prev = tl.load(ALPHA + gate - sg_t, mask=valid & (ar > 0), other=1.0).to(tl.float32)
+        strict = ar[:, None] > ar[None, :]
+        before = ar[:, None] > ar[None, :] + 1
+        Rp = tl.where(strict, tl.cumprod(tl.where(before, a_prev[:, None], 1.0), axis=0), 0.0)
+        xh = kk * tl.rsqrt(tl.sum(kk * kk, axis=1) + eps * eps)[:, None]
+        low = eta[:, None] * Rp * tl.dot(xh, tl.trans(xh), input_precision="ieee")  # strictly lower
+        inv = tl.zeros((BC, BC), dtype=tl.float32)
+        for i in range(BC):
+            row = tl.where(ar == i, 1.0, 0.0) - tl.sum(_row(low, ar, i)[:, None] * inv, axis=0)
+            inv = tl.where(ar[:, None] == i, row[None, :], inv)
+        tl.store(TINV + ((b * H + h) * N + j) * BC * BC + ar[:, None] * BC + ar[None, :], inv)
+
+    @triton.jit
     def _linear_fwd_kernel(
         Q, K, V, ETA, ALPHA, BETA,  # [B, T, H, D] x3, [B, T, H] x3
         W0, S0,  # [B, H, D, D] chunk-0 start state (float32)
         O,  # [B, T, H, D] reads (float32)
         WS, SS,  # [B, H, N, D, D] every chunk's start state (float32), written when SAVE
         WF, SF, WA,  # [B, H, D, D] the state after the last token, and W at the last chunk's start (float32)
+        TINV,  # [B, H, N, BC, BC] the inverse of each chunk's DGD system (`_system_inverse_kernel`)
         T, H, N, eps,
         sq_b, sq_t, sq_h,  # strides of q / k / v / o (last dim contiguous)
         sg_b, sg_t, sg_h,  # strides of the gates
@@ -154,11 +184,8 @@ if triton is not None:
                     + mp[:, None] * tl.dot(xh, tl.trans(s), input_precision="ieee")
                     + tl.dot(Dp * xx, e, input_precision="ieee")
                 )
-                low = eta[:, None] * Rp * tl.dot(xh, tl.trans(xh), input_precision="ieee")  # strictly lower
-                u = tl.zeros((BC, BV), dtype=tl.float32)
-                for i in range(BC):
-                    u_i = _row(rhs, ar, i) - tl.sum(_row(low, ar, i)[:, None] * u, axis=0)
-                    u = tl.where(ar[:, None] == i, u_i[None, :], u)
+                inv = ((b * H + h) * N + j) * BC * BC + ar[:, None] * BC + ar[None, :]
+                u = tl.dot(tl.load(TINV + inv), rhs, input_precision="ieee")
                 qxh = tl.dot(qq, tl.trans(xh), input_precision="ieee")
                 read += tl.dot(R * qxh, u, input_precision="ieee")
                 w_new += tl.dot(tl.trans(u * R_e[:, None]), xh, input_precision="ieee")
@@ -191,9 +218,14 @@ def linear_forward(
     wf, sf, wa = torch.empty_like(w0), torch.empty_like(s0), torch.empty_like(w0)
     ws = torch.empty(B, H, N, D, D, device=q.device, dtype=torch.float32) if save else wf
     ss = torch.empty(B, H, N, D, D, device=q.device, dtype=torch.float32) if save else sf
+    strides = (q.stride(0), q.stride(1), q.stride(2), eta.stride(0), eta.stride(1), eta.stride(2))
+    tinv = torch.empty(B, H, N, BC, BC, device=q.device, dtype=torch.float32) if spec.dgd else wf
+    if spec.dgd:
+        _system_inverse_kernel[(N, B * H)](k, eta, alpha, tinv, T, H, N, spec.norm_eps, *strides, C=chunk_size, BC=BC,
+                                           D=D)  # fmt: skip
     grid = (D // BV, B * H)
     _linear_fwd_kernel[grid](
-        q, k, v, eta, alpha, beta, w0, s0, o, ws, ss, wf, sf, wa,
+        q, k, v, eta, alpha, beta, w0, s0, o, ws, ss, wf, sf, wa, tinv,
         T, H, N, spec.norm_eps, q.stride(0), q.stride(1), q.stride(2), eta.stride(0), eta.stride(1), eta.stride(2),
         C=chunk_size, BC=BC, D=D, BV=BV, DGD=spec.dgd, L2=spec.objective == "l2", SAVE=save,
     )  # fmt: skip
@@ -294,21 +326,41 @@ def linear_memory_backward(
     last, each chunk re-run from its saved start state by `memory_chunk` under autograd (`dwa`, the gradient of
     the last chunk's start W, joins there)."""
     spec = MemorySpec(kind="linear", dgd=dgd, objective="l2" if l2 else "dot", norm_eps=eps)
-    C, T = chunk_size, q.shape[1]
+    C, T, N = chunk_size, q.shape[1], ws.shape[2]
+    G = max(1, RECOMPUTE_TOKENS // C)  # chunks re-run together
     seq = (q, k, v, eta, alpha, beta)
     grads = [torch.zeros(x.shape, dtype=torch.float32, device=x.device) for x in seq]
     dw, ds = dwf, dsf
-    for j in reversed(range(ws.shape[2])):
-        lo, hi = j * C, min((j + 1) * C, T)
+    for j in reversed(range(0, N, G)):
+        lo, hi = j * C, min((j + G) * C, T)
+        cut = (N - 1) * C - lo if j < N - 1 < j + G else 0  # the anchor (last chunk's start W) inside this group
         with _autograd_inside_op(), torch.enable_grad():
             piece = [x[:, lo:hi].detach().float().requires_grad_() for x in seq]
             w, s = ws[:, :, j].detach().requires_grad_(), ss[:, :, j].detach().requires_grad_()
-            o, new = memory_chunk(*piece, state=MemoryState((w,), (s,)), spec=spec, chunk_size=C)
-            got = torch.autograd.grad((o, new.weights[0], new.momenta[0]), [*piece, w, s], (do[:, lo:hi], dw, ds))
+            outs, gouts = _rerun(piece, w, s, cut, spec, C), [do[:, lo:hi], dw, ds]
+            if cut:
+                gouts.append(dwa)
+            got = torch.autograd.grad(outs, [*piece, w, s], gouts)
         for g_all, g in zip(grads, got[:6], strict=True):
             g_all[:, lo:hi] = g
-        dw, ds = got[6] + (dwa if j == ws.shape[2] - 1 else 0), got[7]
+        dw, ds = got[6], got[7]
+        if j == N - 1:  # a one-chunk group: the anchor is its start
+            dw = dw + dwa
     return (*grads, dw, ds)
+
+
+def _rerun(piece: list[Tensor], w: Tensor, s: Tensor, cut: int, spec: MemorySpec, C: int) -> list[Tensor]:
+    """A group of chunks by the chunk form from its start state: reads, end W, end S, and with `cut` > 0 also W
+    after the first `cut` tokens (a chunk boundary: the anchor)."""
+    if not cut:
+        o, new = memory_chunk(*piece, state=MemoryState((w,), (s,)), spec=spec, chunk_size=C)
+        return [o, new.weights[0], new.momenta[0]]
+    o1, mid = memory_chunk(*(x[:, :cut] for x in piece), state=MemoryState((w,), (s,)), spec=spec, chunk_size=C)
+    o2, new = memory_chunk(*(x[:, cut:] for x in piece), state=mid, spec=spec, chunk_size=C)
+    return [torch.cat([o1, o2], dim=1), new.weights[0], new.momenta[0], mid.weights[0]]
+
+
+RECOMPUTE_TOKENS = 1024  # the backward re-runs this many tokens (whole chunks) per autograd call
 
 
 @contextlib.contextmanager
