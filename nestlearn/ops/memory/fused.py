@@ -229,6 +229,7 @@ def linear_forward(
         q, k, v, eta, alpha, beta, w0, s0, o, ws, ss, wf, sf, wa, tinv,
         T, H, N, spec.norm_eps, q.stride(0), q.stride(1), q.stride(2), eta.stride(0), eta.stride(1), eta.stride(2),
         C=chunk_size, BC=BC, D=D, BV=BV, DGD=spec.dgd, L2=spec.objective == "l2", SAVE=save,
+        num_stages=1 if D >= 128 else 3,  # d = 128 at C = 64 needs 240 KB of shared memory with 3 stages (H200: 227)
     )  # fmt: skip
     return o, wf, sf, wa, (ws if save else None), (ss if save else None)
 
