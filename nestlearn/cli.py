@@ -1,9 +1,10 @@
 """The `nestlearn` command: `nestlearn data fetch NAME...`, `nestlearn data prepare ...`, `nestlearn data verify DIR`,
-`nestlearn train ...`.
+`nestlearn train ...`, `nestlearn generate ...`, `nestlearn eval TASK ...`, `nestlearn synth ...`.
 
-What this is: argument parsing that calls `data.corpora.fetch`, `data.shards.prepare`, `data.shards.Shards.verify`
-and `train.main`; every command runs inside `errors.user_errors`, so a mistake a user can fix is one line on
-stderr (`nestlearn <cmd>: <message>`, exit status 2; the traceback only with NESTLEARN_DEBUG=1).
+What this is: argument parsing that calls `data.corpora.fetch`, `data.shards.prepare`, `data.shards.Shards.verify`,
+`train.main` and `eval.command.main` (generate, eval, synth); every command runs inside `errors.user_errors`, so a
+mistake a user can fix is one line on stderr (`nestlearn <cmd>: <message>`, exit status 2; the traceback only with
+NESTLEARN_DEBUG=1).
 What it is not: any of the work itself.
 """
 
@@ -25,6 +26,11 @@ def main(argv: list[str] | None = None) -> None:
 
         train_main(argv[1:])
         return
+    if argv[:1] and argv[0] in ("generate", "eval", "synth"):
+        from .eval.command import main as eval_main
+
+        eval_main(argv)
+        return
     args = _parser().parse_args(argv)
     with user_errors(f"nestlearn data {args.action}"):
         {"fetch": _fetch, "prepare": _prepare, "verify": _verify}[args.action](args)
@@ -45,6 +51,9 @@ def _parser() -> argparse.ArgumentParser:
     v = data.add_parser("verify", help="check a prepared directory: sizes, SHA-256, token ids, document offsets")
     v.add_argument("dir")
     sub.add_parser("train", help="train a model (see `nestlearn train --help`)")
+    sub.add_parser("generate", help="stream text from a trained run (see `nestlearn generate --help`)")
+    sub.add_parser("eval", help="evaluate a trained run: lm, niah, babilong (see `nestlearn eval --help`)")
+    sub.add_parser("synth", help="synthetic tasks (see `nestlearn synth --help`)")
     return p
 
 
