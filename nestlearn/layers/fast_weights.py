@@ -23,7 +23,7 @@ MemoryOp = Callable[..., tuple[Tensor, MemoryState]]
 
 
 def memory_op(impl: Impl) -> MemoryOp:
-    """"auto": the fused Triton kernel where it applies on CUDA, else the chunk form (`ops/memory/fused.py`);
+    """ "auto": the fused Triton kernel where it applies on CUDA, else the chunk form (`ops/memory/fused.py`);
     "chunk": the PyTorch chunk form; "fused": the kernel only (an error where it does not apply); "naive": the
     per-token float64 reference."""
     ops = {"auto": memory_auto, "chunk": memory_chunk, "fused": memory_fused, "naive": memory_naive}
