@@ -227,8 +227,27 @@ class MQAR(Task):
 # the MAD tasks (Poli et al. 2024, "Mechanistic Design and Scaling of Hybrid Architectures", §3 and App. B)
 
 
+class _KeysValuesMarker:
+    """MAD's vocabulary layout shared by in-context recall and memorisation: keys `0 .. K-1` with
+    `K = (vocab-1)//2`, values `K .. vocab-2`, one marker id `vocab-1`."""
+
+    vocab: int
+
+    @property
+    def keys(self) -> int:
+        return (self.vocab - 1) // 2
+
+    @property
+    def vocab_size(self) -> int:
+        return self.vocab
+
+    @property
+    def answers(self) -> tuple[int, ...]:
+        return tuple(range(self.keys, self.vocab - 1))
+
+
 @dataclass(frozen=True, kw_only=True)
-class InContextRecall(Task):
+class InContextRecall(_KeysValuesMarker, Task):
     """MAD in-context recall.
 
     Reading: a row is a stream of key-value pairs whose keys repeat; each key is bound to one value for the
@@ -245,18 +264,6 @@ class InContextRecall(Task):
     def check(self) -> None:
         if self.vocab < 4:
             raise ValueError(f"in_context_recall: vocab must be >= 4 (keys, values, copy prefix), got {self.vocab}")
-
-    @property
-    def keys(self) -> int:
-        return (self.vocab - 1) // 2
-
-    @property
-    def vocab_size(self) -> int:
-        return self.vocab
-
-    @property
-    def answers(self) -> tuple[int, ...]:
-        return tuple(range(self.keys, self.vocab - 1))
 
     @property
     def min_length(self) -> int:
@@ -406,7 +413,7 @@ class SelectiveCopy(Task):
 
 
 @dataclass(frozen=True, kw_only=True)
-class Memorization(Task):
+class Memorization(_KeysValuesMarker, Task):
     """MAD memorization.
 
     Reading: one fixed key -> value map (a fact base, the same for every row, drawn from `map_seed`, not from the
@@ -424,18 +431,6 @@ class Memorization(Task):
     def check(self) -> None:
         if self.vocab < 3:
             raise ValueError(f"memorization: vocab must be >= 3 (keys, values, insert), got {self.vocab}")
-
-    @property
-    def keys(self) -> int:
-        return (self.vocab - 1) // 2
-
-    @property
-    def vocab_size(self) -> int:
-        return self.vocab
-
-    @property
-    def answers(self) -> tuple[int, ...]:
-        return tuple(range(self.keys, self.vocab - 1))
 
     @property
     def facts(self) -> Tensor:
