@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from nestlearn.ops.memory import MemorySpec, MemoryState, init_state, memory_chunk, memory_fused, memory_naive
 from nestlearn.ops.memory.fused import supports
+from nestlearn.ops.memory.lean import memory_lean
 
 # (B, T, C, H, d)
 CPU_CASES = [(1, 1024, 16, 4, 64), (1, 1024, 64, 4, 64), (2, 1024, 64, 8, 64)]
@@ -121,6 +122,9 @@ def bench_case(case: tuple[int, ...], kind: str, device: str, args: argparse.Nam
         row[f"{tag}_chunk_ms"] = 1000 * t_chunk
         row[f"{tag}_chunk_peak_mb"] = peak_mb(memory_call(memory_chunk, x, spec, C, bwd), device)
         row[f"{tag}_fused_tok_s"] = row[f"{tag}_fused_peak_mb"] = None
+        if device == "cuda" and bwd:  # the memory-lean backward (ops/memory/lean.py)
+            row["fwdbwd_lean_tok_s"] = B * T / timeit(memory_call(memory_lean, x, spec, C, bwd), device, 1, args.reps)
+            row["fwdbwd_lean_peak_mb"] = peak_mb(memory_call(memory_lean, x, spec, C, bwd), device)
         if supports(spec, MemoryState(tuple(x["weights"]), tuple(x["momenta"])), x["q"]):
             t_fused = timeit(memory_call(memory_fused, x, spec, C, bwd), device, args.warmup, args.reps)
             row[f"{tag}_fused_tok_s"] = B * T / t_fused
@@ -189,12 +193,13 @@ def main() -> None:
     p.add_argument("--naive-tokens", type=int, default=None, help="cap on T of the naive loop (none on CPU, 4096 else)")
     p.add_argument("--threads", type=int, default=2 if not torch.cuda.is_available() else None)
     p.add_argument("--json", default=None, help="write raw rows here")
+    p.add_argument("--max-cases", type=int, default=None, help="time only the first N cases of each kind")
     p.set_defaults(naive_tokens=1 << 30 if p.parse_known_args()[0].device == "cpu" else 4096)  # by device
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.backends.cuda.matmul.allow_tf32 = False
-    cases = GPU_CASES if args.device == "cuda" else CPU_CASES
+    cases = (GPU_CASES if args.device == "cuda" else CPU_CASES)[: args.max_cases]
     rows = []
     for kind in args.kinds.split(","):
         for case in cases:
