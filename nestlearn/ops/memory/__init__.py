@@ -1,7 +1,6 @@
-"""Deep memory learned in context: per-token reference (`memory_naive`), chunk-parallel form (`memory_chunk`)
-the fused Triton kernel (`memory_fused`; `memory_auto` picks it where it applies) and the memory-lean
-training path (`memory_lean`), same signature. See
-README.md here for the derivation."""
+"""Deep memory learned in context: per-token reference (`memory_naive`), chunk-parallel form (`memory_chunk`),
+the fused Triton kernel (`memory_fused`; `memory_auto` picks it where it applies) and the memory-lean training
+path (`memory_lean`), all with the same signature. See README.md here for the derivation."""
 
 from .chunk import memory_chunk
 from .common import MemorySpec, MemoryState, init_state
