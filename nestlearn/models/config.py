@@ -58,8 +58,9 @@ class ModelConfig:
     Sizes: `vocab_size`, `d_model`, `n_layers`, `n_heads` (head dim = d_model / n_heads), `mlp_hidden`.
     Memories (D2-D6; the recurrent variants): `memory_kind`, `memory_expansion`, `memory_activation`, `mem_chunk`
     (C_mem), `proj_chunk` (C_proj, HOPE's self-modifying Titans only), `impl` ("auto": the fused GPU kernel where
-    it applies, else "chunk", the PyTorch chunk form; "fused": the kernel only; "naive": the per-token float64
-    reference of every memory; all the same function).
+    it applies, else "chunk", the PyTorch chunk form; "fused": the kernel only; "lean": the chunk form with a
+    memory-lean backward, about a third of the memory op's activation memory at two thirds of its speed; "naive":
+    the per-token float64 reference of every memory; all the same function).
     Ablations (Table 6, docs/decisions.md): `dgd` (HOPE; the Titans variants always use plain GD),
     `memory_momentum` (the inner momentum beta), `memory_decay` (the retention gate alpha), `adaptive_k`,
     `adaptive_v` (False: the projection stays at its meta-learned initial state), `adaptive_q` (True: the query is
@@ -123,7 +124,7 @@ class ModelConfig:
     tie_embeddings: bool = True
     init_std: float = 0.02
     norm_eps: float = 1e-6
-    impl: Literal["auto", "chunk", "fused", "naive"] = "auto"
+    impl: Literal["auto", "chunk", "fused", "lean", "naive"] = "auto"
     activation_checkpointing: bool = False
 
     def __post_init__(self) -> None:

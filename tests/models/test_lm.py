@@ -85,6 +85,22 @@ def test_naive_impl_gives_the_same_model(variant: str) -> None:
         torch.testing.assert_close(ref(ids)[0], model(ids)[0], rtol=0, atol=1e-10)
 
 
+@pytest.mark.parametrize("variant", ["hope", "titans_mac"])
+def test_memory_lean_impl_changes_nothing(variant: str) -> None:
+    """impl="lean" (memory-lean backward) gives the chunk form's loss and every gradient, and carries state."""
+    model = tiny(variant)
+    lean = CausalLM(dataclasses.replace(model.config, impl="lean")).double()
+    lean.load_state_dict(model.state_dict())
+    ids = torch.randint(0, 64, (2, 13))
+    for m in (model, lean):
+        m.loss(ids)[0].backward()
+    for (name, p), q in zip(model.named_parameters(), lean.parameters(), strict=True):
+        torch.testing.assert_close(q.grad, p.grad, rtol=0, atol=1e-10, msg=name)
+    with torch.no_grad():
+        _, st = lean(ids[:, :5])
+        torch.testing.assert_close(lean(ids[:, 5:], st)[0], model(ids)[0][:, 5:], rtol=0, atol=1e-10)
+
+
 ABLATIONS = {
     "dgd": False,
     "memory_momentum": False,
