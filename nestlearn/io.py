@@ -39,7 +39,7 @@ def save_bundle(directory: str | Path, name: str, tensors: dict[str, torch.Tenso
     finally:
         tmp.unlink(missing_ok=True)
     record = {"format_version": FORMAT_VERSION, "tensors_sha256": digest, **meta}
-    _write_text_atomic(meta_path, json.dumps(record, indent=2, sort_keys=True))
+    write_text_atomic(meta_path, json.dumps(record, indent=2, sort_keys=True))
     return meta_path
 
 
@@ -68,7 +68,7 @@ def _temp_path(directory: Path, name: str) -> Path:
     return Path(path)
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
+def write_text_atomic(path: Path, text: str) -> None:
     tmp = _temp_path(path.parent, path.name)
     try:
         with open(tmp, "w") as f:

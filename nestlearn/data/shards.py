@@ -266,7 +266,7 @@ def _read_meta(directory: Path) -> tuple[dict[str, Any], str]:
         meta = json.loads(raw)
     except (OSError, ValueError) as e:
         raise ValueError(
-            f"{path} is unreadable or not valid JSON ({_first_line(e)}); the dataset is corrupt, {FIX}"
+            f"{path} is unreadable or not valid JSON ({first_line(e)}); the dataset is corrupt, {FIX}"
         ) from None
     problem = _meta_problem(meta)
     if problem:
@@ -326,7 +326,7 @@ def _check_docs(path: Path, tokens: int, docs: int) -> None:
     try:
         starts = np.load(path, allow_pickle=False)
     except (OSError, ValueError, EOFError) as e:
-        reason = "not a .npy array" if "pickle" in str(e) else _first_line(e)  # numpy's text suggests unpickling
+        reason = "not a .npy array" if "pickle" in str(e) else first_line(e)  # numpy's text suggests unpickling
         raise ValueError(f"{path} is unreadable ({reason}); {FIX}") from None
     if problem := _offsets_problem(starts, tokens, docs):
         raise ValueError(f"{path}: {problem}; {FIX}")
@@ -348,5 +348,5 @@ def _offsets_problem(starts: np.ndarray, tokens: int, docs: int) -> str | None:
     return None
 
 
-def _first_line(e: BaseException) -> str:
+def first_line(e: BaseException) -> str:
     return str(e).splitlines()[0] if str(e).strip() else type(e).__name__

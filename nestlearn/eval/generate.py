@@ -31,7 +31,7 @@ from ..data.tokenizer import Tokenizer
 from ..io import load_bundle, save_bundle
 from ..models import CausalLM, ModelState, load_state, save_state
 from ..models.sampling import check_sampling, sample
-from ..train.loop import _device as resolve_device
+from ..train.loop import resolve_device
 from .lm import max_context
 from .load import load_run
 from .report import progress

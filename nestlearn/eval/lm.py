@@ -35,7 +35,7 @@ from ..data.tokenizer import Tokenizer
 from ..models import CausalLM, next_token_loss
 from ..models.config import FULL_ATTENTION
 from ..train.checkpoints import data_identity
-from ..train.loop import _device as resolve_device
+from ..train.loop import resolve_device
 from .load import Loaded, load_run
 from .report import progress, write_report
 

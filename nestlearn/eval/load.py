@@ -2,7 +2,7 @@
 
 What this is: `load_run(path, device="cpu") -> Loaded`. `path` is a run directory (the `out` of `nestlearn
 train`: the newest intact checkpoint under `checkpoints/` is taken, damaged ones are named on stderr and passed
-over, as a resumed run does: the same reader, `train.checkpoints._read`) or one checkpoint directory
+over, as a resumed run does: the same reader, `train.checkpoints.read_checkpoint`) or one checkpoint directory
 (`checkpoints/step_XXXXXXX`). The checkpoint's model config is rebuilt, its weights loaded strictly, and the
 tokenizer it was trained with is built and compared with the recorded identity. Every bad input (no such
 directory, not a run, no checkpoint, every checkpoint damaged, weights that do not fit the config, tokenizer
@@ -23,7 +23,7 @@ import torch
 
 from ..data.tokenizer import Tokenizer, check_identity, get_tokenizer
 from ..models import CausalLM, ModelConfig
-from ..train.checkpoints import _checkpoints, _first_line, _read
+from ..train.checkpoints import checkpoint_dirs, first_line, read_checkpoint
 
 FIX_RUN = "give the `out` directory of `nestlearn train` or one of its checkpoints/step_XXXXXXX directories"
 
@@ -81,7 +81,7 @@ def _find(path: Path) -> tuple[Path | None, Path, tuple[dict[str, torch.Tensor],
     root = path / "checkpoints"
     if not root.is_dir():
         raise ValueError(f"{path} is not a training run (it has no checkpoints/ directory); {FIX_RUN}")
-    candidates = _checkpoints(root)
+    candidates = checkpoint_dirs(root)
     if not candidates:
         raise ValueError(f"{root} holds no checkpoint yet; train longer (ckpt_every=...) or {FIX_RUN}")
     damaged: list[tuple[Path, str]] = []
@@ -105,10 +105,10 @@ def _read_checkpoint(checkpoint: Path) -> tuple[dict[str, torch.Tensor], dict[st
     """The model tensors and metadata, checked as resume checks them (hashes, finite values, both bundles);
     ValueError with the reason on one line."""
     try:
-        tensors, meta, _ = _read(checkpoint)
+        tensors, meta, _ = read_checkpoint(checkpoint)
         trainer = json.loads((checkpoint / "trainer.json").read_text())
     except (ValueError, OSError, KeyError) as e:
-        raise ValueError(_first_line(e)) from None
+        raise ValueError(first_line(e)) from None
     if trainer.get("step") != meta.get("step") or trainer.get("model_config") != meta.get("model_config"):
         raise ValueError("its trainer.json and model.json disagree")
     return tensors, meta
@@ -119,7 +119,7 @@ def _build(checkpoint: Path, meta: dict[str, Any], tensors: dict[str, torch.Tens
         cfg = ModelConfig.from_dict(meta["model_config"])
     except (ValueError, TypeError, KeyError) as e:
         raise ValueError(
-            f"the model config of {checkpoint} cannot be read by this nestlearn ({_first_line(e)}); use the version "
+            f"the model config of {checkpoint} cannot be read by this nestlearn ({first_line(e)}); use the version "
             f"that trained it ({meta.get('code_version', 'unknown')})"
         ) from None
     model = CausalLM(cfg)
@@ -127,7 +127,7 @@ def _build(checkpoint: Path, meta: dict[str, Any], tensors: dict[str, torch.Tens
         model.load_state_dict(tensors)
     except RuntimeError as e:
         raise ValueError(
-            f"the weights in {checkpoint} do not fit its model config ({_first_line(e)}); the checkpoint is "
+            f"the weights in {checkpoint} do not fit its model config ({first_line(e)}); the checkpoint is "
             "damaged or written by another version"
         ) from None
     return model.to(device).eval()
@@ -145,7 +145,7 @@ def _tokenizer(checkpoint: Path, identity: dict[str, Any], override: str | None)
         tok = get_tokenizer(name)
     except (ValueError, RuntimeError, OSError) as e:
         raise ValueError(
-            f"the tokenizer {name!r} of checkpoint {checkpoint} cannot be loaded ({_first_line(e)}); restore its "
+            f"the tokenizer {name!r} of checkpoint {checkpoint} cannot be loaded ({first_line(e)}); restore its "
             "files (gpt2: the cache under $NESTLEARN_CACHE, hf: the directory) or pass --tokenizer"
         ) from None
     check_identity(identity, tok.identity, f"checkpoint {checkpoint}")

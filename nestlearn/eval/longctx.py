@@ -508,7 +508,7 @@ def babilong_command(args: argparse.Namespace) -> None:
 def _load(args: argparse.Namespace, lengths: list[int], samples: int) -> tuple[Any, Haystack]:
     """The run (`load.load_run`) and the haystack (read first: a bad name fails before the model loads); lengths
     the model cannot read are refused before anything is printed."""
-    from ..train.loop import _device as resolve_device
+    from ..train.loop import resolve_device
     from .load import load_run
 
     hay = niah.load_haystack(args.haystack)

@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..io import _write_text_atomic
+from ..io import write_text_atomic
 from ..train import code_version
 
 if TYPE_CHECKING:
@@ -63,7 +63,7 @@ def write_report(
     }
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        _write_text_atomic(path, json.dumps(jsonable(record), indent=1, allow_nan=False) + "\n")
+        write_text_atomic(path, json.dumps(jsonable(record), indent=1, allow_nan=False) + "\n")
     except OSError as e:
         raise ValueError(f"cannot write the report {path} ({e.strerror or e}); choose a writable --json path") from None
     return path

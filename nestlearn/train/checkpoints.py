@@ -68,7 +68,7 @@ def save_checkpoint(run: Run) -> Path | None:
         raise
     shutil.rmtree(final, ignore_errors=True)  # a damaged checkpoint of the same step, passed over on resume
     tmp.rename(final)
-    older = [p for p in _checkpoints(root) if _step(p) < run.step]  # never a newer (damaged) one, never this one
+    older = [p for p in checkpoint_dirs(root) if _step(p) < run.step]  # never a newer (damaged) one, never this one
     for old in older[: max(0, len(older) - (run.cfg.keep_last - 1))]:
         shutil.rmtree(old)
     return final
@@ -86,7 +86,7 @@ def states_finite(run: Run) -> bool:
 
 
 def newest_name(out: Path) -> str:
-    found = _checkpoints(out / "checkpoints")
+    found = checkpoint_dirs(out / "checkpoints")
     return str(found[-1]) if found else "(none yet)"
 
 
@@ -97,12 +97,12 @@ def newest_name(out: Path) -> str:
 def resume(run: Run) -> None:
     """Continue from the newest intact checkpoint in `out/checkpoints`, if any (see the module docstring)."""
     root = run.out / "checkpoints"
-    candidates = _checkpoints(root)
+    candidates = checkpoint_dirs(root)
     for path in reversed(candidates):
         try:
-            tensors, meta, opt_state = _read(path)
+            tensors, meta, opt_state = read_checkpoint(path)
         except (ValueError, OSError, KeyError) as e:
-            _say(run, f"checkpoint {path} is damaged and passed over ({_first_line(e)})")
+            _say(run, f"checkpoint {path} is damaged and passed over ({first_line(e)})")
             continue
         if path != candidates[-1]:
             _say(run, f"resuming from {path}, the newest intact checkpoint")
@@ -118,7 +118,7 @@ def resume(run: Run) -> None:
         )
 
 
-def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], Any]:
+def read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], Any]:
     """A checkpoint's model weights, metadata and optimizer state; ValueError if anything is torn or non-finite."""
     tensors, meta = load_bundle(path, "model")
     opt_tensors, opt_meta = load_bundle(path, "optimizer")
@@ -181,7 +181,7 @@ def _load(run: Run, path: Path, model: dict[str, torch.Tensor], optimizer: Any) 
         _load_states(run, model, optimizer)
     except (RuntimeError, KeyError) as e:
         raise ValueError(
-            f"the weights in {path} do not fit this model ({_first_line(e)}); choose a new out directory"
+            f"the weights in {path} do not fit this model ({first_line(e)}); choose a new out directory"
         ) from None
     for g, hyper in zip(run.opt.param_groups, own, strict=True):
         g.update(hyper)
@@ -192,11 +192,11 @@ def _say(run: Run, message: str) -> None:
         print(message, flush=True)
 
 
-def _first_line(e: BaseException) -> str:
+def first_line(e: BaseException) -> str:
     return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
 
 
-def _checkpoints(root: Path) -> list[Path]:
+def checkpoint_dirs(root: Path) -> list[Path]:
     """Complete checkpoint directories, oldest first."""
     return sorted(p for p in root.glob("step_*") if p.is_dir()) if root.is_dir() else []
 

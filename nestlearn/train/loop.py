@@ -103,7 +103,7 @@ def _setup(cfg: TrainConfig, stop: Stop) -> Run:
 
 def _distributed(cfg: TrainConfig) -> tuple[int, int, torch.device, str]:
     """(rank, world size, device, "none" | "ddp" | "fsdp"); a process group only under torchrun."""
-    device = _device(cfg.device)
+    device = resolve_device(cfg.device)
     if "RANK" not in os.environ:
         if cfg.distributed in ("ddp", "fsdp"):
             raise ValueError(
@@ -119,7 +119,7 @@ def _distributed(cfg: TrainConfig) -> tuple[int, int, torch.device, str]:
     return rank, world, device, mode if (world > 1 or mode == "fsdp") else "none"
 
 
-def _device(name: str) -> torch.device:
+def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
