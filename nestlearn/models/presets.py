@@ -27,14 +27,44 @@ PRESETS: dict[str, dict[str, int]] = {
 }
 
 
-def preset(name: str, variant: str = "hope", **overrides: Any) -> ModelConfig:
+# Table 6 of the paper (HOPE's ablations): each row -> the fields that build it. The paper's "Hope" row has an
+# adaptive query (its "w/o inner-projection q" row makes q static); nestlearn's default HOPE is that row: a static
+# query, the paper's final design. docs/equations.md lists the rows with the paper's numbers.
+TABLE6: dict[str, dict[str, Any]] = {
+    "hope": dict(adaptive_q=True),
+    "w/o dgd": dict(adaptive_q=True, dgd=False),
+    "w/o momentum": dict(adaptive_q=True, memory_momentum=False),
+    "w/o weight decay": dict(adaptive_q=True, memory_decay=False),
+    "w/o cms": dict(adaptive_q=True, cms=False),
+    "w/o inner-projection k": dict(adaptive_q=True, adaptive_k=False),
+    "w/o inner-projection v": dict(adaptive_q=True, adaptive_v=False),
+    "w/o inner-projection q": dict(),
+}
+DEFAULT_TABLE6_ROW = "w/o inner-projection q"
+
+
+def ablation_fields(ablation: str) -> dict[str, Any]:
+    """The fields of a Table 6 row (case-insensitive), e.g. "w/o DGD"; ValueError listing the rows."""
+    key = ablation.strip().lower()
+    if key not in TABLE6:
+        raise ValueError(f"unknown Table 6 row {ablation!r}; choose one of {', '.join(map(repr, TABLE6))}")
+    return dict(TABLE6[key])
+
+
+def preset(name: str, variant: str = "hope", *, ablation: str | None = None, **overrides: Any) -> ModelConfig:
     """The config of a named size for a variant; the MLP hidden width is solved to hit the size.
 
-    `overrides` may change any field that applies to the variant (e.g. `vocab_size=50257`, `mem_chunk=16`,
-    `dgd=False`); the hidden width is solved after them unless `mlp_hidden` is given.
+    `ablation` builds a row of the paper's Table 6 (HOPE only, `TABLE6`: "hope", "w/o DGD", ...); `overrides` may
+    change any field that applies to the variant (e.g. `vocab_size=50257`, `mem_chunk=16`, `dgd=False`) and are
+    applied after the row. The hidden width is solved after them unless `mlp_hidden` is given, so every row has
+    the same parameter count.
     """
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    if ablation is not None:
+        if variant != "hope":
+            raise ValueError(f"Table 6 ablations are rows of HOPE; use variant='hope', not {variant!r}")
+        overrides = {**ablation_fields(ablation), **overrides}
     p = dict(PRESETS[name])
     target = p.pop("params")
     cfg = ModelConfig(variant=variant, **{**p, **overrides})  # type: ignore[arg-type]

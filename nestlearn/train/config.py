@@ -21,7 +21,7 @@ from typing import Any, Literal
 from ..fields import coerce, coerce_fields
 from ..models import ModelConfig
 from ..models.config import RENAMED, VARIANTS
-from ..models.presets import PRESETS
+from ..models.presets import PRESETS, ablation_fields
 from ..optim.routing import MATRIX_OPTIMIZERS
 
 SCHEDULES = ("cosine", "wsd", "constant")
@@ -41,6 +41,7 @@ class TrainConfig:
     out: str = "runs/default"
     model: str = "20M"
     variant: str = "hope"
+    ablation: str | None = None  # a row of the paper's Table 6 (HOPE): "w/o DGD", ... (models/presets.py)
     model_overrides: dict[str, Any] = field(default_factory=dict)
     seq_len: int = 512
     batch_size: int = 8
@@ -74,6 +75,10 @@ class TrainConfig:
         coerce_fields(self)
         _choice("model", self.model, tuple(PRESETS))
         _choice("variant", self.variant, VARIANTS)
+        if self.ablation is not None:
+            ablation_fields(self.ablation)  # a ValueError naming the rows
+            if self.variant != "hope":
+                raise ValueError(f"ablation={self.ablation!r} is a row of HOPE's Table 6; set variant=hope")
         _choice("optimizer", self.optimizer, OPTIMIZERS)
         for name in ("seq_len", "batch_size", "grad_accum", "steps", "log_every", "eval_every", "ckpt_every",
                      "keep_last", "eval_windows", "max_nonfinite"):  # fmt: skip

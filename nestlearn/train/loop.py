@@ -73,8 +73,8 @@ def _setup(cfg: TrainConfig, stop: Stop) -> Run:
     out = Path(cfg.out)
     _check_writable(out)
     shards = _open_data(cfg, rank)
-    model_cfg = preset(cfg.model, cfg.variant, **{"vocab_size": shards.meta["tokenizer"]["vocab_size"],
-                                                  **cfg.model_overrides})  # fmt: skip
+    model_cfg = preset(cfg.model, cfg.variant, ablation=cfg.ablation,
+                       **{"vocab_size": shards.meta["tokenizer"]["vocab_size"], **cfg.model_overrides})  # fmt: skip
     _check_fits(cfg, model_cfg, shards)
     torch.manual_seed(cfg.seed)
     core = CausalLM(model_cfg).to(device)

@@ -32,3 +32,22 @@ def test_count_matches_a_built_model_and_overrides_apply() -> None:
 def test_impossible_preset_is_refused() -> None:
     with pytest.raises(ValueError, match="cannot hold"):
         preset("debug", "hope", vocab_size=50257)
+
+
+def test_table6_rows_build_hope_ablations_of_equal_size() -> None:
+    """Each row of the paper's Table 6 is one config of the factory; the default HOPE is the "w/o inner-projection q"
+    row (static q); every row has the preset's parameter count within 2 % (the MLP width moves in steps of 16)."""
+    from nestlearn.models.presets import DEFAULT_TABLE6_ROW, TABLE6
+
+    assert preset("debug", ablation=DEFAULT_TABLE6_ROW) == preset("debug", "hope")
+    rows = {r: preset("debug", ablation=r) for r in TABLE6}
+    assert rows["hope"].adaptive_q and not rows["w/o dgd"].dgd and not rows["w/o cms"].cms
+    assert not rows["w/o momentum"].memory_momentum and not rows["w/o weight decay"].memory_decay
+    assert not rows["w/o inner-projection k"].adaptive_k and not rows["w/o inner-projection v"].adaptive_v
+    sizes = [count_parameters(c) for c in rows.values()]
+    assert max(sizes) / min(sizes) < 1.02, sizes
+    assert preset("debug", ablation="W/O DGD", mem_chunk=16).mem_chunk == 16  # case-insensitive; overrides apply
+    with pytest.raises(ValueError, match="unknown Table 6 row 'w/o foo'; choose one of 'hope'"):
+        preset("debug", ablation="w/o foo")
+    with pytest.raises(ValueError, match="rows of HOPE; use variant='hope'"):
+        preset("debug", "transformer", ablation="w/o dgd")
