@@ -7,8 +7,11 @@ What this is: the package, read in this order:
                   progress(message): a progress line on stderr
     generate.py   `nestlearn generate`: streamed text, the learning state saved and continued
     lm.py         `nestlearn eval lm`: loss, perplexity, bits per byte over windows and whole documents
+    niah.py, babilong.py, longctx.py   `nestlearn eval niah | babilong`: long-context recall, streamed
+    mc.py         `nestlearn eval mc`: zero-shot multiple choice by log-likelihood (lm_eval_adapter.py: lm-eval)
+    continual.py  `nestlearn eval continual`: class- and domain-incremental protocols, BWT and forgetting
+    synth/        `nestlearn synth`: MQAR, the MAD tasks, the formal languages of Table 5
     command.py    the command lines (`generate`, `eval TASK`, `synth`) and the table of eval modules
-Long-context tasks (`longctx.py`: NIAH, BABILong) and synthetic tasks (`synth/`) plug into `command.py`.
 What it is not: training (`nestlearn.train`) or data preparation (`nestlearn data`).
 """
 

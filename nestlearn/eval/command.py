@@ -23,8 +23,12 @@ from typing import NoReturn
 from ..errors import one_line, user_errors
 from . import generate, lm
 
-EVAL_MODULES = {"niah": "nestlearn.eval.longctx", "babilong": "nestlearn.eval.longctx", "mc": "nestlearn.eval.mc"}
-EVAL_MODULES["continual"] = "nestlearn.eval.continual"
+EVAL_MODULES = {
+    "niah": "nestlearn.eval.longctx",
+    "babilong": "nestlearn.eval.longctx",
+    "mc": "nestlearn.eval.mc",
+    "continual": "nestlearn.eval.continual",
+}
 SYNTH_MODULE = "nestlearn.eval.synth.command"
 COMMANDS = ("generate", "eval", "synth")
 
