@@ -24,13 +24,26 @@ MemoryOp = Callable[..., tuple[Tensor, MemoryState]]
 
 def memory_op(impl: Impl) -> MemoryOp:
     """ "auto": the fused Triton kernel where it applies on CUDA, else the chunk form (`ops/memory/fused.py`);
-    "chunk": the PyTorch chunk form; "fused": the kernel only (an error where it does not apply); "lean": the chunk
+    "chunk": the PyTorch chunk form; "fused": the kernel (an error where it cannot apply; a call that finishes an
+    open chunk takes the chunk form); "lean": the chunk
     form with a memory-lean backward (`ops/memory/lean.py`: a third of the memory, two thirds of the speed, measured
     on the H200); "naive": the per-token float64 reference. All compute the same function."""
-    ops = {"auto": memory_auto, "chunk": memory_chunk, "fused": memory_fused, "lean": _lean, "naive": memory_naive}
+    ops = {"auto": memory_auto, "chunk": memory_chunk, "fused": _fused, "lean": _lean, "naive": memory_naive}
     if impl not in ops:
         raise ValueError(f"memory impl must be one of {', '.join(map(repr, ops))}, got {impl!r}")
     return ops[impl]
+
+
+def twice_differentiable(impl: Impl) -> MemoryOp:
+    """The op of `impl` whose output can be differentiated twice (full meta-gradients through online CMS updates):
+    the custom ops of "fused" and "lean" have first-order backward formulas only, so those (and "auto") take the
+    chunk form, which is plain tensor code; "chunk" and "naive" are twice differentiable as they are."""
+    return memory_naive if impl == "naive" else memory_chunk
+
+
+def _fused(*args: object, state: MemoryState, **kwargs: object) -> tuple[Tensor, MemoryState]:
+    """`memory_fused` from a chunk boundary; a call that finishes an open chunk (decoding) takes the chunk form."""
+    return (memory_fused if state.offset == 0 else memory_chunk)(*args, state=state, **kwargs)  # type: ignore[arg-type]
 
 
 def _lean(*args: object, state: MemoryState, **kwargs: object) -> tuple[Tensor, MemoryState]:

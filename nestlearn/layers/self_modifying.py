@@ -42,12 +42,14 @@ from .fast_weights import (
     GateHead,
     Impl,
     MemoryInit,
+    MemoryOp,
     l2norm,
     logit,
     memory_op,
     split_heads,
     state_float,
     step_scale,
+    twice_differentiable,
 )
 
 
@@ -69,7 +71,7 @@ class SelfModifyingTitans(nn.Module):
         mem_chunk, proj_chunk: `C_mem` for the main memory, `C_proj` for the projection memories (D5).
         adaptive_k, adaptive_v, adaptive_q: which projections learn in context (Table 6 ablations).
         normalize_v: L2-normalise the generated values (see the module docstring).
-        impl: "chunk" or "naive" (the float64 reference of the same computation).
+        impl: the memory op (`fast_weights.memory_op`: "auto", "chunk", "fused", "lean", "naive"; one function).
     """
 
     def __init__(
@@ -96,7 +98,7 @@ class SelfModifyingTitans(nn.Module):
         self.heads, self.head_dim = heads, dim // heads
         self.spec = dataclasses.replace(spec, self_values=True)
         self.mem_chunk, self.proj_chunk, self.normalize_v = mem_chunk, proj_chunk, normalize_v
-        self.op = memory_op(impl)
+        self.impl, self.op = impl, memory_op(impl)
         self.names = ["k", "v", "q", "eta", "alpha"] if adaptive_q else ["k", "v", "eta", "alpha"]
         if not self.spec.decay:
             self.names.remove("alpha")  # "w/o weight decay": no retention gate, no memory to make it
@@ -126,25 +128,27 @@ class SelfModifyingTitans(nn.Module):
     def forward(
         self, x: Tensor, state: SelfModState | None = None, *, second_order: bool = False
     ) -> tuple[Tensor, SelfModState]:
-        """x `[B, T, D]` -> `[B, T, D]`, state carried (D12). `second_order` is part of the mixer interface
-        (`models/block.py`); the memory ops are plain tensor code and twice differentiable as they are."""
-        del second_order
+        """x `[B, T, D]` -> `[B, T, D]`, state carried (D12). `second_order`: the output will be differentiated
+        twice (the memories then run a twice-differentiable op, `fast_weights.twice_differentiable`)."""
+        op = twice_differentiable(self.impl) if second_order else self.op
         state = state if state is not None else self.init_state(x.shape[0])
         h, conv = self.conv(self.in_proj(x), state.conv)
         parts = [state_float(split_heads(t, self.heads)).transpose(1, 2) for t in h.split(x.shape[-1], dim=-1)]
         u = parts[0]  # [B, H, T, d]
         beta = self.beta(x) if self.beta is not None else None
-        gen, proj = self._project(u, beta, state.proj)
+        gen, proj = self._project(u, beta, state.proj, op)
         q = gen["q"] if "q" in gen else parts[1]
         q, k = l2norm(q).transpose(1, 2), gen["k"].transpose(1, 2)  # [B, T, H, d]
         args = dict(state=state.memory, spec=self.spec, chunk_size=self.mem_chunk)
-        o, memory = self.op(q, k, gen["v"].transpose(1, 2), gen["eta"], gen.get("alpha"), beta, **args)
+        o, memory = op(q, k, gen["v"].transpose(1, 2), gen["eta"], gen.get("alpha"), beta, **args)
         return self.output(o, x), SelfModState(conv, proj, memory)
 
     # -----------------------------------------------------------------------------------------
     # the projection memories: a sequential loop over C_proj chunks
 
-    def _project(self, u: Tensor, beta: Tensor | None, proj: MemoryState) -> tuple[dict[str, Tensor], MemoryState]:
+    def _project(
+        self, u: Tensor, beta: Tensor | None, proj: MemoryState, op: MemoryOp
+    ) -> tuple[dict[str, Tensor], MemoryState]:
         """Generated k `[B, H, T, d]` (normalised), v, q (if adaptive) `[B, H, T, d]`, eta, alpha `[B, T, H]`."""
         static = self._static(u)
         pieces: list[dict[str, Tensor]] = []
@@ -153,7 +157,7 @@ class SelfModifyingTitans(nn.Module):
             n = min(self.proj_chunk - proj.offset, T - t)
             seg = u[:, :, t : t + n]
             gen = self._generate(seg, proj.frozen(), {name: g[:, :, t : t + n] for name, g in static.items()})
-            proj = self._update(gen, None if beta is None else beta[:, t : t + n], proj)
+            proj = self._update(gen, None if beta is None else beta[:, t : t + n], proj, op)
             pieces.append(gen)
             t += n
         time_dim = {name: 2 if g.dim() == 4 else 1 for name, g in pieces[0].items()}  # vectors vs gates
@@ -184,11 +188,11 @@ class SelfModifyingTitans(nn.Module):
         gen["eta"] = self.eta_scale * gen["eta"]
         return gen
 
-    def _update(self, gen: dict[str, Tensor], beta: Tensor | None, proj: MemoryState) -> MemoryState:
+    def _update(self, gen: dict[str, Tensor], beta: Tensor | None, proj: MemoryState, op: MemoryOp) -> MemoryState:
         """Eqs. 84-88 for the adaptive projection memories over one chunk, stacked as `P * H` heads."""
         P = len(self.adaptive)
         k = gen["k"].transpose(1, 2).repeat(1, 1, P, 1)  # [B, n, P*H, d]; shared key for every memory
         v = gen["v"].transpose(1, 2).repeat(1, 1, P, 1)  # each memory makes its own target M_□(v) (Eq. 84)
         gates = [g.repeat(1, 1, P) if g is not None else None for g in (gen["eta"], gen.get("alpha"), beta)]
-        _, proj = self.op(k, k, v, *gates, state=proj, spec=self.spec, chunk_size=self.proj_chunk)
+        _, proj = op(k, k, v, *gates, state=proj, spec=self.spec, chunk_size=self.proj_chunk)
         return proj

@@ -19,7 +19,17 @@ from torch import Tensor, nn
 from ..ops.memory import MemorySpec, MemoryState
 from ..ops.memory.common import memory_apply
 from .basic import ShortConv
-from .fast_weights import GatedOutput, GateHead, Impl, MemoryInit, l2norm, memory_op, split_heads, step_scale
+from .fast_weights import (
+    GatedOutput,
+    GateHead,
+    Impl,
+    MemoryInit,
+    l2norm,
+    memory_op,
+    split_heads,
+    step_scale,
+    twice_differentiable,
+)
 
 
 class TitansState(NamedTuple):
@@ -36,7 +46,7 @@ class TitansMemory(nn.Module):
         dim, heads: model width and head count; each head's memory acts on `d = dim // heads`.
         spec: the memory and its inner optimizer (default: residual MLP, plain GD with momentum and decay).
         chunk_size: tokens per chunk of the parallel form (D5).
-        impl: "chunk" or "naive" (the float64 reference of the same computation).
+        impl: the memory op (`fast_weights.memory_op`: "auto", "chunk", "fused", "lean", "naive"; one function).
         retrieval: add the query projection of `retrieve` (MAC only; unused parameters otherwise).
     """
 
@@ -55,7 +65,7 @@ class TitansMemory(nn.Module):
         if dim % heads:
             raise ValueError(f"d_model = {dim} is not divisible by n_heads = {heads}; pick a head count dividing it")
         self.dim, self.heads, self.spec, self.chunk_size = dim, heads, spec, chunk_size
-        self.op = memory_op(impl)
+        self.impl, self.op = impl, memory_op(impl)
         self.qkv = nn.Linear(dim, 3 * dim, bias=False)
         self.conv = ShortConv(3 * dim, conv_width)
         self.eta = GateHead(dim, heads, init=0.1, scale=step_scale(chunk_size))  # a tenth of the cap at start
@@ -71,16 +81,16 @@ class TitansMemory(nn.Module):
     def forward(
         self, x: Tensor, state: TitansState | None = None, *, second_order: bool = False
     ) -> tuple[Tensor, TitansState]:
-        """x `[B, T, D]` -> `[B, T, D]`, state carried (D12). `second_order` is part of the mixer interface
-        (`models/block.py`); the memory op is plain tensor code and twice differentiable as it is."""
-        del second_order
+        """x `[B, T, D]` -> `[B, T, D]`, state carried (D12). `second_order`: the output will be differentiated
+        twice (the memory then runs a twice-differentiable op, `fast_weights.twice_differentiable`)."""
+        op = twice_differentiable(self.impl) if second_order else self.op
         state = state if state is not None else self.init_state(x.shape[0])
         h, conv = self.conv(self.qkv(x), state.conv)
         q, k, v = (split_heads(t, self.heads) for t in h.chunk(3, dim=-1))  # [B, T, H, d]
         gates = [g(x) if g is not None else None for g in (self.eta, self.alpha, self.beta)]
         q, k = l2norm(q), l2norm(k)
         op_args = dict(state=state.memory, spec=self.spec, chunk_size=self.chunk_size)
-        o, memory = self.op(q, k, v.to(k.dtype), *gates, **op_args)
+        o, memory = op(q, k, v.to(k.dtype), *gates, **op_args)
         return self.output(o, x), TitansState(conv, memory)
 
     def retrieve(self, x: Tensor, weights: tuple[Tensor, ...]) -> Tensor:

@@ -156,6 +156,12 @@ class ModelConfig:
         if self.inner_grad_clip is not None and not self.inner_grad_clip > 0:
             raise ValueError(f"inner_grad_clip must be > 0 or None (no clipping), got {self.inner_grad_clip!r}")
         self._check_cms()
+        if self.impl == "fused" and not (self.variant in TITANS and self.memory_kind == "linear"
+                                         and self.inner_grad_clip is None):  # fmt: skip
+            raise ValueError(
+                "impl='fused' runs the linear memory without gradient clip (Titans variants with memory_kind='linear', "
+                "inner_grad_clip=None); use impl='auto', which takes the kernel where it applies"
+            )
         self._check_rope_scaling()
         if self.n_kv_heads is not None and (self.n_kv_heads < 1 or self.n_heads % self.n_kv_heads):
             raise ValueError(f"n_kv_heads = {self.n_kv_heads} must be a positive divisor of n_heads = {self.n_heads}")
@@ -252,6 +258,8 @@ def upgrade(d: dict[str, Any]) -> dict[str, Any]:
     attn_window, swa_window = old.pop("attn_window", None), old.pop("window", None)
     new = {RENAMED.get(k, k): v for k, v in old.items()}
     new["window"] = attn_window if variant in FULL_ATTENTION else swa_window if variant in SLIDING_WINDOW else None
+    if variant in ("titans_mac", "titans_mag"):  # their attention took no RoPE settings then: keep what it computed
+        new.pop("rope_base", None), new.pop("rope_scaling", None)
     return fields_for(variant, new, cms=bool(new.get("cms", True)))
 
 

@@ -158,7 +158,9 @@ def differences(meta: dict[str, Any], run: Run) -> dict[str, str]:
     }
     old_model = _jsonable(ModelConfig.from_dict(meta["model_config"]).to_dict())  # also under earlier field names
     new_model = _jsonable(run.core.config.to_dict())
-    fields = [k for k in sorted(set(old_model) | set(new_model)) if old_model.get(k) != new_model.get(k)]
+    same_result = ("impl", "activation_checkpointing")  # they change no result (ModelConfig.fingerprint)
+    fields = [k for k in sorted(set(old_model) | set(new_model))
+              if k not in same_result and old_model.get(k) != new_model.get(k)]  # fmt: skip
     if fields:
         out["model"] = "model " + ", ".join(f"{k} {old_model.get(k)!r} -> {new_model.get(k)!r}" for k in fields)
     old_data, new_data = meta.get("data"), data_identity(run.shards.meta)

@@ -79,3 +79,33 @@ def test_renamed_override_names_the_new_name() -> None:
     with pytest.raises(ValueError, match=r"model_overrides\.weight_decay is now called 'memory_decay'"):
         check_model_overrides({"weight_decay": False})
     assert check_model_overrides({"memory_decay": "false"}) == {"memory_decay": False}
+
+
+def test_earlier_mac_and_mag_configs_keep_their_attention() -> None:
+    """MAC / MAG attention took no RoPE settings before the rename, so a saved rope_base had no effect: dropped."""
+    old = {"variant": "titans_mag", "weight_decay": True, "window": 512, "attn_window": None, "rope_base": 5e5}
+    assert ModelConfig.from_dict(old).rope_base == DEFAULTS["rope_base"]
+    assert ModelConfig.from_dict({**old, "variant": "titans_mal"}).rope_base == 5e5  # MAL's attention always took it
+
+
+def test_fused_impl_only_where_the_kernel_applies() -> None:
+    ModelConfig(variant="titans_lmm", memory_kind="linear", inner_grad_clip=None, impl="fused")
+    for bad in (dict(variant="hope"), dict(variant="titans_lmm"), dict(variant="titans_lmm", memory_kind="linear")):
+        with pytest.raises(ValueError, match="impl='fused' runs the linear memory without gradient clip"):
+            ModelConfig(impl="fused", **bad)
+
+
+def test_resume_ignores_fields_that_change_no_result() -> None:
+    """A run saved with impl='chunk' (the earlier default) or other activation checkpointing is the same model."""
+    from types import SimpleNamespace
+
+    from nestlearn.train.checkpoints import differences
+    from nestlearn.train.config import TrainConfig
+
+    cfg = ModelConfig(variant="titans_mac", vocab_size=64, d_model=32, n_heads=2, n_layers=1, mlp_hidden=32)
+    saved = {**dataclasses.asdict(cfg), "impl": "chunk", "activation_checkpointing": True}
+    shards = SimpleNamespace(meta={"files": {}})
+    run = SimpleNamespace(cfg=TrainConfig(data="d"), core=SimpleNamespace(config=cfg), shards=shards)
+    assert differences({"model_config": saved, "config": {}}, run) == {}
+    saved["mem_chunk"] = 32
+    assert "model" in differences({"model_config": saved, "config": {}}, run)

@@ -101,6 +101,18 @@ def test_memory_lean_impl_changes_nothing(variant: str) -> None:
         torch.testing.assert_close(lean(ids[:, 5:], st)[0], model(ids)[0][:, 5:], rtol=0, atol=1e-10)
 
 
+def test_memory_lean_impl_takes_full_meta_gradients() -> None:
+    """Full meta-gradients differentiate the memories twice: impl="lean" then runs the chunk form there."""
+    kw = dict(cms_levels=(None, 4), cms_lr=(0.0, 0.1), cms_meta_grad="full")
+    grads = []
+    for impl in ("chunk", "lean"):
+        model = tiny("hope", impl=impl, **kw)
+        model.loss(torch.randint(0, 64, (1, 9), generator=torch.Generator().manual_seed(3)))[0].backward()
+        grads.append([p.grad for p in model.parameters()])
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
+
+
 ABLATIONS = {
     "dgd": False,
     "memory_momentum": False,
