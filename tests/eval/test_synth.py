@@ -39,6 +39,7 @@ from nestlearn.eval.synth.run import SMALL, check_bins, pick_length, score, spre
 from nestlearn.eval.synth.tasks import FuzzyRecall, Memorization
 from nestlearn.models import CausalLM, preset
 from nestlearn.models.config import fields_for
+from tests.eval.conftest import one_line_error as nestlearn_error
 
 NAMES = list(TASKS)
 RANDOM = [n for n in NAMES if n not in ("aa_star", "abab_star", "anbn", "anbncn")]  # one string per length
@@ -375,10 +376,4 @@ def test_eval_of_a_missing_or_other_checkpoint(tmp_path, capsys, monkeypatch) ->
 
 def one_line_error(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
     """Run `nestlearn synth <argv>` expecting exit status 2 and one line on stderr; returns that line."""
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as info:
-        main(argv)
-    err = capsys.readouterr().err
-    assert info.value.code == 2, err
-    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
-    return err.strip()
+    return nestlearn_error(["synth", *argv], capsys)
