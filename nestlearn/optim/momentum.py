@@ -32,7 +32,9 @@ PRECONDITIONERS = ("identity", "diagonal", "kronecker")
 
 
 class PreconditionedMomentum(MemoryOptimizer):
-    """Eqs. 33 / 46-47. With `precond="identity"` this is `torch.optim.SGD(momentum=alpha)` exactly."""
+    """Eqs. 33 / 46-47. With `precond="identity"` this is `torch.optim.SGD(momentum=alpha)` exactly at a constant
+    learning rate. Under a schedule they differ: Eq. 33's momentum stores lr-scaled gradients (`m <- alpha m - lr_t g`,
+    `W <- W + m`), while SGD keeps `m <- alpha m + g` and scales the whole buffer by the current rate."""
 
     def __init__(
         self,
