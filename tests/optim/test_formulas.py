@@ -16,8 +16,8 @@ iteration, coefficients, bfloat16 and scaling"): any other bfloat16 rounding ord
 (`test_newton_schulz_formula`). Not pinned either: weight decay of M3 and DMGD (their docstrings give no formula),
 the optimizers' state dicts, closures, and anything about convergence (tests/optim/test_optimizers.py).
 
-Known discrepancy (xfail, strict): `PreconditionedMomentum(precond="identity")` is documented as
-`torch.optim.SGD(momentum=alpha)` "exactly", which holds only at a constant learning rate.
+`PreconditionedMomentum(precond="identity")` equals `torch.optim.SGD(momentum=alpha)` at a constant learning rate
+only (its docstring says so); `test_identity_preconditioner_differs_from_sgd_only_under_a_schedule` shows the rest.
 """
 
 from __future__ import annotations
