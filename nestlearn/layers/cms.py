@@ -19,6 +19,12 @@ Variants (levels listed in chain order, `x` the block input, levels numbered fro
 The residual inside the chain and the normalisation `N(z) = z / sqrt(mean(z^2) + eps)` of every later level's
 input are our choices (the paper "disregards normalizations for the sake of clarity" in Eq. 70). The first level
 reads the block's pre-normed input as it is, so with one level every variant is the plain MLP `y = MLP(x)`.
+`chain="paper"` (chain and nested variants) computes Eq. 70 as printed instead: `y = MLP_k(... MLP_2(MLP_1(x)))`,
+each level reading the previous level's output, no residual between levels and no normalisation.
+Where the residual goes: in every form the block adds the CMS output to its residual stream, `x + y` with
+`y = CMS(RMSNorm(x))` (`models/block.py`); the CMS never adds its own input back. The CMS takes the MLP position
+of a pre-norm residual block (D11), and Eq. 70 defines what that position computes, so the paper form changes the
+MLP position and nothing around it; with one level every form is then exactly a Transformer block's MLP (§7.1).
 Why the norm (`level_norm`, docs/decisions.md): a SwiGLU is homogeneous of degree 2 in its input, so
 in an un-normalised chain every later level squares the scale it reads (degree 2^k overall). Training a tiny
 HOPE with AdamW at lr 1e-2 took its first level's output to 2e2-1.5e3 and the chain's to 1e20, past the point
@@ -41,6 +47,7 @@ from .basic import SwiGLU
 from .fast_weights import state_float
 
 CMSVariant = Literal["chain", "nested", "independent"]
+CMSChain = Literal["residual", "paper"]
 Weights = tuple[Tensor, ...]  # (gate [B, h, D], up [B, h, D], down [B, D, h])
 
 
@@ -77,6 +84,8 @@ class CMS(nn.Module):
         online: False makes every level static (layers that carry no online levels).
         level_norm: normalise the input of every chained level after the first (chain and nested variants;
             the module docstring says why). False is the un-normalised chain, kept to show the divergence.
+        chain: "residual" (`z_l = z_{l-1} + MLP_l(N(z_{l-1}))`, `y = z_k - x`) or "paper" (Eq. 70 as printed,
+            `y = MLP_k(... MLP_1(x))`: no residual, no level norm, `level_norm` unused); chain and nested variants.
     """
 
     def __init__(
@@ -90,12 +99,14 @@ class CMS(nn.Module):
         learn_lr: bool = False,
         online: bool = True,
         level_norm: bool = True,
+        chain: CMSChain = "residual",
     ) -> None:
         super().__init__()
-        check_levels(chunks, variant, lr, learn_lr)
+        check_levels(chunks, variant, lr, learn_lr, chain=chain)
         self.chunks = tuple(c if online else None for c in chunks)
         self.variant = variant
         self.level_norm = level_norm
+        self.chain = chain
         self.levels = nn.ModuleList(SwiGLU(dim, hidden) for _ in chunks)
         self.online_levels = tuple(i for i, c in enumerate(self.chunks) if c is not None)
         self.fixed_lr = tuple(float(x) for x in lr)  # Python floats: exact in float64 models too
@@ -131,6 +142,10 @@ class CMS(nn.Module):
         if self.variant == "independent":
             mix = self.mix.to(x.dtype)
             return sum(mix[i] * self._level(i, x, st) for i, st in enumerate(state.levels))
+        if self.chain == "paper":  # Eq. 70 as printed: each level reads the previous level's output
+            for i, st in enumerate(state.levels):
+                x = self._level(i, x, st)
+            return x
         z, total = x, torch.zeros_like(x)
         for i, st in enumerate(state.levels):
             d = self._level(i, rms_normalize(z) if i > 0 and self.level_norm else z, st)
@@ -202,10 +217,19 @@ class CMS(nn.Module):
         return i - 1
 
 
-def check_levels(chunks: Sequence[int | None], variant: str, lr: Sequence[float], learn_lr: bool) -> None:
+def check_levels(
+    chunks: Sequence[int | None], variant: str, lr: Sequence[float], learn_lr: bool, *, chain: str = "residual"
+) -> None:
     """ValueError naming the problem and the fix for a bad CMS level configuration."""
     if variant not in ("chain", "nested", "independent"):
         raise ValueError(f"CMS variant must be 'chain', 'nested' or 'independent', got {variant!r}")
+    if chain not in ("residual", "paper"):
+        raise ValueError(f"CMS chain must be 'residual' or 'paper', got {chain!r}")
+    if chain == "paper" and variant == "independent":
+        raise ValueError(
+            "the CMS chain form 'paper' composes the levels (chain and nested variants); the independent variant "
+            "sums them. Leave the chain form at 'residual' or choose the chain or nested variant"
+        )
     if len(chunks) == 0:
         raise ValueError("the CMS needs at least one level; give chunk sizes such as (None, 512, 2048)")
     for c in chunks:

@@ -101,6 +101,21 @@ def step_scale(*chunk_sizes: int) -> float:
     return 1.0 / max(chunk_sizes)
 
 
+ETA_START = 0.1  # every eta gate starts at a tenth of the 1 / C cap (docs/decisions.md)
+
+
+def eta_gate(*chunk_sizes: int, cap: bool = True) -> tuple[float, float]:
+    """`(start, scale)` of an eta gate `scale * sigmoid(z + logit(start))`, z the gate's learned input.
+
+    Capped (C1, the default): `scale = step_scale(*chunk_sizes) = 1 / C`, so eta spans [0, 1 / C], and the
+    sigmoid starts at `ETA_START`. Uncapped (`cap=False`, the paper's form, `ModelConfig(eta_cap=False)`):
+    `scale = 1`, so eta spans [0, 1], and the sigmoid starts at `ETA_START / C`. Both start at the same step
+    size `ETA_START / C` (at `z = 0`; only the gate's bias differs), so the initial model is the same under both.
+    """
+    cap_value = step_scale(*chunk_sizes)
+    return (ETA_START, cap_value) if cap else (ETA_START * cap_value, 1.0)
+
+
 class GatedOutput(nn.Module):
     """`W_o (RMSNorm_head(o) ⊙ silu(x W_g))`: output norm and gate before the projection (Titans §3.3)."""
 

@@ -5,7 +5,8 @@ What this is: `SelfModifyingTitans`, `[B, T, D] -> [B, T, D]` with an explicit s
 
     u_t = silu(conv(x W_u))_h,  q_t = l2norm(silu(conv(x W_q))_h)             static input and query
     k_t = l2norm(M_k(u_t)),  v_t = l2norm(M_v(u_t))                              Eq. 83 (v normalised: see below)
-    eta_t = sigmoid(r_eta · M_eta(u_t) + b_eta) / max(C_mem, C_proj)           step size (see step_scale)
+    eta_t = sigmoid(r_eta · M_eta(u_t) + b_eta) / max(C_mem, C_proj)           step size (see step_scale;
+                                                                                 no divisor with eta_cap=False)
     alpha_t = sigmoid(r_alpha · M_alpha(u_t) + b_alpha)                          retention
     beta_t = sigmoid(x W_beta + b_beta)                                          momentum gate (static)
     v_hat_{□,t} = M_□(v_t)                                                       Eq. 84
@@ -43,12 +44,12 @@ from .fast_weights import (
     Impl,
     MemoryInit,
     MemoryOp,
+    eta_gate,
     l2norm,
     logit,
     memory_op,
     split_heads,
     state_float,
-    step_scale,
     twice_differentiable,
 )
 
@@ -71,6 +72,8 @@ class SelfModifyingTitans(nn.Module):
         mem_chunk, proj_chunk: `C_mem` for the main memory, `C_proj` for the projection memories (D5).
         adaptive_k, adaptive_v, adaptive_q: which projections learn in context (Table 6 ablations).
         normalize_v: L2-normalise the generated values (see the module docstring).
+        eta_cap: eta is capped at `1 / max(C_mem, C_proj)` (C1, the default); False: the sigmoid itself, spanning
+            [0, 1] as in the paper, with `b_eta` set so that eta starts at the same value (`fast_weights.eta_gate`).
         impl: the memory op (`fast_weights.memory_op`: "auto", "chunk", "fused", "lean", "naive"; one function).
     """
 
@@ -86,6 +89,7 @@ class SelfModifyingTitans(nn.Module):
         adaptive_v: bool = True,
         adaptive_q: bool = False,
         normalize_v: bool = True,
+        eta_cap: bool = True,
         conv_width: int = 4,
         impl: Impl = "auto",
     ) -> None:
@@ -111,8 +115,8 @@ class SelfModifyingTitans(nn.Module):
         self.readout = nn.ParameterDict(
             {n: nn.Parameter(0.02 * torch.randn(heads, d)) for n in ("eta", "alpha") if n in self.names}
         )
-        bias = {"eta": logit(0.1), "alpha": logit(0.99)}  # eta starts at a tenth of its cap
-        self.eta_scale = step_scale(mem_chunk, proj_chunk)
+        eta_start, self.eta_scale = eta_gate(mem_chunk, proj_chunk, cap=eta_cap)  # a tenth of the cap at start
+        bias = {"eta": logit(eta_start), "alpha": logit(0.99)}
         self.readout_bias = nn.ParameterDict(
             {n: nn.Parameter(torch.full((heads,), bias[n])) for n in ("eta", "alpha") if n in self.names}
         )

@@ -3,7 +3,8 @@
 What this is: `TitansMemory`, `[B, T, D] -> [B, T, D]` with an explicit state. Queries, keys and values are
 static projections of x followed by a causal short convolution (width 4, SiLU); queries and keys are
 L2-normalised; the per-head step size, retention and momentum gates are sigmoids of static projections
-(Titans Eqs. 11-15, with the D6 layout), the step size scaled to at most `1 / chunk_size` (`step_scale`).
+(Titans Eqs. 11-15, with the D6 layout), the step size scaled to at most `1 / chunk_size` (`step_scale`; with
+`eta_cap=False` it spans [0, 1], as in Titans).
 The memory is a residual MLP per head trained in context with plain GD, momentum and decay (Titans Eqs. 13-14:
 `titans_spec()`), or any other `MemorySpec`. The output is normed per
 head, gated and projected (Titans §3.3). `retrieve` reads the memory without writing (MAC, Eq. 21).
@@ -24,10 +25,10 @@ from .fast_weights import (
     GateHead,
     Impl,
     MemoryInit,
+    eta_gate,
     l2norm,
     memory_op,
     split_heads,
-    step_scale,
     twice_differentiable,
 )
 
@@ -48,6 +49,8 @@ class TitansMemory(nn.Module):
         chunk_size: tokens per chunk of the parallel form (D5).
         impl: the memory op (`fast_weights.memory_op`: "auto", "chunk", "fused", "lean", "naive"; one function).
         retrieval: add the query projection of `retrieve` (MAC only; unused parameters otherwise).
+        eta_cap: eta is `sigmoid(x W + b) / chunk_size` (C1, the default); False: `sigmoid(x W + b)`, spanning
+            [0, 1] as in Titans, with the bias set so that it starts at the same value (`fast_weights.eta_gate`).
     """
 
     def __init__(
@@ -60,6 +63,7 @@ class TitansMemory(nn.Module):
         conv_width: int = 4,
         impl: Impl = "auto",
         retrieval: bool = False,
+        eta_cap: bool = True,
     ) -> None:
         super().__init__()
         if dim % heads:
@@ -68,7 +72,8 @@ class TitansMemory(nn.Module):
         self.impl, self.op = impl, memory_op(impl)
         self.qkv = nn.Linear(dim, 3 * dim, bias=False)
         self.conv = ShortConv(3 * dim, conv_width)
-        self.eta = GateHead(dim, heads, init=0.1, scale=step_scale(chunk_size))  # a tenth of the cap at start
+        start, scale = eta_gate(chunk_size, cap=eta_cap)  # starts at a tenth of the 1 / C cap either way
+        self.eta = GateHead(dim, heads, init=start, scale=scale)
         self.alpha = GateHead(dim, heads, init=0.99) if spec.decay else None
         self.beta = GateHead(dim, heads, init=0.5) if spec.momentum else None
         self.retrieve_q = nn.Linear(dim, dim, bias=False) if retrieval else None
@@ -109,5 +114,6 @@ def titans_spec(**switches: bool | int | str | float | None) -> MemorySpec:
     """The Titans LMM default: residual MLP memory, L2 objective, plain GD with momentum and decay (Titans Eqs. 13-14),
     each token's inner gradient clipped to `INNER_GRAD_CLIP`.
 
-    Titans' LayerNorm on the branch (`out_norm=True`) is available but off: see docs/decisions.md."""
+    Titans' LayerNorm on the branch (`out_norm=True`) is available but off: see docs/decisions.md. Titans §3.3's
+    memory as printed is `titans_spec(out_norm=True, max_grad_norm=None)` (`ModelConfig(titans_paper_memory=True)`)."""
     return MemorySpec(**{"kind": "mlp", "dgd": False, "max_grad_norm": INNER_GRAD_CLIP, **switches})

@@ -12,6 +12,9 @@ turns a `ModelConfig` into the variant's mixers:
     titans_mag        x + MAG(norm x);             x + SwiGLU(norm x)     Titans Eqs. 26-28
     titans_mal        x + TitansMemory(norm x);    x + SWA(norm x);  x + SwiGLU(norm x)   Titans Eqs. 29-31
 
+The block's residual goes around the whole CMS: `x + CMS(norm x)`, whichever chain form the CMS computes
+(`cms_chain`: with "paper", `CMS(h) = MLP_k(... MLP_1(h))`, Eq. 70, so the block computes
+`x + MLP_k(... MLP_1(norm x))`; `layers/cms.py` says why the residual stays here).
 Every mixer has the same interface (`Mixer`): `init_state(batch)` and `forward(x, state, *, second_order)`.
 What it is not: the language model around the blocks or the online CMS driver (`lm.py`).
 """
@@ -61,6 +64,7 @@ class Block(nn.Module):
             self.mlp = CMS(
                 cfg.d_model, cfg.mlp_hidden, cfg.cms_levels, variant=cfg.cms_variant, lr=cfg.level_lrs,
                 learn_lr=cfg.cms_learn_lr, online=cfg.online_block(index), level_norm=cfg.cms_level_norm,
+                chain=cfg.cms_chain,
             )  # fmt: skip
         else:
             self.mlp = SwiGLU(cfg.d_model, cfg.mlp_hidden)
@@ -97,7 +101,8 @@ class Block(nn.Module):
 
 
 def memory_spec(cfg: ModelConfig, *, titans: bool) -> MemorySpec:
-    """The memories' spec from the config (Titans variants: plain GD, Titans Eqs. 13-14, with the inner clip)."""
+    """The memories' spec from the config (Titans variants: plain GD, Titans Eqs. 13-14, with the inner clip; with
+    `titans_paper_memory` Titans §3.3's memory `x + LN(W1 σ(W2 x))`, whose config holds no clip)."""
     return MemorySpec(
         kind=cfg.memory_kind,
         activation=cfg.memory_activation,
@@ -105,6 +110,7 @@ def memory_spec(cfg: ModelConfig, *, titans: bool) -> MemorySpec:
         dgd=cfg.dgd and not titans,
         momentum=cfg.memory_momentum,
         decay=cfg.memory_decay,
+        out_norm=titans and cfg.titans_paper_memory,
         max_grad_norm=cfg.inner_grad_clip if titans else None,
     )
 
@@ -123,10 +129,10 @@ def build_mixers(cfg: ModelConfig) -> list[nn.Module]:
             SelfModifyingTitans(
                 D, H, spec=memory_spec(cfg, titans=False), mem_chunk=cfg.mem_chunk, proj_chunk=cfg.proj_chunk,
                 adaptive_k=cfg.adaptive_k, adaptive_v=cfg.adaptive_v, adaptive_q=cfg.adaptive_q,
-                normalize_v=cfg.normalize_v, impl=cfg.impl,
+                normalize_v=cfg.normalize_v, eta_cap=cfg.eta_cap, impl=cfg.impl,
             )
         ]  # fmt: skip
-    memory = dict(spec=memory_spec(cfg, titans=True), chunk_size=cfg.mem_chunk, impl=cfg.impl)
+    memory = dict(spec=memory_spec(cfg, titans=True), chunk_size=cfg.mem_chunk, impl=cfg.impl, eta_cap=cfg.eta_cap)
     assert cfg.window is not None or v not in ("titans_mag", "titans_mal")  # ModelConfig fills it
     if v == "titans_lmm":
         return [TitansMemory(D, H, **memory)]

@@ -35,11 +35,11 @@ SWA_WINDOW = 2048  # MAG / MAL's window when none is given
 # `cms=True` as well.
 APPLIES_TO: dict[str, tuple[str, ...]] = {
     **dict.fromkeys(("memory_kind", "memory_expansion", "memory_activation", "mem_chunk", "memory_momentum",
-                     "memory_decay", "impl"), RECURRENT),
+                     "memory_decay", "impl", "eta_cap"), RECURRENT),
     **dict.fromkeys(("proj_chunk", "dgd", "adaptive_k", "adaptive_v", "adaptive_q", "normalize_v"), ("hope",)),
-    "inner_grad_clip": TITANS,
+    **dict.fromkeys(("inner_grad_clip", "titans_paper_memory"), TITANS),
     **dict.fromkeys(("cms", "cms_levels", "cms_variant", "cms_lr", "cms_learn_lr", "cms_meta_grad",
-                     "cms_online_layers", "cms_level_norm"), CMS_VARIANTS),
+                     "cms_online_layers", "cms_level_norm", "cms_chain"), CMS_VARIANTS),
     **dict.fromkeys(("n_kv_heads", "qkv_bias", "max_seq_len"), FULL_ATTENTION),
     "window": FULL_ATTENTION + SLIDING_WINDOW,
     "segment": ("titans_mac",),
@@ -47,6 +47,9 @@ APPLIES_TO: dict[str, tuple[str, ...]] = {
     **dict.fromkeys(("rope_base", "rope_scaling"), ("transformer", "hope_attention", *TITANS[1:])),
 }  # fmt: skip
 CMS_FIELDS = tuple(k for k, v in APPLIES_TO.items() if v == CMS_VARIANTS and k != "cms")
+# Fields added after states were first saved: at their defaults they stay out of `fingerprint`, so a state saved
+# before they existed still loads into the model it came from.
+LATER_FIELDS: tuple[str, ...] = ("eta_cap", "titans_paper_memory", "cms_chain")
 RENAMED = {"weight_decay": "memory_decay", "momentum": "memory_momentum", "checkpoint": "activation_checkpointing",
            "attn_window": "window"}  # fmt: skip
 
@@ -68,6 +71,13 @@ class ModelConfig:
     generated values (the self-referential loop diverges without it). `inner_grad_clip`: per-token clip of the
     inner gradient of the Titans variants' plain-GD memories (`MemorySpec.max_grad_norm`; None turns it off;
     without it a MAG memory diverges within a few training steps).
+    The paper's forms, one switch each (docs/decisions.md, "Departures from the paper"): `eta_cap` (the recurrent
+    variants; True: every eta gate is capped at `1 / C`, C1; False: `sigmoid(.)` spans [0, 1] as in the papers, its
+    bias set so that eta starts at the same value), `titans_paper_memory` (Titans variants; True: Titans §3.3's
+    memory `x + LN(W1 σ(W2 x))` with no inner-gradient clip: `inner_grad_clip` is then None, and another value
+    set with it is refused), `cms_chain` (chain and nested CMS; "residual": a residual per level and the level
+    norm; "paper": Eq. 70 as printed, `y = MLP_k(... MLP_1(x))`, to which the block adds its residual, and
+    `cms_level_norm` does not apply and setting it is refused).
     CMS (HOPE and Hope-Attention's MLP position, D9, D10): `cms` (False = the Table 6 "w/o CMS" ablation: one
     static SwiGLU), `cms_levels` (each level's chunk size, None = static; the hidden width `mlp_hidden` is per
     level), `cms_variant` ("chain", "nested", "independent"), `cms_lr` (per-token learning rate of the online
@@ -104,7 +114,9 @@ class ModelConfig:
     adaptive_v: bool = True
     adaptive_q: bool = False
     normalize_v: bool = True
+    eta_cap: bool = True
     inner_grad_clip: float | None = INNER_GRAD_CLIP
+    titans_paper_memory: bool = False
     cms: bool = True
     cms_levels: tuple[int | None, ...] = (None, 512, 2048)
     cms_variant: Literal["chain", "nested", "independent"] = "chain"
@@ -113,6 +125,7 @@ class ModelConfig:
     cms_meta_grad: Literal["first_order", "full"] = "first_order"
     cms_online_layers: tuple[int, ...] | None = None
     cms_level_norm: bool = True
+    cms_chain: Literal["residual", "paper"] = "residual"
     n_kv_heads: int | None = None
     qkv_bias: bool = False
     max_seq_len: int = 8192
@@ -155,6 +168,7 @@ class ModelConfig:
             raise ValueError(f"n_persistent must be >= 0, got {self.n_persistent}")
         if self.inner_grad_clip is not None and not self.inner_grad_clip > 0:
             raise ValueError(f"inner_grad_clip must be > 0 or None (no clipping), got {self.inner_grad_clip!r}")
+        self._check_titans_paper_memory()
         self._check_cms()
         if self.impl == "fused" and not (self.variant in TITANS and self.memory_kind == "linear"
                                          and self.inner_grad_clip is None):  # fmt: skip
@@ -177,8 +191,35 @@ class ModelConfig:
                 why = f"variant {self.variant!r}; it applies to {', '.join(APPLIES_TO[f.name])}. Remove it"
             raise ValueError(f"{f.name} = {getattr(self, f.name)!r} does not apply to {why}")
 
+    def _check_titans_paper_memory(self) -> None:
+        """Titans §3.3's memory has no inner-gradient clip: the default clip is dropped (the config then says
+        `inner_grad_clip=None`, what the model computes), another value is refused."""
+        if not self.titans_paper_memory:
+            return
+        if self.inner_grad_clip not in (None, INNER_GRAD_CLIP):
+            raise ValueError(
+                f"titans_paper_memory=True is Titans' memory without an inner-gradient clip, but inner_grad_clip = "
+                f"{self.inner_grad_clip!r} was set; remove inner_grad_clip or set titans_paper_memory=False"
+            )
+        if self.memory_kind != "mlp":
+            raise ValueError(
+                "titans_paper_memory=True is the residual MLP memory with a LayerNorm on its branch (Titans 3.3); "
+                f"memory_kind = {self.memory_kind!r} has no branch to normalise: set memory_kind='mlp'"
+            )
+        object.__setattr__(self, "inner_grad_clip", None)
+
     def _check_cms(self) -> None:
-        check_levels(self.cms_levels, self.cms_variant, self.level_lrs, self.cms_learn_lr)
+        if self.cms_chain == "paper" and not self.cms_level_norm:
+            raise ValueError(
+                "cms_level_norm=False has no effect with cms_chain='paper' (Eq. 70's composition has no level norm); "
+                "remove cms_level_norm"
+            )
+        if self.cms_chain == "paper" and self.cms_variant == "independent":
+            raise ValueError(
+                "cms_chain='paper' composes the levels (Eq. 70: chain and nested variants), but "
+                "cms_variant='independent' sums them (Eq. 74); remove cms_chain or set cms_variant='chain'"
+            )
+        check_levels(self.cms_levels, self.cms_variant, self.level_lrs, self.cms_learn_lr, chain=self.cms_chain)
         for i in self.cms_online_layers or ():
             if not isinstance(i, int) or not 0 <= i < self.n_layers:
                 raise ValueError(f"cms_online_layers holds {i!r}; block indices run from 0 to {self.n_layers - 1}")
@@ -229,9 +270,13 @@ class ModelConfig:
 
     def fingerprint(self) -> str:
         """Identifies the computation a state belongs to (`impl` and `activation_checkpointing` change no
-        result)."""
+        result; the `LATER_FIELDS` count only when set away from their defaults)."""
         d = {k: v for k, v in self.to_dict().items() if k not in ("impl", "activation_checkpointing")}
+        d = {k: v for k, v in d.items() if not (k in LATER_FIELDS and v == _DEFAULTS[k])}
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
 
 
 def applies(name: str, variant: str, *, cms: bool = True) -> bool:
