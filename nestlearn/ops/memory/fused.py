@@ -8,10 +8,10 @@ forms the chunk's gate products (cumulative products, no division: gates of exac
 errors `E = -eta (K W^T - V)` (Eq. 93), the grams, solves the unit-triangular DGD system row by row and writes the
 reads and the chunk-end state (the equations of `chunk.py`'s `_matrix_chunk`). The rows of W are independent
 given the keys and gates, which is what lets `BV` split them over programs.
-The backward pass recomputes: the forward saves only each chunk's start state `(W_j, S_j)` (`T / C` states per
-sequence and head), and the backward walks groups of chunks (`RECOMPUTE_TOKENS` tokens) from the last to the first,
-re-running each group by the PyTorch chunk form from its saved state under autograd and handing the state's
-gradient to the group before; activation memory is one state per chunk plus one group's intermediates.
+The backward pass recomputes: the forward saves only the start state `(W, S)` of every group of chunks
+(`RECOMPUTE_TOKENS` tokens), and the backward is the memory-lean one of `lean.py`: each group re-run by the PyTorch
+chunk form under autograd from its saved state, from the last to the first. Activation memory is one state per
+group plus one group's intermediates.
 `impl="auto"` takes this path only for chunks of at most `AUTO_MAX_CHUNK` tokens, where it measured faster.
 `supports(...)` says when this path applies (CUDA or the Triton interpreter; linear memory; no self-generated
 values, gradient clip or branch norm; a call that starts at a chunk boundary); `memory_chunk` covers the rest.
@@ -20,9 +20,7 @@ What it is not: the MLP memory's kernel or a fused backward kernel (the recomput
 
 from __future__ import annotations
 
-import contextlib
 import os
-from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -30,6 +28,7 @@ from torch import Tensor
 
 from .chunk import memory_chunk
 from .common import MemorySpec, MemoryState, check_inputs
+from .lean import lean_memory_backward
 
 try:  # Triton is optional: CPU machines without it use the PyTorch chunk form
     import triton
@@ -105,10 +104,10 @@ if triton is not None:
         Q, K, V, ETA, ALPHA, BETA,  # [B, T, H, D] x3, [B, T, H] x3
         W0, S0,  # [B, H, D, D] chunk-0 start state (float32)
         O,  # [B, T, H, D] reads (float32)
-        WS, SS,  # [B, H, N, D, D] every chunk's start state (float32), written when SAVE
+        WS, SS,  # [B, H, NS, D, D] the start state of every GROUP-th chunk (float32), written when SAVE
         WF, SF, WA,  # [B, H, D, D] the state after the last token, and W at the last chunk's start (float32)
         TINV,  # [B, H, N, BC, BC] the inverse of each chunk's DGD system (`_system_inverse_kernel`)
-        T, H, N, eps,
+        T, H, N, NS, GROUP, eps,
         sq_b, sq_t, sq_h,  # strides of q / k / v / o (last dim contiguous)
         sg_b, sg_t, sg_h,  # strides of the gates
         C: tl.constexpr, BC: tl.constexpr, D: tl.constexpr, BV: tl.constexpr,
@@ -140,10 +139,11 @@ if triton is not None:
             a_prev = tl.load(ALPHA + gate - sg_t, mask=valid & (ar > 0), other=1.0).to(tl.float32)  # alpha_{t-1}
             if j == N - 1:
                 tl.store(WA + st_off, w)
-            if SAVE:
-                so = ((b * H + h) * N + j) * D * D + av[:, None] * D + ad[None, :]
-                tl.store(WS + so, w)
-                tl.store(SS + so, s)
+            if SAVE:  # noqa: SIM102 (a compile-time switch around a runtime test: Triton keeps them apart)
+                if j % GROUP == 0:
+                    so = ((b * H + h) * NS + j // GROUP) * D * D + av[:, None] * D + ad[None, :]
+                    tl.store(WS + so, w)
+                    tl.store(SS + so, s)
             # -- gate products (chunk.py's module docstring): R[t, r], Lb[t, s], their previous-row forms --
             R = tl.where(lower, tl.cumprod(tl.where(strict, alpha[:, None], 1.0), axis=0), 0.0)
             Lb = tl.where(lower, tl.cumprod(tl.where(strict, beta[:, None], 1.0), axis=0), 0.0)
@@ -203,11 +203,11 @@ def _block_rows(D: int) -> int:
 
 def linear_forward(
     q: Tensor, k: Tensor, v: Tensor, eta: Tensor, alpha: Tensor, beta: Tensor,
-    w0: Tensor, s0: Tensor, spec: MemorySpec, chunk_size: int, save: bool,
+    w0: Tensor, s0: Tensor, spec: MemorySpec, chunk_size: int, group: int,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None, Tensor | None]:  # fmt: skip
     """The kernel launch. q, k, v `[B, T, H, D]`; gates `[B, T, H]`; w0, s0 `[B, H, D, D]` float32.
-    -> reads `[B, T, H, D]` (float32), final W, S, W at the last chunk's start (the anchor of a call that ends
-    inside a chunk), and every chunk's start W, S `[B, H, N, D, D]` when `save`."""
+    -> reads `[B, T, H, D]` (float32), final W, S, W at the last chunk's start, and with `group > 0` the start W,
+    S of every `group`-th chunk `[B, H, ceil(N / group), D, D]` (the backward's recompute points)."""
     B, T, H, D = q.shape
     N = -(-T // chunk_size)
     BC = max(16, triton.next_power_of_2(chunk_size))
@@ -217,8 +217,10 @@ def linear_forward(
     w0, s0 = w0.float().contiguous(), s0.float().contiguous()
     o = torch.empty(B, T, H, D, device=q.device, dtype=torch.float32)
     wf, sf, wa = torch.empty_like(w0), torch.empty_like(s0), torch.empty_like(w0)
-    ws = torch.empty(B, H, N, D, D, device=q.device, dtype=torch.float32) if save else wf
-    ss = torch.empty(B, H, N, D, D, device=q.device, dtype=torch.float32) if save else sf
+    save = group > 0
+    NS = -(-N // group) if save else 0
+    ws = torch.empty(B, H, NS, D, D, device=q.device, dtype=torch.float32) if save else wf
+    ss = torch.empty(B, H, NS, D, D, device=q.device, dtype=torch.float32) if save else sf
     strides = (q.stride(0), q.stride(1), q.stride(2), eta.stride(0), eta.stride(1), eta.stride(2))
     tinv = torch.empty(B, H, N, BC, BC, device=q.device, dtype=torch.float32) if spec.dgd else wf
     if spec.dgd:
@@ -227,7 +229,7 @@ def linear_forward(
     grid = (D // BV, B * H)
     _linear_fwd_kernel[grid](
         q, k, v, eta, alpha, beta, w0, s0, o, ws, ss, wf, sf, wa, tinv,
-        T, H, N, spec.norm_eps, q.stride(0), q.stride(1), q.stride(2), eta.stride(0), eta.stride(1), eta.stride(2),
+        T, H, N, NS, max(group, 1), spec.norm_eps, *strides,
         C=chunk_size, BC=BC, D=D, BV=BV, DGD=spec.dgd, L2=spec.objective == "l2", SAVE=save,
         num_stages=1 if D >= 128 else 3,  # d = 128 at C = 64 needs 240 KB of shared memory with 3 stages (H200: 227)
     )  # fmt: skip
@@ -292,9 +294,10 @@ def _apply(
     w0, s0 = state.weights[0], state.momenta[0]
     inputs = (q, k, v, eta, alpha, beta, w0, s0)
     save = torch.is_grad_enabled() and any(x.requires_grad for x in inputs)
-    o, wf, sf, wa, _, _ = linear_memory(*inputs, chunk_size, spec.dgd, spec.objective == "l2", spec.norm_eps, save)
+    group = max(1, RECOMPUTE_TOKENS // chunk_size) if save else 0
+    o, wf, sf, wa, _, _ = linear_memory(*inputs, chunk_size, spec.dgd, spec.objective == "l2", spec.norm_eps, group)
     offset = q.shape[1] % chunk_size  # a call that ends inside a chunk leaves it open for the next one (D5, D12)
-    return o.to(q.dtype), MemoryState((wf,), (sf,), (wa if offset else wf,), offset)
+    return o.to(q.dtype), MemoryState((wf,), (sf,), (wa,), offset)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -304,110 +307,54 @@ def _apply(
 @torch.library.custom_op("nestlearn::linear_memory", mutates_args=())
 def linear_memory(
     q: Tensor, k: Tensor, v: Tensor, eta: Tensor, alpha: Tensor, beta: Tensor, w0: Tensor, s0: Tensor,
-    chunk_size: int, dgd: bool, l2: bool, eps: float, save: bool,
+    chunk_size: int, dgd: bool, l2: bool, eps: float, group: int,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
-    """-> reads `[B, T, H, D]`, final W and S `[B, H, D, D]`, W at the last chunk's start (float32), and when `save`
-    every chunk's start W and S `[B, H, N, D, D]` (empty otherwise). Gates are all given (alpha = 1, beta = 0 when
-    switched off)."""
+    """-> reads `[B, T, H, D]`, final W and S `[B, H, D, D]` (float32), the anchor (W at the last chunk's start when
+    the call ends inside a chunk, else the final W: `MemoryState.anchor`), and with `group > 0` the start W and S of
+    every `group`-th chunk `[B, H, G, D, D]` (empty otherwise), which the backward re-runs from
+    (`lean.lean_memory_backward`). Gates are all given (alpha = 1, beta = 0 when switched off)."""
     spec = MemorySpec(kind="linear", dgd=dgd, objective="l2" if l2 else "dot", norm_eps=eps)
-    o, wf, sf, wa, ws, ss = linear_forward(q, k, v, eta, alpha, beta, w0, s0, spec, chunk_size, save)
+    o, wf, sf, wa, ws, ss = linear_forward(q, k, v, eta, alpha, beta, w0, s0, spec, chunk_size, group)
+    if q.shape[1] % chunk_size == 0:
+        wa = wf.clone()  # no open chunk: the anchor is the final W (outputs may not alias each other)
     empty = q.new_empty(0, dtype=torch.float32)
     return o, wf, sf, wa, ws if ws is not None else empty, ss if ss is not None else empty.clone()
 
 
 @linear_memory.register_fake
-def _(q, k, v, eta, alpha, beta, w0, s0, chunk_size, dgd, l2, eps, save):  # type: ignore[no-untyped-def]
+def _(q, k, v, eta, alpha, beta, w0, s0, chunk_size, dgd, l2, eps, group):  # type: ignore[no-untyped-def]
     B, T, H, D = q.shape
     N = -(-T // chunk_size)
-    state = (B, H, N, D, D) if save else (0,)
+    state = (B, H, -(-N // group), D, D) if group > 0 else (0,)
     f32 = dict(dtype=torch.float32, device=q.device)
     return (q.new_empty(q.shape, **f32), w0.new_empty(w0.shape, **f32), s0.new_empty(s0.shape, **f32),
             w0.new_empty(w0.shape, **f32), q.new_empty(state, **f32), q.new_empty(state, **f32))  # fmt: skip
 
 
-@torch.library.custom_op("nestlearn::linear_memory_backward", mutates_args=())
-def linear_memory_backward(
-    q: Tensor, k: Tensor, v: Tensor, eta: Tensor, alpha: Tensor, beta: Tensor, ws: Tensor, ss: Tensor,
-    do: Tensor, dwf: Tensor, dsf: Tensor, dwa: Tensor, chunk_size: int, dgd: bool, l2: bool, eps: float,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
-    """Gradients of `linear_memory` w.r.t. q, k, v, eta, alpha, beta, W_0, S_0 (float32): chunk by chunk from the
-    last, each chunk re-run from its saved start state by `memory_chunk` under autograd (`dwa`, the gradient of
-    the last chunk's start W, joins there)."""
-    spec = MemorySpec(kind="linear", dgd=dgd, objective="l2" if l2 else "dot", norm_eps=eps)
-    C, T, N = chunk_size, q.shape[1], ws.shape[2]
-    G = max(1, RECOMPUTE_TOKENS // C)  # chunks re-run together
-    seq = (q, k, v, eta, alpha, beta)
-    grads = [torch.zeros(x.shape, dtype=torch.float32, device=x.device) for x in seq]
-    dw, ds = dwf, dsf
-    for j in reversed(range(0, N, G)):
-        lo, hi = j * C, min((j + G) * C, T)
-        cut = (N - 1) * C - lo if j < N - 1 < j + G else 0  # the anchor (last chunk's start W) inside this group
-        with _autograd_inside_op(), torch.enable_grad():
-            piece = [x[:, lo:hi].detach().float().requires_grad_() for x in seq]
-            w, s = ws[:, :, j].detach().requires_grad_(), ss[:, :, j].detach().requires_grad_()
-            outs, gouts = _rerun(piece, w, s, cut, spec, C), [do[:, lo:hi], dw, ds]
-            if cut:
-                gouts.append(dwa)
-            got = torch.autograd.grad(outs, [*piece, w, s], gouts)
-        for g_all, g in zip(grads, got[:6], strict=True):
-            g_all[:, lo:hi] = g
-        dw, ds = got[6], got[7]
-        if j == N - 1:  # a one-chunk group: the anchor is its start
-            dw = dw + dwa
-    return (*grads, dw, ds)
-
-
-def _rerun(piece: list[Tensor], w: Tensor, s: Tensor, cut: int, spec: MemorySpec, C: int) -> list[Tensor]:
-    """A group of chunks by the chunk form from its start state: reads, end W, end S, and with `cut` > 0 also W
-    after the first `cut` tokens (a chunk boundary: the anchor)."""
-    if not cut:
-        o, new = memory_chunk(*piece, state=MemoryState((w,), (s,)), spec=spec, chunk_size=C)
-        return [o, new.weights[0], new.momenta[0]]
-    o1, mid = memory_chunk(*(x[:, :cut] for x in piece), state=MemoryState((w,), (s,)), spec=spec, chunk_size=C)
-    o2, new = memory_chunk(*(x[:, cut:] for x in piece), state=mid, spec=spec, chunk_size=C)
-    return [torch.cat([o1, o2], dim=1), new.weights[0], new.momenta[0], mid.weights[0]]
-
-
 RECOMPUTE_TOKENS = 1024  # the backward re-runs this many tokens (whole chunks) per autograd call
 
 
-@contextlib.contextmanager
-def _autograd_inside_op() -> Iterator[None]:
-    """Autograd back on inside a custom op's implementation, which the dispatcher runs with the autograd keys
-    excluded (the backward op differentiates one chunk of the PyTorch form at a time). Uses the dispatcher's
-    thread-local key sets (`torch._C`), restored on exit."""
-    keys = torch._C.DispatchKey
-    exclude = torch._C._dispatch_tls_local_exclude_set()
-    for key in (keys.AutogradFunctionality, keys.AutogradOther, keys.AutogradNestedTensor):
-        exclude = exclude.remove(key)
-    with torch._C._ForceDispatchKeyGuard(torch._C._dispatch_tls_local_include_set(), exclude):
-        yield
-
-
-@linear_memory_backward.register_fake
-def _(q, k, v, eta, alpha, beta, ws, ss, do, dwf, dsf, dwa, chunk_size, dgd, l2, eps):  # type: ignore[no-untyped-def]
-    f32 = dict(dtype=torch.float32)
-    return (*(x.new_empty(x.shape, **f32) for x in (q, k, v, eta, alpha, beta)), dwf.new_empty(dwf.shape, **f32),
-            dsf.new_empty(dsf.shape, **f32))  # fmt: skip
-
-
 def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...]) -> None:
-    q, k, v, eta, alpha, beta, w0, s0, chunk_size, dgd, l2, eps, save = inputs
-    if not save:
-        raise RuntimeError("linear_memory ran with save=False but a gradient is needed; call it with save=True")
+    q, k, v, eta, alpha, beta, w0, s0, chunk_size, dgd, l2, eps, group = inputs
+    if group < 1:
+        raise RuntimeError("linear_memory ran with group=0 (nothing saved) but a gradient is needed; pass group > 0")
     ctx.save_for_backward(q, k, v, eta, alpha, beta, output[4], output[5])
-    ctx.args = (chunk_size, dgd, l2, eps)
+    ctx.args = (chunk_size, group, dgd, l2, eps)
     ctx.dtypes = [x.dtype for x in (q, k, v, eta, alpha, beta, w0, s0)]
 
 
 def _backward(
     ctx: Any, do: Tensor, dwf: Tensor, dsf: Tensor, dwa: Tensor, _dws: Tensor, _dss: Tensor
 ) -> tuple[Any, ...]:
+    """The memory-lean backward of `lean.py`, from the saved start states of every `group`-th chunk."""
     q, k, v, eta, alpha, beta, ws, ss = ctx.saved_tensors
+    C, group, dgd, l2, eps = ctx.args
     zeros = torch.zeros(ws[:, :, 0].shape, dtype=torch.float32, device=ws.device)
     do = do.float() if do is not None else torch.zeros(q.shape, dtype=torch.float32, device=q.device)
-    dwf, dsf, dwa = (g.float() if g is not None else zeros for g in (dwf, dsf, dwa))
-    grads = linear_memory_backward(q, k, v, eta, alpha, beta, ws, ss, do, dwf, dsf, dwa, *ctx.args)
+    grads_out = [do, *(g.float() if g is not None else zeros for g in (dwf, dsf, dwa))]
+    seq = [x.float() for x in (q, k, v, eta, alpha, beta)]
+    spec = ("linear", "l2" if l2 else "dot", "silu", 1, dgd, True, True, False, False, eps, None)  # lean._spec_args
+    grads = lean_memory_backward(*seq, [ws, ss], grads_out, C, group * C, *spec)
     return (*(g.to(dt) for g, dt in zip(grads, ctx.dtypes, strict=True)), None, None, None, None, None)
 
 

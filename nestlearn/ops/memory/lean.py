@@ -13,6 +13,8 @@ What it is not: a faster op (its forward is `memory_chunk`'s); the fused kernel 
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -20,9 +22,21 @@ from torch import Tensor
 
 from .chunk import memory_chunk
 from .common import MemorySpec, MemoryState, check_inputs
-from .fused import _autograd_inside_op
 
 GROUP_TOKENS = 1024  # tokens (whole chunks) between saved states
+
+
+@contextlib.contextmanager
+def _autograd_inside_op() -> Iterator[None]:
+    """Autograd back on inside a custom op's implementation, which the dispatcher runs with the autograd keys
+    excluded (the backward op differentiates one group of the chunk form at a time). Uses the dispatcher's
+    thread-local key sets (`torch._C`), restored on exit."""
+    keys = torch._C.DispatchKey
+    exclude = torch._C._dispatch_tls_local_exclude_set()
+    for key in (keys.AutogradFunctionality, keys.AutogradOther, keys.AutogradNestedTensor):
+        exclude = exclude.remove(key)
+    with torch._C._ForceDispatchKeyGuard(torch._C._dispatch_tls_local_include_set(), exclude):
+        yield
 
 
 def memory_lean(
