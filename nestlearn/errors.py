@@ -4,8 +4,8 @@ What this is: `user_errors(prog)`, the context manager around every `nestlearn` 
 or OSError (a bad config value, a missing or damaged file, an unreachable registry, a diverged run) becomes
 `<prog>: <message on one line>` on stderr and exit status 2, or the exception's own `exit_status` (a diverged
 training run: 3); Ctrl-C becomes one line and status 130. `--debug` or `NESTLEARN_DEBUG=1` shows the traceback
-instead. Any other exception is a bug and keeps its traceback. What it is not: the messages themselves (each raiser
-names the problem and the fix).
+instead. Any other exception is a bug and keeps its traceback. `first_line(e)` is the short reason that messages
+quote in parentheses. What it is not: the messages themselves (each raiser names the problem and the fix).
 """
 
 from __future__ import annotations
@@ -34,6 +34,12 @@ def user_errors(prog: str, *, debug: bool = False, on_abort: str = "aborted") ->
             raise
         print(f"{prog}: {one_line(e)}", file=sys.stderr, flush=True)
         sys.exit(getattr(e, "exit_status", USER_ERROR_STATUS))
+
+
+def first_line(e: BaseException) -> str:
+    """The first line of the exception's message (its type's name when it has none), for a reason in parentheses."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
 
 
 def one_line(e: BaseException) -> str:

@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..errors import first_line
 from .corpora import licence, read_docs
 from .tokenizer import Tokenizer, check_identity
 
@@ -346,7 +347,3 @@ def _offsets_problem(starts: np.ndarray, tokens: int, docs: int) -> str | None:
     if starts.size and starts[-1] >= tokens:
         return f"the last document starts at {starts[-1]}, beyond the file's {tokens} tokens"
     return None
-
-
-def first_line(e: BaseException) -> str:
-    return str(e).splitlines()[0] if str(e).strip() else type(e).__name__

@@ -22,8 +22,9 @@ from typing import Any
 import torch
 
 from ..data.tokenizer import Tokenizer, check_identity, get_tokenizer
+from ..errors import first_line
 from ..models import CausalLM, ModelConfig
-from ..train.checkpoints import checkpoint_dirs, first_line, read_checkpoint
+from ..train.checkpoints import checkpoint_dirs, read_checkpoint
 
 FIX_RUN = "give the `out` directory of `nestlearn train` or one of its checkpoints/step_XXXXXXX directories"
 

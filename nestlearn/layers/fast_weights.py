@@ -41,14 +41,17 @@ def twice_differentiable(impl: Impl) -> MemoryOp:
     return memory_naive if impl == "naive" else memory_chunk
 
 
-def _fused(*args: object, state: MemoryState, **kwargs: object) -> tuple[Tensor, MemoryState]:
-    """`memory_fused` from a chunk boundary; a call that finishes an open chunk (decoding) takes the chunk form."""
-    return (memory_fused if state.offset == 0 else memory_chunk)(*args, state=state, **kwargs)  # type: ignore[arg-type]
+def _from_chunk_boundary(op: MemoryOp) -> MemoryOp:
+    """`op` for calls that start at a chunk boundary; a call that finishes an open chunk (decoding) takes the chunk
+    form (the fused and lean paths start at boundaries)."""
+
+    def run(*args: object, state: MemoryState, **kwargs: object) -> tuple[Tensor, MemoryState]:
+        return (op if state.offset == 0 else memory_chunk)(*args, state=state, **kwargs)
+
+    return run
 
 
-def _lean(*args: object, state: MemoryState, **kwargs: object) -> tuple[Tensor, MemoryState]:
-    """`memory_lean` from a chunk boundary; a call that finishes an open chunk (decoding) takes the chunk form."""
-    return (memory_lean if state.offset == 0 else memory_chunk)(*args, state=state, **kwargs)  # type: ignore[arg-type]
+_fused, _lean = _from_chunk_boundary(memory_fused), _from_chunk_boundary(memory_lean)
 
 
 class MemoryInit(nn.Module):

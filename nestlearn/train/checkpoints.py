@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 
 from ..data.tokenizer import check_identity
+from ..errors import first_line
 from ..io import join_tree, load_bundle, save_bundle, split_tree
 from ..models import ModelConfig
 from .config import CHANGEABLE
@@ -192,10 +193,6 @@ def _load(run: Run, path: Path, model: dict[str, torch.Tensor], optimizer: Any) 
 def _say(run: Run, message: str) -> None:
     if run.rank == 0:
         print(message, flush=True)
-
-
-def first_line(e: BaseException) -> str:
-    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
 
 
 def checkpoint_dirs(root: Path) -> list[Path]:
