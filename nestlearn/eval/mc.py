@@ -60,8 +60,6 @@ import json
 import math
 import random
 import re
-import subprocess
-import sys
 import tarfile
 import tempfile
 import time
@@ -75,7 +73,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..data.corpora import cache_dir
+from ..data.corpora import cache_dir, download, verified
 from ..data.shards import Shards
 from ..io import write_text_atomic
 from .longctx import max_context
@@ -94,6 +92,7 @@ BIGBENCH = (
     "bigbench-1.0.0.tar.gz",
     "1bb398a5512c6d798cdebe0dfa0ac03f67f6033fa6b39c6ef71df978c7cbc5c2",
 )
+PIN = "nestlearn/eval/mc.py (BIGBENCH)"  # where the BIG-bench archive is pinned (named in the messages)
 BIGBENCH_SEED = 42  # BIG-bench's default random_seed: the order of the choices appended to the input
 
 
@@ -525,24 +524,9 @@ def _bigbench_archive(root: Path, progress: Progress | None) -> Path:
         progress(f"downloading the {package} {version} sdist (358 MB, once) into {root}")
     root.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=root, prefix=".download-") as tmp:
-        got = _pip_download(package, version, archive, Path(tmp))
-        digest = hashlib.sha256(got.read_bytes()).hexdigest()
-        if digest != sha:
-            raise ValueError(f"{archive} has SHA-256 {digest}, expected {sha}: the download is corrupt or the "
-                             "package changed; fetch again, or check it and update mc.BIGBENCH")  # fmt: skip
-        got.rename(path)
+        got = download("pypi-sdist", (package, version, archive), Path(tmp), pin=PIN)
+        verified(got, sha, pin=PIN).rename(path)
     return path
-
-
-def _pip_download(package: str, version: str, archive: str, directory: Path) -> Path:
-    """`pip download --no-deps` of one sdist into `directory` (nothing is installed)."""
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "-q", "-d", str(directory),
-           f"{package}=={version}"]  # fmt: skip
-    done = subprocess.run(cmd, capture_output=True, text=True)
-    if done.returncode != 0 or not (directory / archive).is_file():
-        tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
-        raise RuntimeError(f"could not download {package} {version} from PyPI: {tail[0]}")
-    return directory / archive
 
 
 def _extract_bigbench(archive: Path, name: str, root: Path, progress: Progress | None) -> None:

