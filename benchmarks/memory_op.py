@@ -1,6 +1,7 @@
-"""Benchmark: tokens/s of the deep-memory op, `naive` (per-token) vs `chunk` vs the fused Triton kernel (`fused`,
-the linear memory on CUDA), with causal SDPA attention at the same B, H, T, d timed in the same process, and the
-peak memory of forward + backward on CUDA. Prints a ratio table last; `--json` keeps the raw numbers.
+"""Benchmark: tokens/s of the deep-memory op, `naive` (per-token) vs `chunk` vs the GPU paths (`affine`: the linear
+memory's affine scan; `fused`: the older fused linear kernel; `lean`: the memory-lean backward; `fla`: fla's Gated
+DeltaNet op at the same shape with `--fla`), with causal SDPA attention at the same B, H, T, d timed in the same
+process, and the peak memory of forward + backward on CUDA. Prints a ratio table last; `--json` keeps the raw numbers.
 
 What it times: forward, and forward + backward (gradients to q, k, v, gates and the initial state), after
 warm-ups, median over repeats, with device synchronisation around each timed call only. Memory runs in
@@ -25,6 +26,8 @@ import torch
 import torch.nn.functional as F
 
 from nestlearn.ops.memory import MemorySpec, MemoryState, init_state, memory_chunk, memory_fused, memory_naive
+from nestlearn.ops.memory.affine import memory_affine
+from nestlearn.ops.memory.affine import supports as affine_supports
 from nestlearn.ops.memory.fused import supports
 from nestlearn.ops.memory.lean import memory_lean
 
@@ -102,6 +105,20 @@ def sdpa_call(B: int, T: int, H: int, d: int, device: str, backward: bool) -> Ca
     return call
 
 
+def paths(spec: MemorySpec, x: dict, device: str) -> dict[str, Callable[..., object]]:
+    """The memory ops timed for this spec: `chunk` always; on CUDA the memory-lean path, and for the linear memory
+    the affine scan (`ops/memory/affine.py`) and the older fused kernel (`ops/memory/fused.py`) where they apply."""
+    ops: dict[str, Callable[..., object]] = {"chunk": memory_chunk}
+    state = MemoryState(tuple(x["weights"]), tuple(x["momenta"]))
+    if device == "cuda":
+        ops["lean"] = memory_lean
+    if affine_supports(spec, state) and device == "cuda":
+        ops["affine"] = memory_affine
+    if supports(spec, state, x["q"]):
+        ops["fused"] = memory_fused
+    return ops
+
+
 def bench_case(case: tuple[int, ...], kind: str, device: str, args: argparse.Namespace) -> dict:
     B, T, C, H, d = case
     spec = MemorySpec(kind=kind)
@@ -112,24 +129,40 @@ def bench_case(case: tuple[int, ...], kind: str, device: str, args: argparse.Nam
     row: dict = {"B": B, "T": T, "C": C, "H": H, "d": d, "kind": kind}
     for bwd in (False, True):
         tag = "fwdbwd" if bwd else "fwd"
-        t_chunk = timeit(memory_call(memory_chunk, x, spec, C, bwd), device, args.warmup, args.reps)
-        t_naive = timeit(memory_call(memory_naive, xn, spec, C, bwd), device, 1, args.naive_reps)
-        t_sdpa = timeit(sdpa_call(B, T, H, d, device, bwd), device, args.warmup, args.reps)
-        row[f"{tag}_chunk_tok_s"] = B * T / t_chunk
-        row[f"{tag}_naive_tok_s"] = B * Tn / t_naive
+        row[f"{tag}_naive_tok_s"] = B * Tn / timeit(memory_call(memory_naive, xn, spec, C, bwd), device, 1,
+                                                     args.naive_reps)  # fmt: skip
         row[f"{tag}_naive_T"] = Tn
-        row[f"{tag}_sdpa_tok_s"] = B * T / t_sdpa
-        row[f"{tag}_chunk_ms"] = 1000 * t_chunk
-        row[f"{tag}_chunk_peak_mb"] = peak_mb(memory_call(memory_chunk, x, spec, C, bwd), device)
-        row[f"{tag}_fused_tok_s"] = row[f"{tag}_fused_peak_mb"] = None
-        if device == "cuda" and bwd:  # the memory-lean backward (ops/memory/lean.py)
-            row["fwdbwd_lean_tok_s"] = B * T / timeit(memory_call(memory_lean, x, spec, C, bwd), device, 1, args.reps)
-            row["fwdbwd_lean_peak_mb"] = peak_mb(memory_call(memory_lean, x, spec, C, bwd), device)
-        if supports(spec, MemoryState(tuple(x["weights"]), tuple(x["momenta"])), x["q"]):
-            t_fused = timeit(memory_call(memory_fused, x, spec, C, bwd), device, args.warmup, args.reps)
-            row[f"{tag}_fused_tok_s"] = B * T / t_fused
-            row[f"{tag}_fused_peak_mb"] = peak_mb(memory_call(memory_fused, x, spec, C, bwd), device)
+        row[f"{tag}_sdpa_tok_s"] = B * T / timeit(sdpa_call(B, T, H, d, device, bwd), device, args.warmup, args.reps)
+        if args.fla and device == "cuda":
+            row[f"{tag}_fla_tok_s"], row[f"{tag}_fla_note"] = time_fla(B, T, H, d, bwd, args)
+        for name, op in paths(spec, x, device).items():
+            call = memory_call(op, x, spec, C, bwd)
+            row[f"{tag}_{name}_tok_s"] = B * T / timeit(call, device, args.warmup, args.reps)
+            row[f"{tag}_{name}_peak_mb"] = peak_mb(call, device)
     return row
+
+
+def time_fla(B: int, T: int, H: int, d: int, backward: bool, args: argparse.Namespace) -> tuple[float | None, str]:
+    """fla's `chunk_gated_delta_rule` (Gated DeltaNet) at the same shape, bf16 as fla trains it; None and the
+    reason when fla is missing or refuses (fla 0.6.0's gated backward needs Triton >= 3.7.1 on Hopper)."""
+    try:
+        from fla.ops.gated_delta_rule import chunk_gated_delta_rule
+    except ImportError as err:
+        return None, f"fla not installed ({err})"
+    q, k, v = (torch.randn(B, T, H, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    g = F.logsigmoid(torch.randn(B, T, H, device="cuda")).to(torch.bfloat16)
+    beta = torch.rand(B, T, H, device="cuda", dtype=torch.bfloat16)
+
+    def call() -> None:
+        ins = [t.detach().requires_grad_(backward) for t in (q, k, v, g, beta)]
+        o, _ = chunk_gated_delta_rule(*ins, use_qk_l2norm_in_kernel=True)
+        if backward:
+            o.sum().backward()
+
+    try:
+        return B * T / timeit(call, "cuda", args.warmup, args.reps), "ok"
+    except Exception as err:  # a refusal is a result to report, not a crash
+        return None, f"{type(err).__name__}: {str(err).splitlines()[0][:160]}"
 
 
 def peak_mb(fn: Callable[[], object], device: str) -> float | None:
@@ -160,18 +193,18 @@ def header(device: str) -> str:
 
 
 def table(rows: list[dict]) -> str:
-    cols = ("| kind | B | T | C | H | d | pass | naive tok/s | chunk tok/s | fused tok/s | SDPA tok/s | chunk/naive | "
-            "chunk/SDPA | fused/chunk | fused/SDPA | chunk MiB | fused MiB |")  # fmt: skip
-    lines = [cols, "|" + "---|" * 17]
+    """One line per case, pass and path: tokens/s, ratio to the chunk form and to SDPA, peak MiB."""
+    lines = ["| kind | B | T | C | H | d | pass | path | tok/s | x chunk | x SDPA | MiB |", "|" + "---|" * 12]
     for r in rows:
         for tag in ("fwd", "fwdbwd"):
-            n, c, s, f = (r[f"{tag}_{name}_tok_s"] for name in ("naive", "chunk", "sdpa", "fused"))
-            mc, mf = r.get(f"{tag}_chunk_peak_mb"), r.get(f"{tag}_fused_peak_mb")
-            lines.append(
-                f"| {r['kind']} | {r['B']} | {r['T']} | {r['C']} | {r['H']} | {r['d']} | {tag} | "
-                f"{n:,.0f} | {c:,.0f} | {_num(f)} | {s:,.0f} | {c / n:.1f}x | {c / s:.3f}x | "
-                f"{_ratio(f, c)} | {_ratio(f, s)} | {_num(mc)} | {_num(mf)} |"
-            )
+            chunk, sdpa = r[f"{tag}_chunk_tok_s"], r[f"{tag}_sdpa_tok_s"]
+            names = [k[len(tag) + 1 : -len("_tok_s")] for k in r if k.startswith(f"{tag}_") and k.endswith("_tok_s")]
+            for name in names:
+                t = r[f"{tag}_{name}_tok_s"]
+                lines.append(
+                    f"| {r['kind']} | {r['B']} | {r['T']} | {r['C']} | {r['H']} | {r['d']} | {tag} | {name} | "
+                    f"{_num(t)} | {_ratio(t, chunk)} | {_ratio(t, sdpa)} | {_num(r.get(f'{tag}_{name}_peak_mb'))} |"
+                )
     return "\n".join(lines)
 
 
@@ -194,12 +227,16 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2 if not torch.cuda.is_available() else None)
     p.add_argument("--json", default=None, help="write raw rows here")
     p.add_argument("--max-cases", type=int, default=None, help="time only the first N cases of each kind")
+    p.add_argument("--cases", default=None, help="B,T,C,H,d cases separated by ';' instead of the defaults")
+    p.add_argument("--fla", action="store_true", help="also time fla's chunk_gated_delta_rule (CUDA, if installed)")
     p.set_defaults(naive_tokens=1 << 30 if p.parse_known_args()[0].device == "cpu" else 4096)  # by device
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.backends.cuda.matmul.allow_tf32 = False
     cases = (GPU_CASES if args.device == "cuda" else CPU_CASES)[: args.max_cases]
+    if args.cases:
+        cases = [tuple(int(v) for v in c.split(",")) for c in args.cases.split(";")]
     rows = []
     for kind in args.kinds.split(","):
         for case in cases:

@@ -1,7 +1,9 @@
 """Deep memory learned in context: per-token reference (`memory_naive`), chunk-parallel form (`memory_chunk`),
-the fused Triton kernel (`memory_fused`; `memory_auto` picks it where it applies) and the memory-lean training
-path (`memory_lean`), all with the same signature. See README.md here for the derivation."""
+the GPU path (`memory_fused`: the linear memory's affine scan, `memory_affine`, with its Triton kernel;
+`memory_auto` picks it where it applies) and the memory-lean training path (`memory_lean`), all with the same
+signature. See README.md here for the derivation."""
 
+from .affine import memory_affine
 from .chunk import memory_chunk
 from .common import MemorySpec, MemoryState, init_state
 from .fused import memory_auto, memory_fused
@@ -12,6 +14,7 @@ __all__ = [
     "MemorySpec",
     "MemoryState",
     "init_state",
+    "memory_affine",
     "memory_auto",
     "memory_chunk",
     "memory_fused",

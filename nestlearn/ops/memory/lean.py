@@ -8,7 +8,7 @@ handing the start state's gradient to the group before. Activation memory: the s
 plus one group's intermediates, at the price of one more forward pass. Both directions are `torch.library` custom
 ops with fake implementations, so `torch.compile`, activation checkpointing and FSDP2 see single opaque ops.
 Covers every spec of `memory_chunk`; a call must start at a chunk boundary (`state.offset == 0`).
-What it is not: a faster op (its forward is `memory_chunk`'s); the fused kernel is `fused.py`.
+What it is not: a faster op (its forward is `memory_chunk`'s); the GPU path is `fused.py`.
 """
 
 from __future__ import annotations
