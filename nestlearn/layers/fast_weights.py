@@ -23,9 +23,9 @@ MemoryOp = Callable[..., tuple[Tensor, MemoryState]]
 
 
 def memory_op(impl: Impl) -> MemoryOp:
-    """ "auto": the fused Triton kernel where it applies on CUDA, else the chunk form (`ops/memory/fused.py`);
-    "chunk": the PyTorch chunk form; "fused": the kernel (an error where it cannot apply; a call that finishes an
-    open chunk takes the chunk form); "lean": the chunk
+    """ "auto": the GPU path where it applies on CUDA (the linear memory's affine scan), else the chunk form
+    (`ops/memory/fused.py`); "chunk": the PyTorch chunk form; "fused": the GPU path (an error where it cannot apply;
+    a call that finishes an open chunk takes the chunk form); "lean": the chunk
     form with a memory-lean backward (`ops/memory/lean.py`: a third of the memory, two thirds of the speed, measured
     on the H200); "naive": the per-token float64 reference. All compute the same function."""
     ops = {"auto": memory_auto, "chunk": memory_chunk, "fused": _fused, "lean": _lean, "naive": memory_naive}
