@@ -73,7 +73,7 @@ def test_lr_sweep_stays_finite(variant: str) -> None:
 
 def tiny_hope(level_norm: bool) -> CausalLM:
     """The diverging tiny model shrunk: HOPE, 2 blocks of width 32 with the preset's wide CMS levels (the default levels
-    (None, 512, 2048): at 32 tokens all three act as a chain of static MLPs)."""
+    (None, 2048, 512): at 32 tokens all three act as a chain of static MLPs)."""
     torch.manual_seed(0)
     shape = dict(vocab_size=4, n_layers=2, d_model=32, n_heads=2, mem_chunk=16, proj_chunk=16)
     model = CausalLM(preset("debug", "hope", cms_level_norm=level_norm, **shape))

@@ -79,8 +79,9 @@ class ModelConfig:
     norm; "paper": Eq. 70 as printed, `y = MLP_k(... MLP_1(x))`, to which the block adds its residual, and
     `cms_level_norm` does not apply and setting it is refused).
     CMS (HOPE and Hope-Attention's MLP position, D9, D10): `cms` (False = the Table 6 "w/o CMS" ablation: one
-    static SwiGLU), `cms_levels` (each level's chunk size, None = static; the hidden width `mlp_hidden` is per
-    level), `cms_variant` ("chain", "nested", "independent"), `cms_lr` (per-token learning rate of the online
+    static SwiGLU), `cms_levels` (each level's chunk size, None = static, listed from slow to fast as Eqs. 70 and
+    72 number them; the nested variant needs each chunk a multiple of the next; the hidden width `mlp_hidden` is
+    per level), `cms_variant` ("chain", "nested", "independent"), `cms_lr` (per-token learning rate of the online
     levels: one value or one per level), `cms_learn_lr` (learning rates become parameters), `cms_meta_grad`
     ("first_order" or "full"), `cms_online_layers` (indices of the blocks whose levels learn online; None = every
     block, () = none: every level static), `cms_level_norm` (the chain's later levels read a normalised input;
@@ -118,7 +119,7 @@ class ModelConfig:
     inner_grad_clip: float | None = INNER_GRAD_CLIP
     titans_paper_memory: bool = False
     cms: bool = True
-    cms_levels: tuple[int | None, ...] = (None, 512, 2048)
+    cms_levels: tuple[int | None, ...] = (None, 2048, 512)  # slow to fast (Eqs. 70, 72): the nested variant's order
     cms_variant: Literal["chain", "nested", "independent"] = "chain"
     cms_lr: float | tuple[float, ...] = 1e-3
     cms_learn_lr: bool = False

@@ -35,6 +35,9 @@ literal reading has a consequence worth knowing: the objective's gradient with r
 (`W1`, or `A`) is `1 h^T` with `h` summed over the rows, so that layer, starting at zero, stays of the form
 `1 c^T`, and `m(u) = <c, σ(W2 u)> 1`: every step moves all entries of a row by the same amount. The form is kept
 to reproduce Eq. 50 as written, not as a recommended optimizer.
+`weight_decay` is decoupled in both forms, at the step's rate, before the update is added: the read-out form's
+`W_t = (1 - lr wd) W_{t-1} - lr ||m_t|| phi(...)`, the paper form's `W_t = (1 - lr wd) W_{t-1} + m_{theta_t}(u_t)`
+(there `lr` is eta, the memory's step; tests/optim/test_weight_decay_formulas.py).
 What it is not: a per-parameter MLP over flattened gradients (which would need O(numel^2) weights).
 """
 

@@ -8,7 +8,8 @@ where the expectation runs over the inputs the layer saw since the last step (ca
 per-sample Eq. 57 averaged over a batch, the natural batch form of the update). The first term is the
 "adaptive decay based on the current data sample": the part of W that acts on the current inputs is partly
 forgotten before the new association is written. `proj_lr = 0` is plain SGD (`torch.optim.SGD`) exactly.
-A layer that did not run since the last step gets the plain GD step. `zero_grad()` also forgets the captured
+A layer that did not run since the last step gets the plain GD step. `weight_decay` is decoupled:
+`W <- (1 - lr wd) W (I - proj_lr E[x̂ x̂^T]) - lr dL/dW`. `zero_grad()` also forgets the captured
 inputs, so call it before the forward pass (or after `step`), not between forward and step. `remove()` detaches
 the hooks.
 What it is not: the DGD inside the memories of HOPE (that is the memory op, `ops/memory`, D4).

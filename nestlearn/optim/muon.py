@@ -22,6 +22,8 @@ form needs lr 5 to get from 119 to 12 in 300 steps, the stabilised one reaches 0
 combined with alpha, scaled by the second moment) with exponential averages: M1, M2, V are EMAs (V
 bias-corrected), M2 averages the chunk means, and the combined update is rescaled to RMS 0.2 (AdamW's typical
 update RMS), so every step has the same bounded size whatever the gradients' history (docs/decisions.md).
+In both forms `weight_decay` is decoupled, at the step's rate, before the update: `W <- W (1 - lr wd) - lr u`
+with `u` the (rescaled) update above.
 """
 
 from __future__ import annotations

@@ -13,8 +13,9 @@ What this does not pin: the Newton-Schulz iteration inside M3 is not rewritten h
 uses `torch.optim.Muon`'s own iteration (an implementation outside nestlearn; the module documents "the same
 iteration, coefficients, bfloat16 and scaling"): any other bfloat16 rounding order differs by ~5e-2, far above
 1e-10. The iteration's formula itself is pinned in float64 against a literal quintic/cubic loop
-(`test_newton_schulz_formula`). Not pinned either: weight decay of M3 and DMGD (their docstrings give no formula),
-the optimizers' state dicts, closures, and anything about convergence (tests/optim/test_optimizers.py).
+(`test_newton_schulz_formula`). Not pinned here: weight decay of M3, DMGD and DeltaGD, and any decay under a
+schedule (tests/optim/test_weight_decay_formulas.py), the optimizers' state dicts, closures, and anything about
+convergence (tests/optim/test_optimizers.py).
 
 `PreconditionedMomentum(precond="identity")` equals `torch.optim.SGD(momentum=alpha)` at a constant learning rate
 only (its docstring says so); `test_identity_preconditioner_differs_from_sgd_only_under_a_schedule` shows the rest.
