@@ -3,7 +3,7 @@ a static CMS, and online CMS levels (all blocks or the last quarter; first-order
 preset, Transformer++ in the same process.
 
 All rows have the same parameter count (the preset solves the MLP width: with three levels each is a third as
-wide). The CMS levels are the default (static, 512, 2048), so at 4,096 tokens an online model runs 8 segments
+wide). The CMS levels are the default (static, 2048, 512), so at 4,096 tokens an online model runs 8 segments
 of 512 tokens, each with its own backward pass for the inner gradient, and updates its 512-level 8 times and its
 2048-level twice. The last table column is the last timed step's loss: a NaN check, not a quality measure.
 
