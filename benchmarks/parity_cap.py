@@ -273,12 +273,19 @@ def extra_scores(model: Any, task: OnDevice, args: argparse.Namespace, seed: int
         for layer, op in zip(layers, originals, strict=True):
             layer.op = op
     eta = torch.cat([e.flatten() for e in etas]).float()
+    finite = eta[eta.isfinite()]  # a model whose state blows up past the training length reads NaN gates there
     cap = 1.0 / max(model.lm.config.mem_chunk, model.lm.config.proj_chunk)
     return {
         "scores": {"beyond_train_token_accuracy": beyond[0] / beyond[1], "last_token_accuracy": last[0] / last[1]},
-        "eta": {"mean": float(eta.mean()), "max": float(eta.max()), "cap": cap,
-                "fraction_above_cap": float((eta > cap * (1 + 1e-6)).float().mean())},
+        "eta": {"mean": float(finite.mean()) if finite.numel() else None,
+                "max": float(finite.max()) if finite.numel() else None, "cap": cap,
+                "fraction_above_cap": float((finite > cap * (1 + 1e-6)).float().mean()) if finite.numel() else None,
+                "fraction_not_finite": 1.0 - finite.numel() / max(eta.numel(), 1)},
     }  # fmt: skip
+
+
+def _num(x: float | None, width: int, digits: int) -> str:
+    return f"{x:{width}.{digits}f}" if x is not None else f"{'-':>{width}}"
 
 
 def recording(op: Any, etas: list[torch.Tensor]) -> Any:
@@ -332,7 +339,7 @@ def table(report: dict[str, Any], args: argparse.Namespace) -> str:
         f"{args.batch} rows, lr {args.lr}), scored at {n} and {m}; {report['meta']['device']}, "
         f"{report['seconds']:.0f} s",
         f"{'setting':>7} {'seed':>4} {'loss':>6} | {'tok@' + str(n):>7} {'seq@' + str(n):>7} | {'tok>' + str(n):>7} "
-        f"{'last@' + str(m):>8} {'seq@' + str(m):>7} | {'eta max':>7} {'>cap':>5}",
+        f"{'last@' + str(m):>8} {'seq@' + str(m):>7} | {'eta max':>7} {'>cap':>5} {'NaN':>5}",
     ]  # fmt: skip
     for r in report["runs"]:
         if r["diverged"]:
@@ -342,7 +349,8 @@ def table(report: dict[str, Any], args: argparse.Namespace) -> str:
         lines.append(
             f"{r['arm']:>7} {r['seed']:>4} {r['final_loss']:6.3f} | {a['token_accuracy']:7.3f} "
             f"{a['sequence_accuracy']:7.3f} | {b['beyond_train_token_accuracy']:7.3f} {b['last_token_accuracy']:8.3f} "
-            f"{b['sequence_accuracy']:7.3f} | {e['max']:7.4f} {e['fraction_above_cap']:5.2f}"
+            f"{b['sequence_accuracy']:7.3f} | {_num(e['max'], 7, 4)} {_num(e['fraction_above_cap'], 5, 2)} "
+            f"{e['fraction_not_finite']:5.2f}"
         )  # fmt: skip
     for arm, s in report["summary"].items():
         done = s["runs"] - s["diverged"]
