@@ -262,10 +262,13 @@ def rms_normalize(z: Tensor, eps: float = NORM_EPS) -> Tensor:
 
 
 def _broadcast(weight: Tensor, batch: int) -> Tensor:
-    """`[o, i] -> [B, o, i]` (float32 or wider). Under no_grad the result is detached: a view made there would
-    report `requires_grad` without being part of any graph, and the online driver must see that it is not."""
+    """`[o, i] -> [B, o, i]` (float32 or wider), a view of a copy of the weight: the state outlives the forward
+    that built it, and a parameter-sharding wrapper (FSDP2) frees the gathered weight's storage when it reshards,
+    so a view of the parameter itself would dangle (a 2-rank FSDP2 run crashed with SIGSEGV). Under no_grad the
+    result is detached: a view made there would report `requires_grad` without being part of any graph, and the
+    online driver must see that it is not."""
     w = state_float(weight)
-    return (w if torch.is_grad_enabled() else w.detach()).expand(batch, -1, -1)
+    return (w if torch.is_grad_enabled() else w.detach()).clone().expand(batch, -1, -1)
 
 
 def _add(a: Weights, b: Weights) -> Weights:

@@ -83,12 +83,8 @@ def _setup(cfg: TrainConfig, stop: Stop) -> Run:
         ids = [device.index] if device.index is not None else None
         model = torch.nn.parallel.DistributedDataParallel(core, device_ids=ids)
     elif mode == "fsdp":
-        _check_fsdp(cfg, core)
-        from torch.distributed.fsdp import fully_shard
-
-        for block in core.blocks:
-            fully_shard(block)
-        fully_shard(core)
+        _check_fsdp(cfg)
+        _shard(core)
     if cfg.compile:
         model = torch.compile(model)
     opt = route(core, cfg.optimizer, lr=cfg.matrix_lr, adamw_lr=cfg.lr, weight_decay=cfg.weight_decay,
@@ -167,14 +163,29 @@ def _check_fits(cfg: TrainConfig, model_cfg: Any, shards: Shards) -> None:
         )
 
 
-def _check_fsdp(cfg: TrainConfig, core: CausalLM) -> None:
+def _check_fsdp(cfg: TrainConfig) -> None:
     if cfg.optimizer != "adamw":
         raise ValueError("FSDP shards every matrix across ranks; use optimizer=adamw with distributed=fsdp")
-    if core.online_segment is not None:
-        raise ValueError(
-            "online CMS levels under FSDP2 are not supported (the inner gradient runs inside the sharded "
-            "forward); use distributed=ddp, or static levels (model_overrides.cms_online_layers=[])"
-        )
+
+
+def _shard(core: CausalLM) -> None:
+    """FSDP2: one `fully_shard` unit per block and one at the root; a model with online CMS levels is one unit.
+
+    Why one unit with online levels: the online driver runs every block once per segment and takes the inner
+    gradient (`torch.autograd.grad`) inside the model's forward. A per-block unit hooks every block call: each
+    inner gradient then fires the blocks' pre- and post-backward hooks and the root's final callback, which
+    reshards the root's parameters (the embedding) in the middle of the forward ("mixed torch.Tensor and
+    DTensor"), and every segment gathers every block again (14 all-gathers a step instead of 1 on a 2-block,
+    2-segment model). As one unit the parameters are gathered once at the root's pre-forward and stay gathered
+    (the root does not reshard after forward) until the outer backward's final callback reduce-scatters the
+    gradients and reshards; no FSDP hook lies inside the forward. Parameters, gradients and optimizer states
+    stay sharded between steps; during a step every rank holds the whole parameters and gradients."""
+    from torch.distributed.fsdp import fully_shard
+
+    if core.online_segment is None:
+        for block in core.blocks:
+            fully_shard(block)
+    fully_shard(core)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 SMALL = {"n_layers": 2, "d_model": 32, "n_heads": 2, "mlp_hidden": 48}
@@ -20,3 +23,12 @@ def losses(out: Path) -> list[tuple[int, float, float | None]]:
 
 def checkpoints(out: Path) -> list[str]:
     return sorted(p.name for p in (out / "checkpoints").iterdir())
+
+
+def torchrun(nproc: int, args: list[str]) -> None:
+    """`torchrun --standalone --nproc_per_node=nproc -m nestlearn.train *args` on CPU (gloo), one thread a rank."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "-m", "nestlearn.train", *args]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
