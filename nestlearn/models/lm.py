@@ -11,15 +11,20 @@ next-token cross-entropy of the package.
 The online CMS (blocks whose CMS has online levels) is driven inside `forward`: the model runs segment by
 segment. Segments are aligned to absolute positions and `S` tokens long (`S` = the gcd of the online chunk
 sizes, so every level boundary is a segment end). For each segment: forward every block from the carried state
-with the CMS weights in force; take the segment's next-token loss on its observed targets (the pairs inside the
-segment, summed over tokens); take its gradient with respect to every online level's fast weights (per
-sequence: each sequence's loss depends only on its own weights); hand it to each CMS (`CMS.step`), which adds it
-to its accumulators and applies the updates due at the segment end. The logits a caller gets are those of that
-forward, so an outer loss over them sees every segment with the weights that were in force for it.
-A call may end inside a segment. Its tokens are read at once (their logits need no gradient), and the state
-keeps them with the block states at the segment start (`Pending`); the call that completes the segment runs the
-whole segment again from there to take its gradient. So one pass == pieces == token by token, and a decoded
-token costs one step plus, every `S` tokens, one segment's forward and backward.
+with the CMS weights in force; take the segment's next-token loss summed over its `S` predictions, the last of
+them the prediction of the next segment's first token (the pair that crosses the boundary); take its gradient
+with respect to every online level's fast weights (per sequence: each sequence's loss depends only on its own
+weights); hand it to each CMS (`CMS.step`), which adds it to its accumulators and applies the updates due at
+the segment end. The logits a caller gets are those of that forward, so an outer loss over them sees every
+segment with the weights that were in force for it. The update made at a segment end therefore waits for the
+token after it; it is still causal, since the new weights act from that token on.
+A call may end inside a segment, or at its end before the next token. Its tokens are read at once (their
+logits need no gradient), and the state keeps the segment's tokens with the block states at its start
+(`Pending`); the call that completes the segment and reads the next token runs the whole segment again from
+there to take its gradient. So one pass == pieces == token by token, and a decoded token costs one step plus,
+every `S` tokens, one segment's forward and backward. A completed segment that learns without its next token
+(a call with `learn=False` reads that token, or `forget_context` ends the context) learns from its `S - 1`
+pairs inside it.
 Meta-gradients (`cms_meta_grad`): "first_order" takes the inner gradient without a graph (the outer gradient
 reaches the initial weights through the update's identity path, and the learning rates through `-lr * g`);
 "full" keeps its graph (exact second order; the blocks are then told `second_order=True`, and attention runs
@@ -47,7 +52,8 @@ from .sampling import check_sampling, is_int, sample
 
 class Pending(NamedTuple):
     """The current online segment's tokens read so far `[B, n]` and every block's state at the segment start
-    (None for a block that has not run yet)."""
+    (None for a block that has not run yet). `n = S` (at a segment end) means the segment is complete and waits
+    for the next token, the target of its last prediction, to learn."""
 
     tokens: Tensor
     blocks: tuple[BlockState | None, ...]
@@ -108,7 +114,8 @@ class CausalLM(nn.Module):
         """input_ids `[B, T]` (int) -> logits `[B, T, vocab]` and the state after the last token.
 
         `learn=False` reads without online CMS updates (the sequence mixers' memories still read every token);
-        the segment it touches is then not learned from.
+        the segment it touches is then not learned from. A segment that an earlier call completed is learned
+        from first, without the pair whose target this call reads.
         """
         self._check(input_ids, state)
         if state is None:  # every block builds its own initial state (see Block.forward)
@@ -147,6 +154,9 @@ class CausalLM(nn.Module):
         """
         S, position, blocks, pending = self.online_segment, state.position, state.blocks, state.pending
         assert S is not None
+        if pending is not None and position % S == 0:  # a completed segment: its next token is ids[:, 0]
+            _, blocks = self._learn_segment(pending.blocks, pending.tokens, position, ids[:, :1] if learn else None)
+            pending = None
         outs, t, T = [], 0, ids.shape[1]
         while t < T:
             n = min(S - position % S, T - t)
@@ -156,33 +166,38 @@ class CausalLM(nn.Module):
             if not learn or pending is None:
                 logits, blocks = self._forward_blocks(piece, blocks)
                 pending = None
-            elif (position + n) % S == 0:
-                logits, blocks = self._learn_segment(pending, piece, position + n)
-                pending = None
-            else:
+            elif (position + n) % S == 0 and t + n < T:  # the segment ends here and its next token is known
+                k = pending.tokens.shape[1]
+                tokens = torch.cat([pending.tokens, piece], dim=1)
+                logits, blocks = self._learn_segment(pending.blocks, tokens, position + n, ids[:, t + n : t + n + 1])
+                logits, pending = logits[:, k:], None
+            else:  # inside the segment, or at its end without the next token: learn later
                 logits, blocks = self._forward_blocks(piece, blocks)
                 pending = Pending(torch.cat([pending.tokens, piece], dim=1), pending.blocks)
             outs.append(logits)
             position, t = position + n, t + n
         return torch.cat(outs, dim=1), blocks, pending
 
-    def _learn_segment(self, pending: Pending, piece: Tensor, end: int) -> tuple[Tensor, tuple[BlockState, ...]]:
-        """Forward the whole segment from its start, differentiate its loss, update the levels. -> logits of
-        `piece` and the states after the segment."""
+    def _learn_segment(
+        self, start: tuple[BlockState | None, ...], tokens: Tensor, end: int, after: Tensor | None
+    ) -> tuple[Tensor, tuple[BlockState, ...]]:
+        """Forward the whole segment `tokens` `[B, S]` from the block states at its start, differentiate its loss,
+        update the levels at absolute position `end`. `after` `[B, 1]`: the token after the segment, the target of
+        its last prediction (None: that pair is left out). -> the segment's logits and the states after it."""
         if torch.is_inference_mode_enabled():
             raise RuntimeError(
                 "online CMS learning needs autograd, which torch.inference_mode disables; use torch.no_grad() "
-                "instead, or pass learn=False to read without learning"
+                "instead, or pass learn=False to read without learning (a segment that the previous call completed "
+                "still learns when the next call or forget_context reads its state)"
             )
         outer = torch.is_grad_enabled()
         full = self.config.cms_meta_grad == "full" and outer
-        tokens = torch.cat([pending.tokens, piece], dim=1)
+        targets = tokens[:, 1:] if after is None else torch.cat([tokens[:, 1:], after], dim=1)
         with torch.enable_grad():
-            start = self._differentiable(pending.blocks, fresh=not outer)
-            logits, blocks = self._forward_blocks(tokens, start, second_order=full)
+            logits, blocks = self._forward_blocks(tokens, self._differentiable(start, fresh=not outer), full)
             cms_states = {i: blocks[i].cms for i in self.online_blocks}
             fast = {i: self.blocks[i].cms.fast_weights(st) for i, st in cms_states.items()}
-            grads = _inner_grads(logits, tokens, [w for ws in fast.values() for w in ws], full, outer)
+            grads = _inner_grads(logits, targets, [w for ws in fast.values() for w in ws], full, outer)
             new, k = list(blocks), 0
             for i, st in cms_states.items():
                 n = len(fast[i])
@@ -191,7 +206,7 @@ class CausalLM(nn.Module):
         out: tuple[BlockState, ...] = tuple(new)
         if not outer:
             logits, out = logits.detach(), _detach(out)
-        return logits[:, pending.tokens.shape[1] :], out
+        return logits, out
 
     def _differentiable(self, states: tuple[BlockState | None, ...], fresh: bool) -> tuple[BlockState | None, ...]:
         """The block states with every online fast weight differentiable: a new detached leaf where it was not,
@@ -229,8 +244,13 @@ class CausalLM(nn.Module):
     def forget_context(self, state: ModelState) -> ModelState:
         """A fresh start for a new context that keeps what the CMS learned: every sequence mixer (memories,
         attention caches) returns to its meta-learned initial state and the position to 0, while the CMS fast
-        weights and their accumulated gradients are kept."""
+        weights and their accumulated gradients are kept. A completed segment still waiting for its next token
+        learns first, from the pairs inside it (one segment's forward and backward); a segment read only in
+        part is dropped."""
         self._check_state(state)
+        if state.pending is not None and self.online_segment and state.position % self.online_segment == 0:
+            _, blocks = self._learn_segment(state.pending.blocks, state.pending.tokens, state.position, None)
+            state = state._replace(blocks=blocks, pending=None)
         fresh = self.init_state(state.batch_size)
         blocks = tuple(
             new if old is None else new._replace(cms=old.cms)
@@ -353,12 +373,13 @@ def count_parameters(cfg: ModelConfig) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def _inner_grads(logits: Tensor, tokens: Tensor, fast: list[Tensor], full: bool, outer: bool) -> list[Tensor]:
-    """Gradient of the segment's summed next-token loss (Eq. 71) w.r.t. each fast weight (zeros if unused);
-    with `full` the gradient keeps its graph, with `outer` the forward's graph is kept for the outer loss."""
-    if tokens.shape[1] < 2:  # a one-token segment has no observed target
+def _inner_grads(logits: Tensor, targets: Tensor, fast: list[Tensor], full: bool, outer: bool) -> list[Tensor]:
+    """Gradient of the segment's next-token loss (Eq. 71), summed over the first `targets.shape[1]` positions of
+    `logits`, w.r.t. each fast weight (zeros if unused); with `full` the gradient keeps its graph, with `outer`
+    the forward's graph is kept for the outer loss."""
+    if targets.shape[1] == 0:  # a one-token segment without the token after it has no target
         return [torch.zeros_like(w) for w in fast]
-    loss = next_token_loss(logits[:, :-1], tokens[:, 1:], reduction="sum")
+    loss = next_token_loss(logits[:, : targets.shape[1]], targets, reduction="sum")
     grads = torch.autograd.grad(loss, fast, create_graph=full, retain_graph=outer or full, allow_unused=True)
     return [g if g is not None else torch.zeros_like(w) for g, w in zip(grads, fast, strict=True)]
 
