@@ -231,7 +231,7 @@ def check_levels(
             "sums them. Leave the chain form at 'residual' or choose the chain or nested variant"
         )
     if len(chunks) == 0:
-        raise ValueError("the CMS needs at least one level; give chunk sizes such as (None, 512, 2048)")
+        raise ValueError("the CMS needs at least one level; give chunk sizes such as (None, 2048, 512)")
     for c in chunks:
         if c is not None and (not isinstance(c, int) or isinstance(c, bool) or c < 1):
             raise ValueError(f"CMS chunk sizes must be positive ints or None (static), got {c!r}")

@@ -536,7 +536,7 @@ def state_report(model: Any, length: int) -> dict[str, Any]:
     start = state_bytes(model)
     _, state = model(torch.zeros(1, length, dtype=torch.long, device=model.device))
     model.train(was_training)
-    after = tree_bytes(state.blocks)  # not `pending`: the online CMS's unfinished segment, shorter than a segment
+    after = tree_bytes(state.blocks)  # not `pending`: the online CMS segment not yet learned (at most one segment)
     note = "constant size" if after == start else "grows with the tokens read (attention caches)"
     return {"initial_bytes": start, "after_bytes": after, "after_tokens": length, "grows": after != start,
             "note": note}  # fmt: skip
