@@ -1,5 +1,6 @@
 """Benchmark: tokens/s of the deep-memory op, `naive` (per-token) vs `chunk` vs the GPU paths (`affine`: the linear
-memory's affine scan; `fused`: the older fused linear kernel; `lean`: the memory-lean backward; `fla`: fla's Gated
+memory's affine form, `fused` the same with the Triton scan; `lean`: the memory-lean backward; `adjoint`: the MLP
+memory's hand-derived backward; `fla`: fla's Gated
 DeltaNet op at the same shape with `--fla`), with causal SDPA attention at the same B, H, T, d timed in the same
 process, and the peak memory of forward + backward on CUDA. Prints a ratio table last; `--json` keeps the raw numbers.
 
@@ -26,6 +27,8 @@ import torch
 import torch.nn.functional as F
 
 from nestlearn.ops.memory import MemorySpec, MemoryState, init_state, memory_chunk, memory_fused, memory_naive
+from nestlearn.ops.memory.adjoint import memory_adjoint
+from nestlearn.ops.memory.adjoint import supports as adjoint_supports
 from nestlearn.ops.memory.affine import memory_affine
 from nestlearn.ops.memory.affine import supports as affine_supports
 from nestlearn.ops.memory.fused import supports
@@ -106,12 +109,15 @@ def sdpa_call(B: int, T: int, H: int, d: int, device: str, backward: bool) -> Ca
 
 
 def paths(spec: MemorySpec, x: dict, device: str) -> dict[str, Callable[..., object]]:
-    """The memory ops timed for this spec: `chunk` always; on CUDA the memory-lean path, and for the linear memory
-    the affine scan (`ops/memory/affine.py`) and the older fused kernel (`ops/memory/fused.py`) where they apply."""
+    """The memory ops timed for this spec: `chunk` always; on CUDA the memory-lean path, for the MLP memory the
+    hand-derived backward (`ops/memory/adjoint.py`), and for the linear memory the affine form with its scan as a
+    PyTorch loop (`affine`) and as the Triton kernel (`fused`) where they apply."""
     ops: dict[str, Callable[..., object]] = {"chunk": memory_chunk}
     state = MemoryState(tuple(x["weights"]), tuple(x["momenta"]))
     if device == "cuda":
         ops["lean"] = memory_lean
+    if adjoint_supports(spec, state) and device == "cuda":
+        ops["adjoint"] = memory_adjoint
     if affine_supports(spec, state) and device == "cuda":
         ops["affine"] = memory_affine
     if supports(spec, state, x["q"]):

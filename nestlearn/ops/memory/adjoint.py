@@ -1,0 +1,387 @@
+"""The MLP memory's chunk form with a hand-derived backward: no autograd inside the chunk loop.
+
+What this is: `memory_adjoint(q, k, v, eta, alpha, beta, *, state, spec, chunk_size)`, the same function as
+`memory_chunk` (same signature and results) for the residual MLP memory `M(x) = x + W1 σ(W2 x)` (Eq. 89), whose
+backward is written out: the forward runs the chunk loop without recording a graph and saves only every chunk's
+start state `(W1, W2, S1, S2)`; the backward walks the chunks from the last to the first, recomputes each chunk from
+its saved state and applies its adjoint equations, handing the start state's adjoint to the chunk before. What
+does not depend on the state (the chunk layout, the keys' normalisation and the gate products of every chunk) is
+differentiated once, batched over all chunks, by autograd from the adjoints the loop collects.
+The adjoint of one weight matrix over one chunk (`matrix_step_adjoint`) follows the chunk form's equations
+(`chunk.py`, `_matrix_chunk`) in reverse: the chunk-end state, the reads (masked products), the unit-triangular
+DGD system (its transpose solve through the explicit inverse), its right-hand side and its matrix. The MLP chains
+two such steps (W1 reads `σ(W2_t q_t)`) behind the frozen surprise of Eq. 93 (and the self-generated targets of
+Eqs. 84 / 91). Activation memory: one state per chunk boundary; the per-chunk work is the recompute plus about
+three times the forward's products, with no autograd bookkeeping.
+What it is not: the linear memory (`affine.py` covers it), the gradient clip or Titans' branch LayerNorm
+(`memory_chunk` computes those), a call that finishes a chunk an earlier call opened, or a second-order op.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor
+
+from .chunk import _Coef, _coefficients, _gate_chunks, _vector_chunks
+from .common import (
+    MemorySpec,
+    MemoryState,
+    activation,
+    check_inputs,
+    compute_dtype,
+    flush_subnormals,
+    memory_apply,
+    normalize,
+)
+
+
+def supports(spec: MemorySpec, state: MemoryState) -> bool:
+    """Whether `memory_adjoint` computes this call: the MLP memory without the clip or the branch LayerNorm, from a
+    chunk boundary."""
+    return spec.kind == "mlp" and spec.max_grad_norm is None and not spec.out_norm and state.offset == 0
+
+
+def memory_adjoint(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    eta: Tensor,
+    alpha: Tensor | None = None,
+    beta: Tensor | None = None,
+    *,
+    state: MemoryState,
+    spec: MemorySpec,
+    chunk_size: int,
+    check_gates: bool = False,
+) -> tuple[Tensor, MemoryState]:
+    """`memory_chunk` for the MLP memory with the hand-derived backward (module docstring); arguments and results
+    as `memory_naive`. Shapes: q, k, v `[B, T, H, D]`; gates `[B, T, H]`; W1 `[B, H, D, E]`, W2 `[B, H, E, D]`."""
+    alpha_full, beta_full = check_inputs(q, k, v, eta, alpha, beta, state, spec, chunk_size, check_gates)
+    if not supports(spec, state):
+        raise ValueError(
+            "memory_adjoint covers the MLP memory without the gradient clip or the branch norm, for calls that start "
+            "at a chunk boundary (state.offset == 0); use memory_chunk"
+        )
+    gates = (eta, alpha_full, beta_full)
+    outs = _AdjointMemory.apply(spec, chunk_size, q, k, v, *gates, *state.weights, *state.momenta)
+    o, w1, w2, s1, s2, a1, a2 = outs
+    return o, MemoryState((w1, w2), (s1, s2), (a1, a2), q.shape[1] % chunk_size)
+
+
+# ---------------------------------------------------------------------------------------------
+# the state-independent inputs of every chunk (differentiated by autograd, once, batched)
+
+
+class _Prepared(NamedTuple):
+    q: Tensor  # [B, H, N, n, D]
+    k: Tensor
+    kh: Tensor  # normalised keys (the W2 step's projector input)
+    v: Tensor
+    coef: _Coef  # fields [B, H, N, ...]
+
+    def flat(self) -> list[Tensor]:
+        return [self.q, self.k, self.kh, self.v, *self.coef]
+
+
+def _prepare(seq: list[Tensor], C: int, spec: MemorySpec) -> _Prepared:
+    """Chunk layout (inert padding) and gate products of `seq = (q, k, v, eta, alpha, beta)`, as `chunk._run`."""
+    q, k, v, eta, alpha, beta = seq
+    T = q.shape[1]
+    n = min(C, T)
+    N = -(-T // n)
+    pad = N * n - T
+    qc, kc, vc = (_vector_chunks(x, n, pad) for x in (q, k, v))
+    gates = (_gate_chunks(g, n, pad, fill) for g, fill in ((eta, 0), (alpha, 1), (beta, 1)))
+    coef = _coefficients(*gates, last=T - (N - 1) * n)
+    return _Prepared(qc, kc, normalize(kc, spec.norm_eps), vc, coef)
+
+
+def _chunk_coef(coef: _Coef, j: int) -> _Coef:
+    return _Coef(*(f[:, :, j] for f in coef))
+
+
+# ---------------------------------------------------------------------------------------------
+# one weight matrix over one chunk: forward and adjoint (the equations of chunk.py's `_matrix_chunk`)
+
+
+class _Step(NamedTuple):
+    """What one matrix step's adjoint reuses from its forward (None without DGD)."""
+
+    QX: Tensor
+    QXh: Tensor
+    A: Tensor | None
+    XX: Tensor | None
+    Y: Tensor | None
+    Tinv: Tensor | None
+    U: Tensor | None
+
+
+def _rows(a: Tensor, x: Tensor) -> Tensor:
+    """Row scaling `diag(a) x`: a `[..., n]`, x `[..., n, k]`."""
+    return a[..., None] * x
+
+
+def _rowdot(a: Tensor, b: Tensor) -> Tensor:
+    return (a * b).sum(-1)
+
+
+def _num(a: Tensor) -> Tensor:
+    """A per-chunk scalar `[B, H]` as `[B, H, 1, 1]`."""
+    return a[..., None, None]
+
+
+def matrix_step(
+    W: Tensor, S: Tensor, X: Tensor, Xh: Tensor, Q: Tensor, E: Tensor, c: _Coef, dgd: bool
+) -> tuple[Tensor, Tensor, Tensor, _Step]:
+    """Reads `O [B, H, n, o]` and the chunk-end `W', S'` of one matrix `W, S [B, H, o, i]` with layer inputs
+    `X` (normalised `Xh`) and read inputs `Q` (`[B, H, n, i]`), frozen errors `E [B, H, n, o]`:
+
+        O  = Γ ⊙ Q Wᵀ + m ⊙ Q Sᵀ + (R ∘ Q X̂ᵀ) U + (D ∘ Q Xᵀ) E
+        W' = Γe W + me S + Uᵀ diag(Re) X̂ + Eᵀ diag(De) X,      S' = be S + Eᵀ diag(Lβe) X
+        U  = T⁻¹ (-eta ⊙ Y),  T = I + diag(eta)(Rp ∘ X̂X̂ᵀ),  Y = Γp ⊙ X̂ Wᵀ + mp ⊙ X̂ Sᵀ + (Dp ∘ X̂ Xᵀ) E  (DGD only)
+    """
+    QX, QXh = Q @ X.mT, Q @ Xh.mT
+    O = _rows(c.gam, Q @ W.mT) + _rows(c.m, Q @ S.mT) + (c.D * QX) @ E
+    Wn = _num(c.gam_e) * W + _num(c.m_e) * S + E.mT @ _rows(c.D_e, X)
+    Sn = _num(c.b_e) * S + E.mT @ _rows(c.Lb_e, X)
+    if not dgd:
+        return O, Wn, Sn, _Step(QX, QXh, None, None, None, None, None)
+    A, XX = Xh @ Xh.mT, Xh @ X.mT
+    Y = _rows(c.gam_prev, Xh @ W.mT) + _rows(c.m_prev, Xh @ S.mT) + (c.D_prev * XX) @ E
+    eye = torch.eye(X.shape[-2], dtype=X.dtype, device=X.device)
+    Tinv = torch.linalg.solve_triangular(eye + c.eta[..., None] * (c.R_prev * A), eye, upper=False, unitriangular=True)
+    U = Tinv @ _rows(-c.eta, Y)
+    return O + (c.R * QXh) @ U, Wn + U.mT @ _rows(c.R_e, Xh), Sn, _Step(QX, QXh, A, XX, Y, Tinv, U)
+
+
+def matrix_step_adjoint(
+    W: Tensor, S: Tensor, X: Tensor, Xh: Tensor, Q: Tensor, E: Tensor, c: _Coef, st: _Step,
+    dO: Tensor, dWn: Tensor, dSn: Tensor, dc: dict[str, Tensor],
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
+    """The adjoint of `matrix_step` from `dO, dW', dS'`: -> `(dW, dS, dX, dX̂, dQ, dE)`; the gate products'
+    adjoints are added to `dc` (field name -> tensor of that field's shape)."""
+    # chunk-end momentum S' and weight W'
+    dS = _num(c.b_e) * dSn + _num(c.m_e) * dWn
+    dW = _num(c.gam_e) * dWn
+    dc["b_e"] += (dSn * S).sum((-1, -2))
+    dc["gam_e"] += (dWn * W).sum((-1, -2))
+    dc["m_e"] += (dWn * S).sum((-1, -2))
+    EdS, EdW = E @ dSn, E @ dWn
+    dE = _rows(c.Lb_e, X @ dSn.mT) + _rows(c.D_e, X @ dWn.mT)
+    dX = _rows(c.Lb_e, EdS) + _rows(c.D_e, EdW)
+    dc["Lb_e"] += _rowdot(EdS, X)
+    dc["D_e"] += _rowdot(EdW, X)
+    # reads
+    dOW, dOS = dO @ W, dO @ S
+    dW = dW + _rows(c.gam, dO).mT @ Q
+    dS = dS + _rows(c.m, dO).mT @ Q
+    dQ = _rows(c.gam, dOW) + _rows(c.m, dOS)
+    dc["gam"] += _rowdot(dOW, Q)
+    dc["m"] += _rowdot(dOS, Q)
+    dE = dE + (c.D * st.QX).mT @ dO
+    M2 = dO @ E.mT
+    dc["D"] += M2 * st.QX
+    G2 = M2 * c.D
+    dQ = dQ + G2 @ X
+    dX = dX + G2.mT @ Q
+    if st.U is None:
+        return dW, dS, dX, torch.zeros_like(Xh), dQ, dE
+    assert st.A is not None and st.XX is not None and st.Y is not None and st.Tinv is not None
+    U = st.U
+    UdW = U @ dWn
+    dU = _rows(c.R_e, Xh @ dWn.mT) + (c.R * st.QXh).mT @ dO
+    dXh = _rows(c.R_e, UdW)
+    dc["R_e"] += _rowdot(UdW, Xh)
+    M1 = dO @ U.mT
+    dc["R"] += M1 * st.QXh
+    G1 = M1 * c.R
+    dQ = dQ + G1 @ Xh
+    dXh = dXh + G1.mT @ Q
+    # the DGD system: U = T⁻¹ rhs, rhs = -eta ⊙ Y
+    drhs = st.Tinv.mT @ dU
+    dT = -(drhs @ U.mT)
+    dc["eta"] += -_rowdot(drhs, st.Y) + (dT * c.R_prev * st.A).sum(-1)
+    dY = _rows(-c.eta, drhs)
+    dYW, dYS = dY @ W, dY @ S
+    dW = dW + _rows(c.gam_prev, dY).mT @ Xh
+    dS = dS + _rows(c.m_prev, dY).mT @ Xh
+    dXh = dXh + _rows(c.gam_prev, dYW) + _rows(c.m_prev, dYS)
+    dc["gam_prev"] += _rowdot(dYW, Xh)
+    dc["m_prev"] += _rowdot(dYS, Xh)
+    dE = dE + (c.D_prev * st.XX).mT @ dY
+    M3 = dY @ E.mT
+    dc["D_prev"] += M3 * st.XX
+    dXX = M3 * c.D_prev
+    dXh = dXh + dXX @ X
+    dX = dX + dXX.mT @ Xh
+    dc["R_prev"] += c.eta[..., None] * (dT * st.A)
+    dA = c.eta[..., None] * (dT * c.R_prev)
+    dXh = dXh + (dA + dA.mT) @ Xh
+    return dW, dS, dX, dXh, dQ, dE
+
+
+# ---------------------------------------------------------------------------------------------
+# the MLP memory over one chunk (Eq. 89 behind the frozen surprise of Eq. 93)
+
+
+def _second_derivative(name: str, z: Tensor) -> Tensor:
+    """σ''(z) of the MLP memory's activation."""
+    if name == "silu":
+        s = torch.sigmoid(z)
+        return s * (1 - s) * (2 + z * (1 - 2 * s))
+    if name == "gelu":
+        return torch.exp(-0.5 * z * z) / (2 * torch.pi) ** 0.5 * (2 - z * z)
+    t = torch.tanh(z)
+    return -2 * t * (1 - t * t)
+
+
+class _Chunk(NamedTuple):
+    """One chunk's forward quantities, kept for its adjoint."""
+
+    vt: Tensor  # targets (v, or M_c(v) with self-generated values)
+    z: Tensor
+    h: Tensor
+    hh: Tensor  # normalised h (W1's projector input)
+    r: Tensor  # dl/dy of the inner loss at the chunk start
+    rW1: Tensor
+    back: Tensor  # dl/dz
+    e1: Tensor
+    e2: Tensor
+    zr: Tensor  # W2's reads
+    hr: Tensor  # σ(W2's reads): W1's read inputs
+    step2: _Step
+    step1: _Step
+
+
+def mlp_chunk(
+    weights: tuple[Tensor, Tensor, Tensor, Tensor], x: tuple[Tensor, Tensor, Tensor, Tensor], c: _Coef, spec: MemorySpec
+) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor, Tensor], _Chunk]:
+    """`o = q + W1_t σ(W2_t q_t)` over one chunk and the chunk-end `(W1, W2, S1, S2)`; x = (q, k, k̂, v)."""
+    W1, W2, S1, S2 = weights
+    q, k, kh, v = x
+    sigma, dsigma = activation(spec.activation)
+    vt = memory_apply((W1, W2), v, spec) if spec.self_values else v
+    z = k @ W2.mT
+    h = sigma(z)
+    r = k + h @ W1.mT - vt if spec.objective == "l2" else -vt
+    rW1 = r @ W1
+    back = rW1 * dsigma(z)
+    e1, e2 = _rows(-c.eta, r), _rows(-c.eta, back)
+    zr, W2n, S2n, step2 = matrix_step(W2, S2, k, kh, q, e2, c, spec.dgd)
+    hr = sigma(zr)
+    hh = normalize(h, spec.norm_eps)
+    o1, W1n, S1n, step1 = matrix_step(W1, S1, h, hh, hr, e1, c, spec.dgd)
+    return q + o1, (W1n, W2n, S1n, S2n), _Chunk(vt, z, h, hh, r, rW1, back, e1, e2, zr, hr, step2, step1)
+
+
+def mlp_chunk_adjoint(
+    weights: tuple[Tensor, ...], x: tuple[Tensor, ...], c: _Coef, spec: MemorySpec, f: _Chunk,
+    do: Tensor, d_end: tuple[Tensor, ...], dc: dict[str, Tensor],
+) -> tuple[tuple[Tensor, Tensor, Tensor, Tensor], tuple[Tensor, Tensor, Tensor, Tensor]]:  # fmt: skip
+    """The adjoint of `mlp_chunk` from `do` and the chunk-end state's adjoint `d_end = (dW1', dW2', dS1', dS2')`:
+    -> the start state's adjoint `(dW1, dW2, dS1, dS2)` and `(dq, dk, dk̂, dv)`; gate adjoints added to `dc`."""
+    W1, W2, S1, S2 = weights
+    q, k, kh, v = x
+    dW1n, dW2n, dS1n, dS2n = d_end
+    sigma, dsigma = activation(spec.activation)
+    # W1 reads σ(W2's reads): run its adjoint first, then W2's with the chained read adjoint
+    dW1, dS1, dH, dHh, dHr, dE1 = matrix_step_adjoint(W1, S1, f.h, f.hh, f.hr, f.e1, c, f.step1, do, dW1n, dS1n, dc)
+    nrm = torch.sqrt((f.h * f.h).sum(-1, keepdim=True) + spec.norm_eps**2)
+    dH = dH + (dHh - _rows(_rowdot(dHh, f.hh), f.hh)) / nrm  # through h_hat = h / |h|
+    dzr = dHr * dsigma(f.zr)
+    dW2, dS2, dK, dKh, dq, dE2 = matrix_step_adjoint(W2, S2, k, kh, q, f.e2, c, f.step2, dzr, dW2n, dS2n, dc)
+    dq = dq + do  # the residual of Eq. 89
+    # the frozen surprise: e1 = -eta r, e2 = -eta (r W1 ∘ σ'(z)), r = k + σ(z) W1ᵀ - v_t (L2) or -v_t (dot)
+    dc["eta"] += -_rowdot(dE1, f.r) - _rowdot(dE2, f.back)
+    dback = _rows(-c.eta, dE2)
+    ds = dsigma(f.z)
+    drW1 = dback * ds
+    dr = _rows(-c.eta, dE1) + drW1 @ W1.mT
+    dW1 = dW1 + f.r.mT @ drW1
+    dz = dback * f.rW1 * _second_derivative(spec.activation, f.z)
+    if spec.objective == "l2":
+        dK = dK + dr
+        dH = dH + dr @ W1
+        dW1 = dW1 + dr.mT @ f.h
+    dz = dz + dH * ds
+    dK = dK + dz @ W2
+    dW2 = dW2 + dz.mT @ k
+    dv = -dr
+    if spec.self_values:  # v_t = v + W1 σ(W2 v) at the chunk start
+        zv = v @ W2.mT
+        dW1 = dW1 - dr.mT @ sigma(zv)
+        dzv = (-dr @ W1) * dsigma(zv)
+        dW2 = dW2 + dzv.mT @ v
+        dv = dv + dzv @ W2
+    return (dW1, dW2, dS1, dS2), (dq, dK, dKh, dv)
+
+
+# ---------------------------------------------------------------------------------------------
+# the op: forward saves chunk-start states, backward walks the chunks in reverse
+
+
+class _AdjointMemory(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, spec: MemorySpec, C: int, *inputs: Tensor) -> tuple[Tensor, ...]:  # type: ignore[override]
+        seq, state = list(inputs[:6]), inputs[6:]
+        dt = compute_dtype(*inputs)
+        prep = _prepare([x.to(dt) for x in seq], C, spec)
+        x_all = (prep.q, prep.k, prep.kh, prep.v)
+        weights = tuple(w.to(dt) for w in state)
+        N = prep.q.shape[2]
+        ends = seq[0].shape[1] % C == 0
+        starts, outs = [], []
+        for j in range(N):
+            starts.append(weights)
+            o, weights, _ = mlp_chunk(weights, tuple(x[:, :, j] for x in x_all), _chunk_coef(prep.coef, j), spec)
+            outs.append(o)
+            if j < N - 1 or ends:
+                weights = tuple(flush_subnormals(list(weights)))
+        B, T, H, D = seq[0].shape
+        o = torch.stack(outs, dim=2).reshape(B, H, -1, D)[:, :, :T].transpose(1, 2).to(seq[0].dtype)
+        anchor = starts[-1][:2] if not ends else weights[:2]
+        ctx.save_for_backward(*seq, *(torch.stack(s, dim=2) for s in zip(*starts, strict=True)))
+        ctx.spec, ctx.C, ctx.ends, ctx.dtypes = spec, C, ends, [x.dtype for x in inputs]
+        return o, *weights, *(a.clone() for a in anchor)
+
+    @staticmethod
+    def backward(ctx: Any, do: Tensor, *d_state: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        spec, C = ctx.spec, ctx.C
+        seq, saved = list(ctx.saved_tensors[:6]), ctx.saved_tensors[6:]
+        dt = saved[0].dtype
+        with torch.enable_grad():
+            leaves = [x.detach().to(dt).requires_grad_() for x in seq]
+            prep = _prepare(leaves, C, spec)
+        flat = prep.flat()
+        grads = [torch.zeros_like(t) for t in flat]
+        names = _Coef._fields
+        B, T, H, D = seq[0].shape
+        N, n = prep.q.shape[2:4]
+        do_c = _vector_chunks(_zeros_if_none(do, seq[0]).to(dt), n, N * n - T)
+        d_end = tuple(_zeros_if_none(g, s[:, :, 0]).to(dt) for g, s in zip(d_state[:4], saved, strict=True))
+        d_anchor = tuple(_zeros_if_none(g, s[:, :, 0]).to(dt) for g, s in zip(d_state[4:], saved[:2], strict=True))
+        if ctx.ends:  # the anchor is the final weights
+            d_end = (d_end[0] + d_anchor[0], d_end[1] + d_anchor[1], *d_end[2:])
+        with torch.no_grad():
+            for j in reversed(range(N)):
+                weights = tuple(s[:, :, j] for s in saved)
+                x = tuple(t[:, :, j] for t in (prep.q, prep.k, prep.kh, prep.v))
+                c = _chunk_coef(prep.coef, j)
+                _, _, fwd = mlp_chunk(weights, x, c, spec)
+                dc = {name: torch.zeros_like(getattr(c, name)) for name in names}
+                d_end, dx = mlp_chunk_adjoint(weights, x, c, spec, fwd, do_c[:, :, j], d_end, dc)
+                if j == N - 1 and not ctx.ends:  # the anchor: the last (open) chunk's start weights
+                    d_end = (d_end[0] + d_anchor[0], d_end[1] + d_anchor[1], *d_end[2:])
+                for i, g in enumerate(dx):
+                    grads[i][:, :, j] = g
+                for i, name in enumerate(names):
+                    grads[4 + i][:, :, j] = dc[name]
+        seq_grads = torch.autograd.grad(flat, leaves, grads, allow_unused=True)
+        out = [g.to(t) if g is not None else None for g, t in zip(seq_grads, ctx.dtypes[:6], strict=True)]
+        return None, None, *out, *(g.to(t) for g, t in zip(d_end, ctx.dtypes[6:], strict=True))
+
+
+def _zeros_if_none(g: Tensor | None, like: Tensor) -> Tensor:
+    return g if g is not None else torch.zeros_like(like)
