@@ -1,8 +1,8 @@
 """Benchmark: tokens/s of the deep-memory op, `naive` (per-token) vs `chunk` vs the GPU paths (`affine`: the linear
 memory's affine form, `fused` the same with the Triton scan; `lean`: the memory-lean backward; `adjoint`: the MLP
-memory's hand-derived backward; `fla`: fla's Gated
-DeltaNet op at the same shape with `--fla`), with causal SDPA attention at the same B, H, T, d timed in the same
-process, and the peak memory of forward + backward on CUDA. Prints a ratio table last; `--json` keeps the raw numbers.
+memory's hand-derived backward; `fla`: fla's Gated DeltaNet op at the same shape with `--fla`), with causal SDPA
+attention at the same B, H, T, d timed in the same process, and the peak memory of forward + backward on CUDA.
+Prints a ratio table last; `--json` keeps the raw numbers.
 
 What it times: forward, and forward + backward (gradients to q, k, v, gates and the initial state), after
 warm-ups, median over repeats, with device synchronisation around each timed call only. Memory runs in

@@ -357,7 +357,7 @@ class _AdjointMemory(torch.autograd.Function):
         flat = prep.flat()
         grads = [torch.zeros_like(t) for t in flat]
         names = _Coef._fields
-        B, T, H, D = seq[0].shape
+        T = seq[0].shape[1]
         N, n = prep.q.shape[2:4]
         do_c = _vector_chunks(_zeros_if_none(do, seq[0]).to(dt), n, N * n - T)
         d_end = tuple(_zeros_if_none(g, s[:, :, 0]).to(dt) for g, s in zip(d_state[:4], saved, strict=True))
