@@ -133,19 +133,21 @@ def _num(a: Tensor) -> Tensor:
 
 
 def matrix_step(
-    W: Tensor, S: Tensor, X: Tensor, Xh: Tensor, Q: Tensor, E: Tensor, c: _Coef, dgd: bool
-) -> tuple[Tensor, Tensor, Tensor, _Step]:
+    W: Tensor, S: Tensor, X: Tensor, Xh: Tensor, Q: Tensor, E: Tensor, c: _Coef, dgd: bool, ends: bool = True
+) -> tuple[Tensor, Tensor | None, Tensor | None, _Step]:
     """Reads `O [B, H, n, o]` and the chunk-end `W', S'` of one matrix `W, S [B, H, o, i]` with layer inputs
     `X` (normalised `Xh`) and read inputs `Q` (`[B, H, n, i]`), frozen errors `E [B, H, n, o]`:
 
         O  = Γ ⊙ Q Wᵀ + m ⊙ Q Sᵀ + (R ∘ Q X̂ᵀ) U + (D ∘ Q Xᵀ) E
         W' = Γe W + me S + Uᵀ diag(Re) X̂ + Eᵀ diag(De) X,      S' = be S + Eᵀ diag(Lβe) X
         U  = T⁻¹ (-eta ⊙ Y),  T = I + diag(eta)(Rp ∘ X̂X̂ᵀ),  Y = Γp ⊙ X̂ Wᵀ + mp ⊙ X̂ Sᵀ + (Dp ∘ X̂ Xᵀ) E  (DGD only)
+
+    `ends=False` skips `W', S'` (None): the backward's recompute needs only the reads and `_Step`.
     """
     QX, QXh = Q @ X.mT, Q @ Xh.mT
     O = _rows(c.gam, Q @ W.mT) + _rows(c.m, Q @ S.mT) + (c.D * QX) @ E
-    Wn = _num(c.gam_e) * W + _num(c.m_e) * S + E.mT @ _rows(c.D_e, X)
-    Sn = _num(c.b_e) * S + E.mT @ _rows(c.Lb_e, X)
+    Wn = _num(c.gam_e) * W + _num(c.m_e) * S + E.mT @ _rows(c.D_e, X) if ends else None
+    Sn = _num(c.b_e) * S + E.mT @ _rows(c.Lb_e, X) if ends else None
     if not dgd:
         return O, Wn, Sn, _Step(QX, QXh, None, None, None, None, None)
     A, XX = Xh @ Xh.mT, Xh @ X.mT
@@ -153,7 +155,8 @@ def matrix_step(
     eye = torch.eye(X.shape[-2], dtype=X.dtype, device=X.device)
     Tinv = torch.linalg.solve_triangular(eye + c.eta[..., None] * (c.R_prev * A), eye, upper=False, unitriangular=True)
     U = Tinv @ _rows(-c.eta, Y)
-    return O + (c.R * QXh) @ U, Wn + U.mT @ _rows(c.R_e, Xh), Sn, _Step(QX, QXh, A, XX, Y, Tinv, U)
+    Wn = Wn + U.mT @ _rows(c.R_e, Xh) if Wn is not None else None
+    return O + (c.R * QXh) @ U, Wn, Sn, _Step(QX, QXh, A, XX, Y, Tinv, U)
 
 
 def matrix_step_adjoint(
@@ -256,9 +259,11 @@ class _Chunk(NamedTuple):
 
 
 def mlp_chunk(
-    weights: tuple[Tensor, Tensor, Tensor, Tensor], x: tuple[Tensor, Tensor, Tensor, Tensor], c: _Coef, spec: MemorySpec
-) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor, Tensor], _Chunk]:
-    """`o = q + W1_t σ(W2_t q_t)` over one chunk and the chunk-end `(W1, W2, S1, S2)`; x = (q, k, k̂, v)."""
+    weights: tuple[Tensor, Tensor, Tensor, Tensor], x: tuple[Tensor, Tensor, Tensor, Tensor], c: _Coef,
+    spec: MemorySpec, ends: bool = True,
+) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor, Tensor], _Chunk]:  # fmt: skip
+    """`o = q + W1_t σ(W2_t q_t)` over one chunk and the chunk-end `(W1, W2, S1, S2)`; x = (q, k, k̂, v).
+    `ends=False` (the backward's recompute) skips the chunk-end state (`weights` comes back as given)."""
     W1, W2, S1, S2 = weights
     q, k, kh, v = x
     sigma, dsigma = activation(spec.activation)
@@ -269,11 +274,12 @@ def mlp_chunk(
     rW1 = r @ W1
     back = rW1 * dsigma(z)
     e1, e2 = _rows(-c.eta, r), _rows(-c.eta, back)
-    zr, W2n, S2n, step2 = matrix_step(W2, S2, k, kh, q, e2, c, spec.dgd)
+    zr, W2n, S2n, step2 = matrix_step(W2, S2, k, kh, q, e2, c, spec.dgd, ends)
     hr = sigma(zr)
     hh = normalize(h, spec.norm_eps)
-    o1, W1n, S1n, step1 = matrix_step(W1, S1, h, hh, hr, e1, c, spec.dgd)
-    return q + o1, (W1n, W2n, S1n, S2n), _Chunk(vt, z, h, hh, r, rW1, back, e1, e2, zr, hr, step2, step1)
+    o1, W1n, S1n, step1 = matrix_step(W1, S1, h, hh, hr, e1, c, spec.dgd, ends)
+    end = (W1n, W2n, S1n, S2n) if ends else weights
+    return q + o1, end, _Chunk(vt, z, h, hh, r, rW1, back, e1, e2, zr, hr, step2, step1)  # type: ignore[return-value]
 
 
 def mlp_chunk_adjoint(
@@ -369,7 +375,7 @@ class _AdjointMemory(torch.autograd.Function):
                 weights = tuple(s[:, :, j] for s in saved)
                 x = tuple(t[:, :, j] for t in (prep.q, prep.k, prep.kh, prep.v))
                 c = _chunk_coef(prep.coef, j)
-                _, _, fwd = mlp_chunk(weights, x, c, spec)
+                _, _, fwd = mlp_chunk(weights, x, c, spec, ends=False)
                 dc = {name: torch.zeros_like(getattr(c, name)) for name in names}
                 d_end, dx = mlp_chunk_adjoint(weights, x, c, spec, fwd, do_c[:, :, j], d_end, dc)
                 if j == N - 1 and not ctx.ends:  # the anchor: the last (open) chunk's start weights
