@@ -204,7 +204,7 @@ def matrix_step_adjoint(
     dXh = dXh + G1.mT @ Q
     # the DGD system: U = T⁻¹ rhs, rhs = -eta ⊙ Y
     drhs = st.Tinv.mT @ dU
-    dT = -(drhs @ U.mT)
+    dT = -(drhs @ U.mT).tril(-1)  # T's diagonal is the constant 1 and its upper triangle 0
     dc["eta"] += -_rowdot(drhs, st.Y) + (dT * c.R_prev * st.A).sum(-1)
     dY = _rows(-c.eta, drhs)
     dYW, dYS = dY @ W, dY @ S

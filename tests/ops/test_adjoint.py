@@ -1,0 +1,109 @@
+"""The MLP memory's hand-derived backward (`memory_adjoint`) equals the chunk form under autograd: in float64 on
+outputs, final states, the anchor of an open chunk and every gradient (q, k, v, the three gates, both initial
+weights and momenta) for every switch it covers (plain GD, no momentum, no decay, the dot objective, the three
+activations, self-generated values) at awkward shapes; one matrix step's adjoint equals autograd through that step
+on its own; float32 on the GPU; what it does not cover is refused with the fix.
+What this is not: the chunk form's own equivalence with the per-token reference (test_memory.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from nestlearn.ops.memory import MemorySpec, MemoryState, init_state, memory_chunk
+from nestlearn.ops.memory.adjoint import _Coef, matrix_step, matrix_step_adjoint, memory_adjoint
+from nestlearn.ops.memory.chunk import _coefficients
+
+FP64_RTOL = 1e-10
+SWITCHES = {
+    "default": {},
+    "plain_gd": dict(dgd=False),
+    "no_momentum": dict(momentum=False),
+    "no_decay": dict(decay=False),
+    "dot": dict(objective="dot"),
+    "gelu": dict(activation="gelu"),
+    "tanh": dict(activation="tanh"),
+    "self_values": dict(self_values=True),
+    "dot_self_values": dict(objective="dot", self_values=True),
+}
+
+
+def inputs(B: int, T: int, H: int, D: int, spec: MemorySpec, dtype=torch.float64) -> list[torch.Tensor]:
+    """q, k, v, eta, alpha, beta, W1, W2, S1, S2 (unit keys and queries, eta <= 0.4, non-zero momenta)."""
+    g = torch.Generator().manual_seed(2)
+    q, k = (F.normalize(torch.randn(B, T, H, D, generator=g, dtype=dtype), dim=-1) for _ in range(2))
+    v = torch.randn(B, T, H, D, generator=g, dtype=dtype)
+    eta = 0.4 * torch.rand(B, T, H, generator=g, dtype=dtype)
+    alpha = 0.9 + 0.1 * torch.rand(B, T, H, generator=g, dtype=dtype)
+    beta = 0.9 * torch.rand(B, T, H, generator=g, dtype=dtype)
+    st = init_state(spec, B, H, D, dtype=dtype, generator=g)
+    momenta = [0.1 * torch.randn(m.shape, generator=g, dtype=dtype) for m in st.momenta]
+    return [q, k, v, eta, alpha, beta, *st.weights, *momenta]
+
+
+def run(fn, xs: list[torch.Tensor], spec: MemorySpec, C: int) -> list[torch.Tensor]:
+    """Outputs (reads, W1, W2, S1, S2, anchors), then the gradients of every input of a loss using all of them."""
+    xs = [x.detach().clone().requires_grad_() for x in xs]
+    alpha, beta = (xs[4] if spec.decay else None), (xs[5] if spec.momentum else None)
+    o, st = fn(*xs[:4], alpha, beta, state=MemoryState(tuple(xs[6:8]), tuple(xs[8:10])), spec=spec, chunk_size=C)
+    outs = [o, *st.weights, *st.momenta, *st.anchor]
+    weights = (torch.cos(torch.arange(t.numel(), device=t.device, dtype=t.dtype).view(t.shape)) for t in outs)
+    sum((t * w).sum() for t, w in zip(outs, weights, strict=True)).backward()
+    return [t.detach() for t in outs] + [x.grad if x.grad is not None else torch.zeros_like(x) for x in xs]
+
+
+def assert_close(got: list[torch.Tensor], want: list[torch.Tensor], rtol: float) -> None:
+    for i, (a, b) in enumerate(zip(got, want, strict=True)):
+        err = (a - b).abs().max() / b.abs().max().clamp_min(1e-30)
+        assert err <= rtol, f"tensor {i}: relative error {err:.2e} > {rtol:.0e}"
+
+
+@pytest.mark.parametrize("switch", sorted(SWITCHES))
+@pytest.mark.parametrize("shape", [(4, 13, 3, 6), (4, 16, 2, 5), (8, 3, 1, 6), (1, 7, 2, 4), (16, 17, 1, 6)],
+                         ids=lambda s: "C{}_T{}_H{}_D{}".format(*s))  # fmt: skip
+def test_adjoint_equals_autograd_through_the_chunk_form(switch: str, shape: tuple[int, int, int, int]) -> None:
+    C, T, H, D = shape
+    spec = MemorySpec(kind="mlp", expansion=2, **SWITCHES[switch])
+    xs = inputs(2, T, H, D, spec)
+    assert_close(run(memory_adjoint, xs, spec, C), run(memory_chunk, xs, spec, C), FP64_RTOL)
+
+
+@pytest.mark.parametrize("dgd", [True, False])
+def test_one_matrix_step_adjoint_equals_autograd(dgd: bool) -> None:
+    """`matrix_step_adjoint` against autograd through `matrix_step`: every input and every gate product."""
+    g = torch.Generator().manual_seed(4)
+    B, H, n, o, i = 1, 2, 5, 3, 4
+    dt = torch.float64
+    W, S = (torch.randn(B, H, o, i, generator=g, dtype=dt) for _ in range(2))
+    X, Q = (torch.randn(B, H, n, i, generator=g, dtype=dt) for _ in range(2))
+    E = torch.randn(B, H, n, o, generator=g, dtype=dt)
+    gates = [torch.rand(B, H, 1, n, generator=g, dtype=dt) * s + lo for s, lo in ((0.4, 0), (0.1, 0.9), (0.9, 0))]
+    c = _Coef(*(f[:, :, 0] for f in _coefficients(*gates, last=n - 1)))  # the last row one token early
+    leaves = [t.clone().requires_grad_() for t in (W, S, X, F.normalize(X, dim=-1), Q, E, *c)]
+    lc = _Coef(*leaves[6:])
+    O, Wn, Sn, _ = matrix_step(*leaves[:6], lc, dgd)
+    dO, dWn, dSn = (torch.randn(t.shape, generator=g, dtype=dt) for t in (O, Wn, Sn))
+    want = torch.autograd.grad((O, Wn, Sn), leaves, (dO, dWn, dSn), allow_unused=True)
+    *_, st = matrix_step(W, S, X, leaves[3].detach(), Q, E, c, dgd)
+    dc = {name: torch.zeros_like(getattr(c, name)) for name in _Coef._fields}
+    got = [*matrix_step_adjoint(W, S, X, leaves[3].detach(), Q, E, c, st, dO, dWn, dSn, dc)]
+    got = [got[0], got[1], got[2], got[3], got[4], got[5], *(dc[name] for name in _Coef._fields)]
+    want = [w if w is not None else torch.zeros_like(x) for w, x in zip(want, leaves, strict=True)]
+    assert_close(got, want, FP64_RTOL)
+
+
+def test_what_it_does_not_cover_is_refused() -> None:
+    for spec in (MemorySpec(kind="mlp", max_grad_norm=1.0), MemorySpec(kind="mlp", out_norm=True)):
+        xs = inputs(1, 4, 1, 4, spec)
+        with pytest.raises(ValueError, match="use memory_chunk"):
+            memory_adjoint(*xs[:6], state=MemoryState(tuple(xs[6:8]), tuple(xs[8:10])), spec=spec, chunk_size=2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("switch", ["default", "self_values"])
+def test_adjoint_equals_the_chunk_form_on_the_gpu(switch: str) -> None:
+    """float32 at the issue's head dim (d = 64, hidden 256), C = 64 with a partial last chunk."""
+    spec = MemorySpec(kind="mlp", **SWITCHES[switch])
+    xs = [x.float().cuda() for x in inputs(2, 300, 3, 64, spec)]
+    assert_close(run(memory_adjoint, xs, spec, 64), run(memory_chunk, xs, spec, 64), 1e-5)
