@@ -86,6 +86,7 @@ def _setup(cfg: TrainConfig, stop: Stop) -> Run:
         _check_fsdp(cfg)
         _shard(core)
     if cfg.compile:
+        _check_compile(core)
         model = torch.compile(model)
     opt = route(core, cfg.optimizer, lr=cfg.matrix_lr, adamw_lr=cfg.lr, weight_decay=cfg.weight_decay,
                 adamw_kwargs={"betas": (0.9, 0.95)})  # fmt: skip
@@ -166,6 +167,20 @@ def _check_fits(cfg: TrainConfig, model_cfg: Any, shards: Shards) -> None:
 def _check_fsdp(cfg: TrainConfig) -> None:
     if cfg.optimizer != "adamw":
         raise ValueError("FSDP shards every matrix across ranks; use optimizer=adamw with distributed=fsdp")
+
+
+def _check_compile(core: CausalLM) -> None:
+    """`torch.compile` (torch 2.13) cannot take the online CMS's inner gradient: the compiled backward refuses the
+    second call that the inner `torch.autograd.grad` and the outer backward make (donated buffers), and with donation
+    off the outer gradients of the CMS levels come out wrong (up to 108 % of their size at the debug Hope-Attention,
+    where eager float32 agrees with float64 to 1e-6; `tests/train/test_compile.py`). Static-level models compile
+    and train as eager ones do."""
+    if core.online_segment is not None:
+        raise ValueError(
+            "compile=true does not support online CMS levels (torch.compile's backward cannot take the inner "
+            "gradient the online levels need; docs/decisions.md); use compile=false, or static levels "
+            "(model_overrides.cms_online_layers=[])"
+        )
 
 
 def _shard(core: CausalLM) -> None:

@@ -1,8 +1,9 @@
 """Deep memory learned in context: per-token reference (`memory_naive`), chunk-parallel form (`memory_chunk`),
 the GPU path (`memory_fused`: the linear memory's affine scan, `memory_affine`, with its Triton kernel;
-`memory_auto` picks it where it applies) and the memory-lean training path (`memory_lean`), all with the same
-signature. See README.md here for the derivation."""
+`memory_auto` picks it where it applies), the memory-lean training path (`memory_lean`) and the MLP memory's
+written-out backward (`memory_adjoint`), all with the same signature. See README.md here for the derivation."""
 
+from .adjoint import memory_adjoint
 from .affine import memory_affine
 from .chunk import memory_chunk
 from .common import MemorySpec, MemoryState, init_state
@@ -14,6 +15,7 @@ __all__ = [
     "MemorySpec",
     "MemoryState",
     "init_state",
+    "memory_adjoint",
     "memory_affine",
     "memory_auto",
     "memory_chunk",

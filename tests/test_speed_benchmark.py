@@ -1,0 +1,72 @@
+"""`benchmarks/speed.py`: the smoke path of the train, blocks and decode sections runs in-process on the CPU and
+gives one finite row per planned measurement (fla's row says it needs CUDA), with ratios to the section's
+reference, the table and the JSON; a failing row is recorded rather than raised; rows past `--max-minutes` are
+skipped; the MFU's FLOP count follows its formula. The peers section is not run here (its packages are not
+installed on CI). What this is not: a check of any speed."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from benchmarks import speed
+from nestlearn.models import preset
+
+FAST = ["--smoke", "--device", "cpu", "--warmup", "0", "--train-steps", "1", "--reps", "1", "--decode-steps", "2"]
+
+
+def test_smoke_sections_give_every_row(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "speed.json"
+    rows = speed.main([*FAST, "--decode-warmup", "2", "--sections", "train,blocks,decode", "--json", str(out)])
+    plan = speed.SMOKE
+    n_train, n_blocks = len(plan.train) * len(speed.TRAIN_ROWS), 4 * len(plan.block_T)
+    assert len(rows) == n_train + n_blocks + 2 * len(plan.contexts)
+    for r in rows:
+        if r["name"] == "fla Gated DeltaNet":
+            assert r["error"].startswith("skipped") and r["ratio"] is None
+            continue
+        assert "error" not in r, r
+        assert math.isfinite(r["tokens_per_s"]) and r["tokens_per_s"] > 0 and r["ratio"] > 0
+        assert r["ratio"] == pytest.approx(1.0) or not r["ref"]
+    train = [r for r in rows if r["section"] == "train"]
+    assert [r["name"] for r in train] == [label for label, _, _ in speed.TRAIN_ROWS]
+    assert all(r["mfu"] is None and math.isfinite(r["final_loss"]) for r in train)  # no peak FLOP/s on a CPU
+    attention = next(r for r in rows if r["name"].startswith("attention"))
+    assert "SDPA backend: flash (CPU)" in attention["note"]
+    decode = [r for r in rows if r["section"] == "decode"]
+    assert {(r["name"], r["group"]) for r in decode} == {(v, f"decode ctx={c}") for v in ("transformer", "hope")
+                                                         for c in plan.contexts}  # fmt: skip
+    saved = json.loads(out.read_text())
+    assert saved["header"].startswith("# device=cpu") and " triton=" in saved["header"]
+    assert len(saved["rows"]) == len(rows) and saved["meta"]["smoke"] is True
+    table = capsys.readouterr().out.split("\n\n")[-1]
+    assert table.count("\n| train |") == n_train and table.count("\n| decode |") == 2 * len(plan.contexts)
+
+
+def test_failures_and_the_time_limit_are_rows() -> None:
+    def oom() -> dict:
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    def broken() -> dict:
+        raise ValueError("first line\nsecond line")
+
+    assert speed.guarded(oom, "cpu") == {"error": "out of memory"}
+    assert speed.guarded(broken, "cpu") == {"error": "ValueError: first line"}
+    rows = speed.main([*FAST, "--sections", "train,decode", "--max-minutes", "0"])
+    assert rows and all(r["error"] == "skipped: --max-minutes reached" for r in rows)
+
+
+def test_model_flops_follow_the_formula() -> None:
+    assert speed.mean_keys(4) == pytest.approx(2.5)  # causal: (T + 1) / 2
+    assert speed.mean_keys(4, span=2) == pytest.approx(1.75)  # window 2: 1, 2, 2, 2
+    assert speed.mean_keys(4, segment=2) == pytest.approx(1.5)  # segments of 2: 1, 2, 1, 2
+    cfg = preset("debug", "transformer")
+    n, T = 1_000_000, 64
+    assert speed.model_flops_per_token(cfg, n, T) == pytest.approx(6 * n + 12 * cfg.d_model * cfg.n_layers * 32.5)
+    mag = preset("debug", "titans_mag")
+    assert speed.attention_keys(mag, 64) == pytest.approx(mag.n_persistent + 32.5)  # window 2048 > T
+    assert speed.attention_keys(preset("debug", "hope"), 64) == 0
