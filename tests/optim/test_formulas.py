@@ -23,7 +23,7 @@ only (its docstring says so); `test_identity_preconditioner_differs_from_sgd_onl
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import pytest
 import torch
@@ -70,6 +70,11 @@ def assert_traces_equal(got: list[list[Tensor]], want: list[list[Tensor]]) -> No
         for i, (g, w) in enumerate(zip(gs, ws, strict=True)):
             err = float((g - w).abs().max())
             assert err <= ATOL, f"step {step + 1}, parameter {i}: max |difference| {err:.3g}"
+
+
+def rates(lr: float | Sequence[float], steps: int) -> list[float]:
+    """One learning rate per step: a constant, or the schedule given."""
+    return [lr] * steps if isinstance(lr, int | float) else list(lr)
 
 
 def as_matrix(x: Tensor) -> Tensor:
@@ -121,14 +126,16 @@ M3_SHAPES = [(4, 6), (4, 6), (6, 3)]  # two of one shape (the batched Newton-Sch
 
 
 def m3_reference(
-    w0: list[Tensor], grads: list[list[Tensor]], *, lr: float, betas: tuple[float, float, float], alpha: float,
-    frequency: int, ns_steps: int, eps: float, stable: bool,
+    w0: list[Tensor], grads: list[list[Tensor]], *, lr: float | Sequence[float], betas: tuple[float, float, float],
+    alpha: float, frequency: int, ns_steps: int, eps: float, stable: bool, weight_decay: float = 0.0,
 ) -> list[list[Tensor]]:  # fmt: skip
     """As printed (muon.py's docstring):
         M1 <- M1 + b1 g;  V <- V + b2 g^2;  W <- W - lr (NS(M1) + alpha O2) / (sqrt(V) + eps);
         every f steps: M2 <- M2 + b3 (sum of the last f gradients), O2 = NS(M2)   (O2 = 0 before the first)
     Stabilised (muon.py's docstring, docs/decisions.md *Deep optimizers*): M1, V EMAs (V bias-corrected), M2 the EMA
-    of the chunk means, the combined update `(NS(M1) + alpha NS(M2)) / (sqrt(V̂) + eps)` rescaled to RMS 0.2."""
+    of the chunk means, the combined update `(NS(M1) + alpha NS(M2)) / (sqrt(V̂) + eps)` rescaled to RMS 0.2.
+    Both with decoupled weight decay at the step's rate: `W <- W (1 - lr_t wd) - lr_t u` (`lr` one rate or one per
+    step)."""
     b1, b2, b3 = betas
     w = [x.clone() for x in w0]
     m1 = [torch.zeros_like(x) for x in w0]
@@ -136,7 +143,7 @@ def m3_reference(
     v = [torch.zeros_like(x) for x in w0]
     o2 = [torch.zeros_like(x) for x in w0]
     trace = []
-    for t, gs in enumerate(grads, start=1):
+    for t, (lr_t, gs) in enumerate(zip(rates(lr, len(grads)), grads, strict=True), start=1):
         for i, g in enumerate(gs):
             if stable:
                 m1[i] = b1 * m1[i] + (1 - b1) * g
@@ -149,7 +156,7 @@ def m3_reference(
             u = (ns_muon(m1[i], ns_steps) + alpha * o2[i]) / (second.sqrt() + eps)
             if stable:
                 u = u * 0.2 / u.pow(2).mean().sqrt()
-            w[i] = w[i] - lr * u
+            w[i] = (1 - lr_t * weight_decay) * w[i] - lr_t * u
             if t % frequency == 0:  # a chunk of f gradients ends: the slow momentum for the next chunk
                 chunk = sum(grads[s][i] for s in range(t - frequency, t))
                 m2[i] = b3 * m2[i] + (1 - b3) * chunk / frequency if stable else m2[i] + b3 * chunk
@@ -215,8 +222,9 @@ class Preconditioner:
 
 
 def momentum_reference(
-    w0: list[Tensor], grads: list[list[Tensor]], *, lr: float, momentum: float, precond: str, beta2: float,
-    eps: float, precond_every: int, weight_decay: float, zeta: float | None = None, normalize: bool = True,
+    w0: list[Tensor], grads: list[list[Tensor]], *, lr: float | Sequence[float], momentum: float, precond: str,
+    beta2: float, eps: float, precond_every: int, weight_decay: float, zeta: float | None = None,
+    normalize: bool = True,
 ) -> list[list[Tensor]]:  # fmt: skip
     """momentum.py's docstring: `m <- alpha m - lr P(g)` (Eq. 47) or `m <- m (alpha I - zeta ĝ^T ĝ) - lr P(g)`
     (Eq. 49; `ĝ = g / ||g||_F` when normalised, else g), then `W <- W (1 - lr wd) + m`; m and g as
@@ -225,7 +233,7 @@ def momentum_reference(
     w = [x.clone() for x in w0]
     m = [torch.zeros_like(x) for x in w0]
     trace = []
-    for t, gs in enumerate(grads, start=1):
+    for t, (lr_t, gs) in enumerate(zip(rates(lr, len(grads)), grads, strict=True), start=1):
         for i, g in enumerate(gs):
             if zeta is None:
                 decayed = momentum * m[i]
@@ -234,8 +242,8 @@ def momentum_reference(
                 gh = gm / gm.norm() if normalize else gm
                 eye = torch.eye(gm.shape[1], dtype=DT)
                 decayed = (mm @ (momentum * eye - zeta * gh.T @ gh)).reshape(g.shape)
-            m[i] = decayed - lr * pre(i, g, t)
-            w[i] = w[i] * (1 - lr * weight_decay) + m[i]
+            m[i] = decayed - lr_t * pre(i, g, t)
+            w[i] = w[i] * (1 - lr_t * weight_decay) + m[i]
         trace.append([x.clone() for x in w])
     return trace
 
@@ -310,13 +318,13 @@ def unit_rows(x: Tensor) -> Tensor:
 
 
 def dmgd_reference(
-    w0: list[Tensor], grads: list[list[Tensor]], phi0: list[dict[str, Tensor]], *, lr: float, momentum: float,
-    inner_lr: float, objective: str,
+    w0: list[Tensor], grads: list[list[Tensor]], phi0: list[dict[str, Tensor]], *, lr: float | Sequence[float],
+    momentum: float, inner_lr: float, objective: str, weight_decay: float = 0.0,
 ) -> list[list[Tensor]]:  # fmt: skip
     """deep.py's docstring, per weight (rows `[shape[0], rest]`):
         phi <- phi - inner_lr grad l(phi; k = m̂_{t-1}, v = ĝ_t)      from step 2 (there is no previous update at 1)
         m_t = beta m_{t-1} + g_t
-        W_t = W_{t-1} - lr ||m_t|| phi(m_t / ||m_t||)                  row-wise
+        W_t = (1 - lr_t wd) W_{t-1} - lr_t ||m_t|| phi(m_t / ||m_t||)  row-wise (`lr` one rate or one per step)
     phi's step comes first: it learns from how the previous update met g_t, and this step reads the new phi. The
     docstring lists phi's step after `W_t` and states no order; this is the reading the code implements (phi's step
     last changes every parameter by ~0.1 here)."""
@@ -324,7 +332,7 @@ def dmgd_reference(
     m = [torch.zeros_like(x) for x in w0]
     phi = [{name: t.clone() for name, t in p.items()} for p in phi0]
     trace = []
-    for t, gs in enumerate(grads, start=1):
+    for t, (lr_t, gs) in enumerate(zip(rates(lr, len(grads)), grads, strict=True), start=1):
         for i, g in enumerate(gs):
             if t > 1:
                 grad = phi_grad(phi[i], unit_rows(as_matrix(m[i])), unit_rows(as_matrix(g)), objective)
@@ -332,7 +340,7 @@ def dmgd_reference(
             m[i] = momentum * m[i] + g
             rows = as_matrix(m[i])
             norms = rows.norm(dim=1, keepdim=True)
-            w[i] = w[i] - lr * (norms * phi_read(phi[i], rows / norms)).reshape(g.shape)
+            w[i] = (1 - lr_t * weight_decay) * w[i] - lr_t * (norms * phi_read(phi[i], rows / norms)).reshape(g.shape)
         trace.append([x.clone() for x in w])
     return trace
 

@@ -35,15 +35,13 @@ from nestlearn.optim import M3, DeepMomentum, DeltaGD, DeltaMomentum, Preconditi
 from .test_formulas import (
     DT,
     M3_SHAPES,
-    Preconditioner,
     as_matrix,
     assert_traces_equal,
+    dmgd_reference,
     gradients,
     initial,
-    ns_muon,
-    phi_grad,
-    phi_read,
-    unit_rows,
+    m3_reference,
+    momentum_reference,
 )
 
 LRS = (0.05, 0.03, 0.08, 0.02, 0.06, 0.04, 0.07)  # the rate of each step (a schedule changes group["lr"])
@@ -89,45 +87,13 @@ def check(got: list[list[Tensor]], reference: Callable[[float], list[list[Tensor
 # M3 (Algorithm 1)
 
 
-def m3_reference(
-    w0: list[Tensor], grads: list[list[Tensor]], wd: float, *, betas: tuple[float, float, float], alpha: float,
-    frequency: int, ns_steps: int, eps: float, stable: bool,
-) -> list[list[Tensor]]:  # fmt: skip
-    """Algorithm 1 (muon.py's docstring; stabilised: EMAs, V bias-corrected, M2 the EMA of chunk means, the update
-    rescaled to RMS 0.2), with `W <- W (1 - lr_t wd) - lr_t u_t` at the step's own rate."""
-    b1, b2, b3 = betas
-    w = [x.clone() for x in w0]
-    m1, m2, v, o2 = ([torch.zeros_like(x) for x in w0] for _ in range(4))
-    trace = []
-    for t, (lr, gs) in enumerate(zip(LRS, grads, strict=False), start=1):
-        for i, g in enumerate(gs):
-            if stable:
-                m1[i] = b1 * m1[i] + (1 - b1) * g
-                v[i] = b2 * v[i] + (1 - b2) * g * g
-                second = v[i] / (1 - b2**t)
-            else:
-                m1[i] = m1[i] + b1 * g
-                v[i] = v[i] + b2 * g * g
-                second = v[i]
-            u = (ns_muon(m1[i], ns_steps) + alpha * o2[i]) / (second.sqrt() + eps)
-            if stable:
-                u = u * 0.2 / u.pow(2).mean().sqrt()
-            w[i] = (1 - lr * wd) * w[i] - lr * u
-            if t % frequency == 0:
-                chunk = sum(grads[s][i] for s in range(t - frequency, t))
-                m2[i] = b3 * m2[i] + (1 - b3) * chunk / frequency if stable else m2[i] + b3 * chunk
-                o2[i] = ns_muon(m2[i], ns_steps)
-        trace.append([x.clone() for x in w])
-    return trace
-
-
 @pytest.mark.parametrize("stable", [False, True], ids=["as_printed", "stabilised"])
 def test_m3_weight_decay(stable: bool) -> None:
     """7 steps with f = 3 (the slow momentum enters from step 4), two matrices of one shape (the batched path)."""
     kw = dict(betas=(0.9, 0.99, 0.8), alpha=0.7, frequency=3, ns_steps=5, eps=1e-8)
     w0, grads = initial(M3_SHAPES), gradients(M3_SHAPES, len(LRS))
     got = run_scheduled(lambda ps: M3(ps, lr=LRS[0], weight_decay=WD, stable=stable, **kw), w0, grads)
-    check(got, lambda wd: m3_reference(w0, grads, wd, stable=stable, **kw))
+    check(got, lambda wd: m3_reference(w0, grads, lr=LRS, weight_decay=wd, stable=stable, **kw))
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -135,29 +101,6 @@ def test_m3_weight_decay(stable: bool) -> None:
 
 
 DMGD_SHAPES = [(4, 5), (5,), (2, 2, 3)]
-
-
-def dmgd_readout_reference(
-    w0: list[Tensor], grads: list[list[Tensor]], phi0: list[dict[str, Tensor]], wd: float, *, momentum: float,
-    inner_lr: float, objective: str,
-) -> list[list[Tensor]]:  # fmt: skip
-    """deep.py's docstring, rows `[shape[0], rest]`: phi's GD step on `(k = m̂_{t-1}, v = ĝ_t)` from step 2,
-    `m_t = beta m_{t-1} + g_t`, `W_t = (1 - lr_t wd) W_{t-1} - lr_t ||m_t|| phi(m_t / ||m_t||)`."""
-    w = [x.clone() for x in w0]
-    m = [torch.zeros_like(x) for x in w0]
-    phi = [dict(p) for p in phi0]
-    trace = []
-    for t, (lr, gs) in enumerate(zip(LRS, grads, strict=False), start=1):
-        for i, g in enumerate(gs):
-            if t > 1:
-                grad = phi_grad(phi[i], unit_rows(as_matrix(m[i])), unit_rows(as_matrix(g)), objective)
-                phi[i] = {name: phi[i][name] - inner_lr * grad[name] for name in phi[i]}
-            m[i] = momentum * m[i] + g
-            rows = as_matrix(m[i])
-            norms = rows.norm(dim=1, keepdim=True)
-            w[i] = (1 - lr * wd) * w[i] - lr * (norms * phi_read(phi[i], rows / norms)).reshape(g.shape)
-        trace.append([x.clone() for x in w])
-    return trace
 
 
 @pytest.mark.parametrize(("memory", "objective"), [("linear", "dot"), ("mlp", "l2")])
@@ -189,7 +132,7 @@ def test_deep_momentum_readout_weight_decay(memory: str, objective: str) -> None
         ps, lr=LRS[0], memory=memory, objective=objective, expansion=2, weight_decay=WD, **kw
     )
     got = run_scheduled(make, w0, grads, prepare)
-    check(got, lambda wd: dmgd_readout_reference(w0, grads, phi0, wd, objective=objective, **kw))
+    check(got, lambda wd: dmgd_reference(w0, grads, phi0, lr=LRS, weight_decay=wd, objective=objective, **kw))
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -252,37 +195,13 @@ MOMENTUM_SHAPES = [(3, 5), (5,), (2, 3, 2)]
 MOMENTUM_KW = dict(momentum=0.8, beta2=0.9, eps=1e-8, precond_every=2)
 
 
-def momentum_reference(
-    w0: list[Tensor], grads: list[list[Tensor]], wd: float, *, momentum: float, precond: str, beta2: float,
-    eps: float, precond_every: int, zeta: float | None = None, normalize: bool = True,
-) -> list[list[Tensor]]:  # fmt: skip
-    """momentum.py's docstring at the step's rate: `m_t = alpha m_{t-1} - lr_t P(g_t)` (Eq. 47) or
-    `m_t = m_{t-1} (alpha I - zeta ĝ^T ĝ) - lr_t P(g_t)` (Eq. 49), then `W_t = W_{t-1} (1 - lr_t wd) + m_t`."""
-    pre = Preconditioner(precond, beta2, eps, precond_every)
-    w = [x.clone() for x in w0]
-    m = [torch.zeros_like(x) for x in w0]
-    trace = []
-    for t, (lr, gs) in enumerate(zip(LRS, grads, strict=False), start=1):
-        for i, g in enumerate(gs):
-            if zeta is None:
-                decayed = momentum * m[i]
-            else:
-                mm, gm = as_matrix(m[i]), as_matrix(g)
-                gh = gm / gm.norm() if normalize else gm
-                decayed = (mm @ (momentum * torch.eye(gm.shape[1], dtype=DT) - zeta * gh.T @ gh)).reshape(g.shape)
-            m[i] = decayed - lr * pre(i, g, t)
-            w[i] = w[i] * (1 - lr * wd) + m[i]
-        trace.append([x.clone() for x in w])
-    return trace
-
-
 @pytest.mark.parametrize("precond", ["identity", "diagonal", "kronecker"])
 def test_preconditioned_momentum_weight_decay(precond: str) -> None:
     """Kronecker with `precond_every = 2`: fresh roots at steps 1, 3, 5, 7."""
     w0, grads = initial(MOMENTUM_SHAPES), gradients(MOMENTUM_SHAPES, len(LRS))
     kw = {**MOMENTUM_KW, "precond": precond}
     got = run_scheduled(lambda ps: PreconditionedMomentum(ps, lr=LRS[0], weight_decay=WD, **kw), w0, grads)
-    check(got, lambda wd: momentum_reference(w0, grads, wd, **kw))
+    check(got, lambda wd: momentum_reference(w0, grads, lr=LRS, weight_decay=wd, **kw))
 
 
 @pytest.mark.parametrize("precond", ["identity", "kronecker"])
@@ -290,7 +209,7 @@ def test_delta_momentum_weight_decay(precond: str) -> None:
     w0, grads = initial(MOMENTUM_SHAPES), gradients(MOMENTUM_SHAPES, len(LRS))
     kw = {**MOMENTUM_KW, "precond": precond, "zeta": 0.5}
     got = run_scheduled(lambda ps: DeltaMomentum(ps, lr=LRS[0], weight_decay=WD, **kw), w0, grads)
-    check(got, lambda wd: momentum_reference(w0, grads, wd, **kw))
+    check(got, lambda wd: momentum_reference(w0, grads, lr=LRS, weight_decay=wd, **kw))
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -5,16 +5,12 @@ the previous checkpoint left intact."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
 from nestlearn.train import TrainConfig, load_config, lr_factor, train
 from nestlearn.train import checkpoints as train_mod
-from tests.train.helpers import TINY, losses
+from tests.train.helpers import TINY, losses, torchrun
 
 
 def test_stop_and_resume_gives_the_same_loss_curve(data, tmp_path) -> None:
@@ -35,14 +31,6 @@ def test_keep_last_n(data, tmp_path) -> None:
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_0000008", "step_0000009"]
 
 
-def _torchrun(nproc: int, args: list[str]) -> None:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           "-m", "nestlearn.train", *args]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
-    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-
-
 def test_two_process_ddp_equals_one_process(data, tmp_path) -> None:
     """Same global batch: 2 ranks x 2 sequences == 1 process x 4, with online CMS levels learning per rank."""
     common = [f"data={data}", "model=debug", "variant=hope_attention", "seq_len=16", "batch_size=4", "steps=3",
@@ -50,8 +38,8 @@ def test_two_process_ddp_equals_one_process(data, tmp_path) -> None:
               "model_overrides.n_layers=2", "model_overrides.d_model=32", "model_overrides.n_heads=2",
               "model_overrides.mlp_hidden=32", "model_overrides.cms_levels=[null,8]",
               "model_overrides.cms_lr=[0.0,0.1]"]  # fmt: skip
-    _torchrun(1, [*common, f"out={tmp_path / 'one'}"])
-    _torchrun(2, [*common, f"out={tmp_path / 'two'}"])
+    torchrun(1, [*common, f"out={tmp_path / 'one'}"])
+    torchrun(2, [*common, f"out={tmp_path / 'two'}"])
     one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
     assert [s for s, *_ in one] == [1, 2, 3]
     for (s1, l1, v1), (s2, l2, v2) in zip(one, two, strict=True):
@@ -123,9 +111,9 @@ def test_two_process_fsdp2_with_resume_equals_one_process(data, tmp_path) -> Non
               "warmup=1", "log_every=1", "eval_every=3", "eval_windows=2", "ckpt_every=3",
               "model_overrides.n_layers=2", "model_overrides.d_model=32", "model_overrides.n_heads=2",
               "model_overrides.mlp_hidden=32"]  # fmt: skip
-    _torchrun(1, [*common, f"out={tmp_path / 'one'}"])
-    _torchrun(2, [*common, "distributed=fsdp", "stop_at=3", f"out={tmp_path / 'two'}"])
-    _torchrun(2, [*common, "distributed=fsdp", f"out={tmp_path / 'two'}"])
+    torchrun(1, [*common, f"out={tmp_path / 'one'}"])
+    torchrun(2, [*common, "distributed=fsdp", "stop_at=3", f"out={tmp_path / 'two'}"])
+    torchrun(2, [*common, "distributed=fsdp", f"out={tmp_path / 'two'}"])
     one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
     assert [s for s, *_ in two] == [1, 2, 3, 4, 5, 6]
     for (_, l1, v1), (_, l2, v2) in zip(one, two, strict=True):

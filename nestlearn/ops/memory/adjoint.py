@@ -159,6 +159,21 @@ def matrix_step(
     return O + (c.R * QXh) @ U, Wn, Sn, _Step(QX, QXh, A, XX, Y, Tinv, U)
 
 
+def _state_term_adjoint(
+    W: Tensor, S: Tensor, Z: Tensor, a: Tensor, b: Tensor, dP: Tensor
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The adjoint of `P = a ⊙ Z Wᵀ + b ⊙ Z Sᵀ` (Z `[n, i]`, a, b `[n]`): -> `(dW, dS, dZ, da, db)`."""
+    dPW, dPS = dP @ W, dP @ S
+    return _rows(a, dP).mT @ Z, _rows(b, dP).mT @ Z, _rows(a, dPW) + _rows(b, dPS), _rowdot(dPW, Z), _rowdot(dPS, Z)
+
+
+def _masked_adjoint(mask: Tensor, FG: Tensor, H: Tensor, dP: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The adjoint of the masked product `P = (mask ∘ FG) H` (FG a gram `F Gᵀ`): -> `(dH, dmask, dFG)`; the caller
+    turns `dFG` into `dF = dFG G`, `dG = dFGᵀ F`."""
+    N = dP @ H.mT
+    return (mask * FG).mT @ dP, N * FG, N * mask
+
+
 def matrix_step_adjoint(
     W: Tensor, S: Tensor, X: Tensor, Xh: Tensor, Q: Tensor, E: Tensor, c: _Coef, st: _Step,
     dO: Tensor, dWn: Tensor, dSn: Tensor, dc: dict[str, Tensor],
@@ -176,17 +191,14 @@ def matrix_step_adjoint(
     dX = _rows(c.Lb_e, EdS) + _rows(c.D_e, EdW)
     dc["Lb_e"] += _rowdot(EdS, X)
     dc["D_e"] += _rowdot(EdW, X)
-    # reads
-    dOW, dOS = dO @ W, dO @ S
-    dW = dW + _rows(c.gam, dO).mT @ Q
-    dS = dS + _rows(c.m, dO).mT @ Q
-    dQ = _rows(c.gam, dOW) + _rows(c.m, dOS)
-    dc["gam"] += _rowdot(dOW, Q)
-    dc["m"] += _rowdot(dOS, Q)
-    dE = dE + (c.D * st.QX).mT @ dO
-    M2 = dO @ E.mT
-    dc["D"] += M2 * st.QX
-    G2 = M2 * c.D
+    # reads: O = Γ ⊙ Q Wᵀ + m ⊙ Q Sᵀ + (R ∘ Q X̂ᵀ) U + (D ∘ Q Xᵀ) E
+    gW, gS, dQ, dc_gam, dc_m = _state_term_adjoint(W, S, Q, c.gam, c.m, dO)
+    dW, dS = dW + gW, dS + gS
+    dc["gam"] += dc_gam
+    dc["m"] += dc_m
+    gE, dc_D, G2 = _masked_adjoint(c.D, st.QX, E, dO)
+    dE = dE + gE
+    dc["D"] += dc_D
     dQ = dQ + G2 @ X
     dX = dX + G2.mT @ Q
     if st.U is None:
@@ -194,31 +206,27 @@ def matrix_step_adjoint(
     assert st.A is not None and st.XX is not None and st.Y is not None and st.Tinv is not None
     U = st.U
     UdW = U @ dWn
-    dU = _rows(c.R_e, Xh @ dWn.mT) + (c.R * st.QXh).mT @ dO
-    dXh = _rows(c.R_e, UdW)
+    gU, dc_R, G1 = _masked_adjoint(c.R, st.QXh, U, dO)
+    dU = _rows(c.R_e, Xh @ dWn.mT) + gU
+    dXh = _rows(c.R_e, UdW) + G1.mT @ Q
     dc["R_e"] += _rowdot(UdW, Xh)
-    M1 = dO @ U.mT
-    dc["R"] += M1 * st.QXh
-    G1 = M1 * c.R
+    dc["R"] += dc_R
     dQ = dQ + G1 @ Xh
-    dXh = dXh + G1.mT @ Q
-    # the DGD system: U = T⁻¹ rhs, rhs = -eta ⊙ Y
+    # the DGD system: U = T⁻¹ rhs, rhs = -eta ⊙ Y, Y = Γp ⊙ X̂ Wᵀ + mp ⊙ X̂ Sᵀ + (Dp ∘ X̂ Xᵀ) E
     drhs = st.Tinv.mT @ dU
     dT = -(drhs @ U.mT).tril(-1)  # T's diagonal is the constant 1 and its upper triangle 0
     dc["eta"] += -_rowdot(drhs, st.Y) + (dT * c.R_prev * st.A).sum(-1)
     dY = _rows(-c.eta, drhs)
-    dYW, dYS = dY @ W, dY @ S
-    dW = dW + _rows(c.gam_prev, dY).mT @ Xh
-    dS = dS + _rows(c.m_prev, dY).mT @ Xh
-    dXh = dXh + _rows(c.gam_prev, dYW) + _rows(c.m_prev, dYS)
-    dc["gam_prev"] += _rowdot(dYW, Xh)
-    dc["m_prev"] += _rowdot(dYS, Xh)
-    dE = dE + (c.D_prev * st.XX).mT @ dY
-    M3 = dY @ E.mT
-    dc["D_prev"] += M3 * st.XX
-    dXX = M3 * c.D_prev
+    gW, gS, gXh, dc_gp, dc_mp = _state_term_adjoint(W, S, Xh, c.gam_prev, c.m_prev, dY)
+    dW, dS, dXh = dW + gW, dS + gS, dXh + gXh
+    dc["gam_prev"] += dc_gp
+    dc["m_prev"] += dc_mp
+    gE, dc_Dp, dXX = _masked_adjoint(c.D_prev, st.XX, E, dY)
+    dE = dE + gE
+    dc["D_prev"] += dc_Dp
     dXh = dXh + dXX @ X
     dX = dX + dXX.mT @ Xh
+    # T = I + diag(eta)(Rp ∘ X̂ X̂ᵀ)
     dc["R_prev"] += c.eta[..., None] * (dT * st.A)
     dA = c.eta[..., None] * (dT * c.R_prev)
     dXh = dXh + (dA + dA.mT) @ Xh
