@@ -108,12 +108,13 @@ def chunk_maps(op: _KeyOp, c: _Coef, k: Tensor, v: Tensor, spec: MemorySpec) -> 
 
 
 def _error_map(k: Tensor, v: Tensor, eta: Tensor, spec: MemorySpec) -> tuple[Tensor, Tensor]:
-    """`(P, E0)` with the frozen errors `E = -eta dl/dy = P W_cᵀ + E0` (Eq. 93; D3's objectives; targets `v` or the
-    self-generated `W_c v`, Eqs. 84 / 91). eta `[..., n, 1]`."""
-    grad_k = -eta * k if spec.objective == "l2" else torch.zeros_like(k)  # -eta d(1/2 |W k|^2)/dy = -eta W k
-    if spec.self_values:  # the target term: -eta d(-<W k, W v>)/dy = +eta W v
+    """`(P, E0)` with the frozen errors `E = -eta dl/dy = P W_cᵀ + E0` (Eq. 93), eta `[..., n, 1]`. D3: L2
+    `dl/dy = W_c k - v_t`, dot `dl/dy = -v_t`; the target `v_t` is `v`, or the self-generated `W_c v` (Eqs. 84 /
+    91), which is linear in `W_c` too."""
+    grad_k = -eta * k if spec.objective == "l2" else torch.zeros_like(k)  # the `W_c k` term (L2 only)
+    if spec.self_values:  # the target term `+eta W_c v` joins P
         return grad_k + eta * v, torch.zeros_like(v)
-    return grad_k, eta * v
+    return grad_k, eta * v  # a constant target
 
 
 def _times(a: Tensor, eye: Tensor) -> Tensor:

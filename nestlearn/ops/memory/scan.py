@@ -1,6 +1,6 @@
 """Affine scan over chunk-boundary states: `X_{c+1} = M_c X_c + F_c`, the only sequential step of `affine.py`.
 
-What this is: `affine_scan(M, F, X0) -> Xs`, every boundary state of the recurrence, as a `torch.library` custom
+What this is: `affine_scan(M, F, X0, kernel) -> Xs`, every boundary state of the recurrence, as a `torch.library` custom
 op with a hand-written backward (the adjoint runs the same recurrence backwards, `Λ_c = dX_c + M_cᵀ Λ_{c+1}`, and
 `dM_c = Λ_{c+1} X_cᵀ`, `dF_c = Λ_{c+1}` are batched products over all chunks at once). On CUDA both directions are
 one Triton launch each (`_scan_kernels.py`: one program per (sequence, head, block of columns of X) walks the
