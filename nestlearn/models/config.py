@@ -60,8 +60,9 @@ class ModelConfig:
 
     Sizes: `vocab_size`, `d_model`, `n_layers`, `n_heads` (head dim = d_model / n_heads), `mlp_hidden`.
     Memories (D2-D6; the recurrent variants): `memory_kind`, `memory_expansion`, `memory_activation`, `mem_chunk`
-    (C_mem), `proj_chunk` (C_proj, HOPE's self-modifying Titans only), `impl` ("auto": the fused GPU kernel where
-    it applies, else "chunk", the PyTorch chunk form; "fused": the kernel only; "lean": the chunk form with a
+    (C_mem), `proj_chunk` (C_proj, HOPE's self-modifying Titans only), `impl` ("auto": the GPU path where it
+    applies (the linear memory without clip, on CUDA), else "chunk", the PyTorch chunk form; "fused": the GPU path
+    only; "lean": the chunk form with a
     memory-lean backward, about a third of the memory op's activation memory at two thirds of its speed; "naive":
     the per-token float64 reference of every memory; all the same function).
     Ablations (Table 6, docs/decisions.md): `dgd` (HOPE; the Titans variants always use plain GD),
@@ -171,11 +172,11 @@ class ModelConfig:
             raise ValueError(f"inner_grad_clip must be > 0 or None (no clipping), got {self.inner_grad_clip!r}")
         self._check_titans_paper_memory()
         self._check_cms()
-        if self.impl == "fused" and not (self.variant in TITANS and self.memory_kind == "linear"
-                                         and self.inner_grad_clip is None):  # fmt: skip
+        unclipped = self.variant == "hope" or (self.variant in TITANS and self.inner_grad_clip is None)
+        if self.impl == "fused" and not (self.memory_kind == "linear" and unclipped):
             raise ValueError(
-                "impl='fused' runs the linear memory without gradient clip (Titans variants with memory_kind='linear', "
-                "inner_grad_clip=None); use impl='auto', which takes the kernel where it applies"
+                "impl='fused' runs the linear memory without gradient clip (memory_kind='linear'; HOPE, or a Titans "
+                "variant with inner_grad_clip=None); use impl='auto', which takes the GPU path where it applies"
             )
         self._check_rope_scaling()
         if self.n_kv_heads is not None and (self.n_kv_heads < 1 or self.n_heads % self.n_kv_heads):

@@ -91,6 +91,7 @@ def test_earlier_mac_and_mag_configs_keep_their_attention() -> None:
 
 def test_fused_impl_only_where_the_kernel_applies() -> None:
     ModelConfig(variant="titans_lmm", memory_kind="linear", inner_grad_clip=None, impl="fused")
+    ModelConfig(variant="hope", memory_kind="linear", impl="fused")  # HOPE's memories have no clip
     for bad in (dict(variant="hope"), dict(variant="titans_lmm"), dict(variant="titans_lmm", memory_kind="linear")):
         with pytest.raises(ValueError, match="impl='fused' runs the linear memory without gradient clip"):
             ModelConfig(impl="fused", **bad)
