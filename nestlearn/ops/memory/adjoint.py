@@ -24,7 +24,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from .chunk import _Coef, _coefficients, _gate_chunks, _vector_chunks
+from .chunk import _Coef, _vector_chunks, chunk_layout
 from .common import (
     MemorySpec,
     MemoryState,
@@ -86,16 +86,10 @@ class _Prepared(NamedTuple):
 
 
 def _prepare(seq: list[Tensor], C: int, spec: MemorySpec) -> _Prepared:
-    """Chunk layout (inert padding) and gate products of `seq = (q, k, v, eta, alpha, beta)`, as `chunk._run`."""
-    q, k, v, eta, alpha, beta = seq
-    T = q.shape[1]
-    n = min(C, T)
-    N = -(-T // n)
-    pad = N * n - T
-    qc, kc, vc = (_vector_chunks(x, n, pad) for x in (q, k, v))
-    gates = (_gate_chunks(g, n, pad, fill) for g, fill in ((eta, 0), (alpha, 1), (beta, 1)))
-    coef = _coefficients(*gates, last=T - (N - 1) * n)
-    return _Prepared(qc, kc, normalize(kc, spec.norm_eps), vc, coef)
+    """Chunk layout (inert padding) and gate products of `seq = (q, k, v, eta, alpha, beta)` (`chunk_layout`), with
+    the keys' normalisation."""
+    q, k, v, coef = chunk_layout(seq, C)
+    return _Prepared(q, k, normalize(k, spec.norm_eps), v, coef)
 
 
 def _chunk_coef(coef: _Coef, j: int) -> _Coef:

@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .chunk import _Coef, _coefficients, _gate_chunks, _key_operator, _KeyOp, _vector_chunks
+from .chunk import _Coef, _key_operator, _KeyOp, chunk_layout
 from .common import MemorySpec, MemoryState, check_inputs, compute_dtype, normalize
 from .scan import affine_scan
 
@@ -61,13 +61,8 @@ def memory_affine(
         )
     dt, out_dtype = compute_dtype(q, k, v, eta, *state.weights, *state.momenta), q.dtype
     B, T, H, D = q.shape
-    n = min(chunk_size, T)
-    N = -(-T // n)
-    pad = N * n - T
-    q, k, v = (_vector_chunks(x.to(dt), n, pad) for x in (q, k, v))  # [B, H, N, n, D]
-    # inert padding: eta = 0 writes nothing; the chunk-end rows are those of the last real token (`_coefficients`)
-    eta, alpha, beta = (_gate_chunks(g.to(dt), n, pad, fill) for g, fill in ((eta, 0), (alpha, 1), (beta, 1)))
-    coef = _coefficients(eta, alpha, beta, last=T - (N - 1) * n)
+    q, k, v, coef = chunk_layout([x.to(dt) for x in (q, k, v, eta, alpha, beta)], chunk_size)  # [B, H, N, n, D]
+    N, n = q.shape[2:4]
     op = _key_operator(k, normalize(k, spec.norm_eps), q, coef, spec.dgd)
     A, a, M, F = chunk_maps(op, coef, k, v, spec)
     w0, s0 = state.weights[0].to(dt), state.momenta[0].to(dt)

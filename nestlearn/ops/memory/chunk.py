@@ -96,15 +96,9 @@ def _run(
     `ends_at_boundary` says whether the last chunk ends at one (else it ends inside a chunk: a later call goes on).
     Returns `o [B, T, H, D]` and the start weights of the last chunk (the next call's anchor).
     """
-    q, k, v, eta, alpha, beta = seq
-    B, T, H, D = q.shape
-    n = min(C, T)
-    N = -(-T // n)
-    pad = N * n - T
-    q, k, v = (_vector_chunks(x, n, pad) for x in (q, k, v))  # [B, H, N, n, D]
-    # inert padding: eta = 0 writes nothing; alpha = beta = 1; the final state is read at the last real token
-    eta, alpha, beta = (_gate_chunks(g, n, pad, fill) for g, fill in ((eta, 0), (alpha, 1), (beta, 1)))
-    coef = _coefficients(eta, alpha, beta, last=T - (N - 1) * n)  # all chunks at once: state-independent
+    B, T, H, D = seq[0].shape
+    q, k, v, coef = chunk_layout(seq, C)
+    N, n = q.shape[2:4]
     key_op = _key_operator(k, normalize(k, spec.norm_eps), q, coef, spec.dgd)
     coefs, key_ops = coef.per_chunk(), key_op.per_chunk()
     qs, ks, vs = q.unbind(2), k.unbind(2), v.unbind(2)
@@ -363,6 +357,19 @@ def _segment_products(g: Tensor) -> Tensor:
 
 # ---------------------------------------------------------------------------------------------
 # layout
+
+
+def chunk_layout(seq: list[Tensor] | tuple[Tensor, ...], C: int) -> tuple[Tensor, Tensor, Tensor, _Coef]:
+    """`seq = (q, k, v, eta, alpha, beta)` in `N` chunks of `n = min(C, T)` tokens: q, k, v `[B, H, N, n, D]` and
+    every chunk's gate products (state-independent, all at once). The last chunk is padded with inert tokens
+    (eta = 0 writes nothing, alpha = beta = 1) and its chunk-end rows are those of its last real token."""
+    q, k, v, eta, alpha, beta = seq
+    T = q.shape[1]
+    n = min(C, T)
+    N = -(-T // n)
+    pad = N * n - T
+    gates = (_gate_chunks(g, n, pad, fill) for g, fill in ((eta, 0), (alpha, 1), (beta, 1)))
+    return (*(_vector_chunks(x, n, pad) for x in (q, k, v)), _coefficients(*gates, last=T - (N - 1) * n))
 
 
 def _vector_chunks(x: Tensor, n: int, pad: int) -> Tensor:
