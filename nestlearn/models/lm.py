@@ -154,9 +154,7 @@ class CausalLM(nn.Module):
         """
         S, position, blocks, pending = self.online_segment, state.position, state.blocks, state.pending
         assert S is not None
-        if pending is not None and position % S == 0:  # a completed segment: its next token is ids[:, 0]
-            _, blocks = self._learn_segment(pending.blocks, pending.tokens, position, ids[:, :1] if learn else None)
-            pending = None
+        blocks, pending = self._learn_completed(blocks, pending, position, ids[:, :1] if learn else None)
         outs, t, T = [], 0, ids.shape[1]
         while t < T:
             n = min(S - position % S, T - t)
@@ -177,6 +175,17 @@ class CausalLM(nn.Module):
             outs.append(logits)
             position, t = position + n, t + n
         return torch.cat(outs, dim=1), blocks, pending
+
+    def _learn_completed(
+        self, blocks: tuple[BlockState | None, ...], pending: Pending | None, position: int, after: Tensor | None
+    ) -> tuple[tuple[BlockState | None, ...], Pending | None]:
+        """A completed segment still waiting for its next token (`after` `[B, 1]`, or None: learn from its inner
+        pairs only) learns now. -> the block states after it and the pending segment left (None if it learned)."""
+        S = self.online_segment
+        if pending is None or S is None or position % S != 0:
+            return blocks, pending
+        _, new = self._learn_segment(pending.blocks, pending.tokens, position, after)
+        return new, None
 
     def _learn_segment(
         self, start: tuple[BlockState | None, ...], tokens: Tensor, end: int, after: Tensor | None
@@ -248,13 +257,10 @@ class CausalLM(nn.Module):
         learns first, from the pairs inside it (one segment's forward and backward); a segment read only in
         part is dropped."""
         self._check_state(state)
-        if state.pending is not None and self.online_segment and state.position % self.online_segment == 0:
-            _, blocks = self._learn_segment(state.pending.blocks, state.pending.tokens, state.position, None)
-            state = state._replace(blocks=blocks, pending=None)
+        learned, _ = self._learn_completed(state.blocks, state.pending, state.position, None)
         fresh = self.init_state(state.batch_size)
         blocks = tuple(
-            new if old is None else new._replace(cms=old.cms)
-            for new, old in zip(fresh.blocks, state.blocks, strict=True)
+            new if old is None else new._replace(cms=old.cms) for new, old in zip(fresh.blocks, learned, strict=True)
         )
         return ModelState(blocks, 0, state.fingerprint)
 
