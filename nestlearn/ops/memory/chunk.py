@@ -19,7 +19,7 @@ Index conventions inside a chunk of `n` tokens (tokens 1..n, 0 = the chunk start
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -319,8 +319,7 @@ def _coefficients(eta: Tensor, alpha: Tensor, beta: Tensor, last: int) -> _Coef:
     d = ra @ pb[..., 1:, 1:]  # D[t, s] = sum_r R[t, r] Lβ[r, s]
     m = (ra @ pb[..., 1:, 0, None])[..., 0]  # m_t = sum_r R[t, r] b_r
     idx = torch.arange(N, device=eta.device)
-    ends = torch.full((N,), n, device=eta.device)
-    ends[-1] = last
+    ends = torch.full((N,), n, device=eta.device) - (n - last) * (idx == N - 1)  # no host-to-device copy
     pa_e, pb_e, d_e, m_e = pa[:, :, idx, ends], pb[:, :, idx, ends], d[:, :, idx, ends], m[:, :, idx, ends]
     return _Coef(
         eta=eta,
@@ -344,15 +343,35 @@ def _coefficients(eta: Tensor, alpha: Tensor, beta: Tensor, last: int) -> _Coef:
 def _segment_products(g: Tensor) -> Tensor:
     """`P[..., t, s] = prod_{s<r<=t} g_r` for `0 <= s <= t <= n` (tokens 1-indexed), 0 above the diagonal.
 
-    Built by a cumulative product, with no division, so gates of exactly 0 are fine.
+    Built by a cumulative product, with no division, so gates of exactly 0 are fine. Its backward
+    (`_SegmentProducts`) is division-free too and, unlike `torch.cumprod`'s, never reads a value back to the host
+    (cumprod's backward asks whether any input is 0), so a CUDA graph can capture it.
     """
-    n = g.shape[-1]
-    g1 = torch.cat([torch.ones_like(g[..., :1]), g], dim=-1)  # [..., n+1]; index 0 unused
-    idx = torch.arange(n + 1, device=g.device)
-    after = idx[None, :] > idx[:, None]  # [s, t]: t > s
-    factors = torch.where(after, g1[..., None, :], torch.ones_like(g1[..., None, :]))
-    prods = torch.cumprod(factors, dim=-1).transpose(-1, -2)  # [t, s]
-    return prods.masked_fill(after, 0)  # in [t, s] layout `after` marks s > t
+    return _SegmentProducts.apply(g)
+
+
+class _SegmentProducts(torch.autograd.Function):
+    """`_segment_products` with the backward `dg_r = sum_{s<r<=t} G[t, s] P[r-1, s] P[t, r]`, which is
+    `(P Gᵀ)[r-1, :] · P[:, r]`: the masks of the sum are P's own zeros above the diagonal."""
+
+    @staticmethod
+    def forward(ctx: Any, g: Tensor) -> Tensor:  # type: ignore[override]
+        n = g.shape[-1]
+        g1 = torch.cat([torch.ones_like(g[..., :1]), g], dim=-1)  # [..., n+1]; index 0 unused
+        idx = torch.arange(n + 1, device=g.device)
+        after = idx[None, :] > idx[:, None]  # [s, t]: t > s
+        factors = torch.where(after, g1[..., None, :], torch.ones_like(g1[..., None, :]))
+        prods = torch.cumprod(factors, dim=-1).transpose(-1, -2)  # [t, s]
+        out = prods.masked_fill(after, 0)  # in [t, s] layout `after` marks s > t
+        ctx.save_for_backward(out)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> Tensor:  # type: ignore[override]
+        (P,) = ctx.saved_tensors
+        n = P.shape[-1] - 1
+        M = P[..., :n, :] @ grad.mT  # [..., r-1, t] = sum_s P[r-1, s] G[t, s]
+        return (M * P.mT[..., 1:, :]).sum(-1)
 
 
 # ---------------------------------------------------------------------------------------------
