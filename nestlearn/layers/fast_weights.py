@@ -16,9 +16,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..ops.memory import MemorySpec, MemoryState, memory_auto, memory_chunk, memory_fused, memory_lean, memory_naive
+from ..ops.memory.adjoint import memory_adjoint
+from ..ops.memory.adjoint import supports as adjoint_supports
 from .basic import RMSNorm
 
-Impl = Literal["auto", "chunk", "fused", "lean", "naive"]
+Impl = Literal["auto", "adjoint", "chunk", "fused", "lean", "naive"]
 MemoryOp = Callable[..., tuple[Tensor, MemoryState]]
 
 
@@ -27,8 +29,11 @@ def memory_op(impl: Impl) -> MemoryOp:
     (`ops/memory/fused.py`); "chunk": the PyTorch chunk form; "fused": the GPU path (an error where it cannot apply;
     a call that finishes an open chunk takes the chunk form); "lean": the chunk
     form with a memory-lean backward (`ops/memory/lean.py`: a third of the memory, two thirds of the speed, measured
-    on the H200); "naive": the per-token float64 reference. All compute the same function."""
-    ops = {"auto": memory_auto, "chunk": memory_chunk, "fused": _fused, "lean": _lean, "naive": memory_naive}
+    on the H200); "adjoint": the MLP memory's hand-derived backward (`ops/memory/adjoint.py`: chunk-start states
+    only, no autograd inside the chunk loop; the chunk form where it does not apply: the clip, the branch norm,
+    the linear memory); "naive": the per-token float64 reference. All compute the same function."""
+    ops = {"auto": memory_auto, "adjoint": _adjoint, "chunk": memory_chunk, "fused": _fused, "lean": _lean,
+           "naive": memory_naive}  # fmt: skip
     if impl not in ops:
         raise ValueError(f"memory impl must be one of {', '.join(map(repr, ops))}, got {impl!r}")
     return ops[impl]
@@ -52,6 +57,12 @@ def _from_chunk_boundary(op: MemoryOp) -> MemoryOp:
 
 
 _fused, _lean = _from_chunk_boundary(memory_fused), _from_chunk_boundary(memory_lean)
+
+
+def _adjoint(*args: object, state: MemoryState, spec: MemorySpec, **kwargs: object) -> tuple[Tensor, MemoryState]:
+    """`memory_adjoint` where it applies (`adjoint.supports`), else the chunk form."""
+    op = memory_adjoint if adjoint_supports(spec, state) else memory_chunk
+    return op(*args, state=state, spec=spec, **kwargs)
 
 
 class MemoryInit(nn.Module):

@@ -74,7 +74,8 @@ class SelfModifyingTitans(nn.Module):
         normalize_v: L2-normalise the generated values (see the module docstring).
         eta_cap: eta is capped at `1 / max(C_mem, C_proj)` (C1, the default); False: the sigmoid itself, spanning
             [0, 1] as in the paper, with `b_eta` set so that eta starts at the same value (`fast_weights.eta_gate`).
-        impl: the memory op (`fast_weights.memory_op`: "auto", "chunk", "fused", "lean", "naive"; one function).
+        impl: the memory op (`fast_weights.memory_op`: "auto", "adjoint", "chunk", "fused", "lean", "naive";
+            one function).
     """
 
     def __init__(

@@ -47,7 +47,8 @@ class TitansMemory(nn.Module):
         dim, heads: model width and head count; each head's memory acts on `d = dim // heads`.
         spec: the memory and its inner optimizer (default: residual MLP, plain GD with momentum and decay).
         chunk_size: tokens per chunk of the parallel form (D5).
-        impl: the memory op (`fast_weights.memory_op`: "auto", "chunk", "fused", "lean", "naive"; one function).
+        impl: the memory op (`fast_weights.memory_op`: "auto", "adjoint", "chunk", "fused", "lean", "naive";
+            one function).
         retrieval: add the query projection of `retrieve` (MAC only; unused parameters otherwise).
         eta_cap: eta is `sigmoid(x W + b) / chunk_size` (C1, the default); False: `sigmoid(x W + b)`, spanning
             [0, 1] as in Titans, with the bias set so that it starts at the same value (`fast_weights.eta_gate`).

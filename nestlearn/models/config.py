@@ -63,7 +63,8 @@ class ModelConfig:
     (C_mem), `proj_chunk` (C_proj, HOPE's self-modifying Titans only), `impl` ("auto": the GPU path where it
     applies (the linear memory without clip, on CUDA), else "chunk", the PyTorch chunk form; "fused": the GPU path
     only; "lean": the chunk form with a
-    memory-lean backward, about a third of the memory op's activation memory at two thirds of its speed; "naive":
+    memory-lean backward, about a third of the memory op's activation memory at two thirds of its speed;
+    "adjoint": the MLP memory's hand-derived backward (chunk-start states only; elsewhere the chunk form); "naive":
     the per-token float64 reference of every memory; all the same function).
     Ablations (Table 6, docs/decisions.md): `dgd` (HOPE; the Titans variants always use plain GD),
     `memory_momentum` (the inner momentum beta), `memory_decay` (the retention gate alpha), `adaptive_k`,
@@ -139,7 +140,7 @@ class ModelConfig:
     tie_embeddings: bool = True
     init_std: float = 0.02
     norm_eps: float = 1e-6
-    impl: Literal["auto", "chunk", "fused", "lean", "naive"] = "auto"
+    impl: Literal["auto", "adjoint", "chunk", "fused", "lean", "naive"] = "auto"
     activation_checkpointing: bool = False
 
     def __post_init__(self) -> None:
