@@ -2,7 +2,9 @@
 
 One training step = forward over `batch x seq` tokens, next-token loss, backward, AdamW step (lr 1e-4) on one
 batch of random token ids repeated every step. On CUDA the step runs under bf16 autocast; peak memory is
-`torch.cuda.max_memory_allocated`, on CPU the process's peak resident memory.
+`torch.cuda.max_memory_allocated`, on CPU the process's peak resident memory. `graphs=True` replays every block
+call of a step as a CUDA graph (`nestlearn.models.graphs.StepGraphs`; captured in the first warm-up step, the
+warm-up's seconds reported as `capture_s`).
 """
 
 from __future__ import annotations
@@ -15,9 +17,13 @@ import time
 import torch
 
 from nestlearn.models import CausalLM, ModelConfig, count_parameters
+from nestlearn.models.graphs import StepGraphs
+from nestlearn.models.lm import next_token_loss
 
 
-def time_training(cfg: ModelConfig, *, batch: int, seq: int, device: str, steps: int, warmup: int) -> dict:
+def time_training(
+    cfg: ModelConfig, *, batch: int, seq: int, device: str, steps: int, warmup: int, graphs: bool = False
+) -> dict:
     """Median step time, tokens/s, peak memory (GiB) and the last loss of `steps` timed steps after `warmup`."""
     dev = torch.device(device)
     torch.manual_seed(0)
@@ -26,18 +32,24 @@ def time_training(cfg: ModelConfig, *, batch: int, seq: int, device: str, steps:
     ids = torch.randint(0, cfg.vocab_size, (batch, seq), device=dev)
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
+    captured = StepGraphs(model) if graphs else None
 
     def step() -> torch.Tensor:
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
-            loss, _ = model.loss(ids)
+            if captured is not None:
+                loss = next_token_loss(captured.logits(ids)[:, :-1], ids[:, 1:])
+            else:
+                loss, _ = model.loss(ids)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         return loss
 
-    for _ in range(warmup):
+    t0 = time.perf_counter()
+    for _ in range(max(warmup, 1 if graphs else 0)):
         step()
     sync(dev)
+    capture_s = time.perf_counter() - t0  # with graphs: the warm-up steps capture every block call
     times = []
     for _ in range(steps):
         t0 = time.perf_counter()
@@ -55,6 +67,7 @@ def time_training(cfg: ModelConfig, *, batch: int, seq: int, device: str, steps:
         "tokens_per_s": batch * seq / sec,
         "peak_gib": peak,
         "final_loss": float(loss.detach()),
+        **({"capture_s": capture_s} if graphs else {}),
     }
 
 

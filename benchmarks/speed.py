@@ -12,8 +12,11 @@ Sections (`--sections`, default all):
 - `train`: one LM training step (forward, next-token loss, backward, AdamW; `benchmarks.common.time_training`,
   bf16 autocast on CUDA) at preset 20M (batch 8 x 2,048) and 125M (batch 4 x 4,096) for Transformer++,
   Hope-Attention with a static CMS (`cms_online_layers=()`) and with online CMS levels in every block (the
-  default, `cms_online_layers=None`), Titans LMM / MAC / MAG / MAL and HOPE: tokens/s, ratio to Transformer++ of
-  the same preset, model FLOP utilisation and peak CUDA memory (`--train-steps` timed steps after `--warmup`).
+  default, `cms_online_layers=None`), Titans LMM / MAC / MAG / MAL and HOPE (online CMS, the default, and static):
+  tokens/s, ratio to eager Transformer++ of the same preset, model FLOP utilisation and peak CUDA memory
+  (`--train-steps` timed steps after `--warmup`). `--graphs` adds, after each row without online CMS levels, the
+  same step with every block call replayed as a CUDA graph (`nestlearn.models.graphs.StepGraphs`; the note gives
+  the warm-up's seconds, capture included).
   **MFU** = model FLOPs per token x tokens/s / the card's dense bf16 peak (`PEAK_BF16`: H100 and H200 989e12,
   A100 312e12; none on CPU or an unknown card). Model FLOPs per token = 6 N (N = all parameters, the tied
   embedding once: the LM head's matmul) + 12 d_model K per attention layer, K the mean number of keys a query
@@ -101,6 +104,7 @@ TRAIN_ROWS: tuple[tuple[str, str, dict[str, Any]], ...] = (
     ("titans_mag", "titans_mag", {}),
     ("titans_mal", "titans_mal", {}),
     ("hope", "hope", {}),
+    ("hope, static CMS", "hope", {"cms_online_layers": ()}),
 )
 STATIC_PERIOD = 1 << 30  # nested-learning's update period for our static CMS level: no sequence reaches it
 
@@ -226,24 +230,38 @@ def peak_flops(device: str) -> float | None:
 def train_jobs(args: argparse.Namespace, plan: Plan) -> Iterator[Job]:
     peak = peak_flops(args.device)
     for name, batch, seq in plan.train:
-        for label, variant, over in TRAIN_ROWS:
-            base = {"section": "train", "group": f"train {name}", "name": label, "shape": f"{name}: {batch} x {seq}",
-                    "vs": "transformer", "ref": variant == "transformer"}  # fmt: skip
+        for (label, variant, over), graphs in _train_modes(args):
+            base = {"section": "train", "group": f"train {name}", "name": label + (" + CUDA graphs" if graphs else ""),
+                    "shape": f"{name}: {batch} x {seq}", "vs": "transformer",
+                    "ref": variant == "transformer" and not graphs}  # fmt: skip
 
-            def run(name: str = name, variant: str = variant, over: dict = over, batch: int = batch, seq: int = seq):
+            def run(name: str = name, variant: str = variant, over: dict = over, batch: int = batch, seq: int = seq,
+                    graphs: bool = graphs):  # fmt: skip
                 cfg = preset(name, variant, activation_checkpointing=args.checkpoint, **over)
-                r = time_training(
-                    cfg, batch=batch, seq=seq, device=args.device, steps=args.train_steps, warmup=args.warmup
-                )
+                r = time_training(cfg, batch=batch, seq=seq, device=args.device, steps=args.train_steps,
+                                  warmup=args.warmup, graphs=graphs)  # fmt: skip
                 flops = model_flops_per_token(cfg, r["params"], seq)
                 r["flops_per_token"] = flops
                 r["mfu"] = flops * r["tokens_per_s"] / peak if peak else None
                 if args.device != "cuda":
                     r["peak_gib"] = None  # the process's peak RSS so far, not this row's
                 r["note"] = f"{r['params'] / 1e6:.1f}M params, step {r['step_s']:.3f} s, loss {r['final_loss']:.2f}"
+                if graphs:
+                    r["note"] += f", warm-up with capture {r['capture_s']:.1f} s"
                 return r
 
             yield base, run
+
+
+def _train_modes(args: argparse.Namespace) -> Iterator[tuple[tuple[str, str, dict[str, Any]], bool]]:
+    """Each train row eagerly, and with `--graphs` right after it with CUDA graphs where they apply (no online
+    CMS levels: `nestlearn.models.graphs`)."""
+    for row in TRAIN_ROWS:
+        yield row, False
+        _, variant, over = row
+        online = variant in ("hope", "hope_attention") and over.get("cms_online_layers") != ()
+        if args.graphs and not online:
+            yield row, True
 
 
 # ---------------------------------------------------------------------------------------------
@@ -565,6 +583,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--contexts", default=None, help="decode contexts, e.g. 1024,8192 (default 1K, 8K, 32K)")
     p.add_argument("--decode-warmup", type=int, default=3, help="decode steps before timing (>= 2: see docstring)")
     p.add_argument("--checkpoint", action="store_true", help="train rows with activation checkpointing")
+    p.add_argument("--graphs", action="store_true", help="train rows also with CUDA graphs (models/graphs.py)")
     p.add_argument("--max-minutes", type=float, default=None, help="start no row after this many minutes")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--json", default=None, help="write the header, run settings and raw rows here")
@@ -595,7 +614,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     head = header(args.device).replace(" threads=", f" triton={_triton()} threads=")
     meta = run_meta(args.device, triton=_triton(), smoke=args.smoke, sections=args.sections,
                     train_steps=args.train_steps, warmup=args.warmup, reps=args.reps, decode_steps=args.decode_steps,
-                    checkpoint=args.checkpoint, plan=dataclasses.asdict(args.plan))  # fmt: skip
+                    checkpoint=args.checkpoint, graphs=args.graphs, plan=dataclasses.asdict(args.plan))  # fmt: skip
     deadline = time.monotonic() + 60 * args.max_minutes if args.max_minutes is not None else float("inf")
     print(head, flush=True)
     rows: list[dict[str, Any]] = []

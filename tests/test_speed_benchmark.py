@@ -70,3 +70,14 @@ def test_model_flops_follow_the_formula() -> None:
     mag = preset("debug", "titans_mag")
     assert speed.attention_keys(mag, 64) == pytest.approx(mag.n_persistent + 32.5)  # window 2048 > T
     assert speed.attention_keys(preset("debug", "hope"), 64) == 0
+
+
+def test_graphs_rows_follow_each_row_without_online_levels() -> None:
+    """`--graphs` adds a CUDA-graph row right after every train row whose model has no online CMS levels."""
+    modes = [(label, graphs) for (label, _, _), graphs in speed._train_modes(speed.parse([*FAST, "--graphs"]))]
+    graphed = [label for label, graphs in modes if graphs]
+    assert graphed == ["transformer", "hope_attention, static CMS", "titans_lmm", "titans_mac", "titans_mag",
+                       "titans_mal", "hope, static CMS"]  # fmt: skip
+    assert [label for label, graphs in modes if not graphs] == [label for label, _, _ in speed.TRAIN_ROWS]
+    assert all(modes[modes.index((label, True)) - 1] == (label, False) for label in graphed)
+    assert not any(graphs for _, graphs in speed._train_modes(speed.parse(FAST)))

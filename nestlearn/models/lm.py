@@ -37,6 +37,7 @@ What it is not: a trainer, a tokenizer, or the Hugging Face wrapper (`hf.py`).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import torch
@@ -93,6 +94,9 @@ class CausalLM(nn.Module):
         self.online_blocks = tuple(i for i, b in enumerate(self.blocks) if b.cms is not None and b.cms.online_levels)
         chunks = [c for i in self.online_blocks for c in self.blocks[i].cms.chunks if c is not None]
         self.online_segment: int | None = math.gcd(*chunks) if chunks else None
+        # what runs a block call `(index, block, x, state, second_order) -> (x, state)` where it is not the
+        # block itself: `graphs.StepGraphs` replays captured calls through it
+        self.block_runner: Callable[..., tuple[Tensor, BlockState]] | None = None
 
     def _init_weights(self) -> None:
         """N(0, init_std) for the embedding and every linear weight; biases (gate offsets) keep their values."""
@@ -133,9 +137,11 @@ class CausalLM(nn.Module):
         """Every block from the given states with the CMS weights in force. -> logits `[B, T, V]`, new states."""
         x = self.embed(input_ids)
         new = []
-        for block, st in zip(self.blocks, states, strict=True):
+        for i, (block, st) in enumerate(zip(self.blocks, states, strict=True)):
             if self.config.activation_checkpointing and torch.is_grad_enabled():
                 x, st = checkpoint(block, x, st, second_order=second_order, use_reentrant=False)
+            elif self.block_runner is not None:
+                x, st = self.block_runner(i, block, x, st, second_order)
             else:
                 x, st = block(x, st, second_order=second_order)
             new.append(st)

@@ -31,6 +31,7 @@ import torch.distributed as dist
 
 from ..data.shards import Shards
 from ..models import CausalLM, next_token_loss, preset
+from ..models.graphs import StepGraphs
 from ..optim import route
 from .checkpoints import TrainingDiverged, newest_name, resume, save_checkpoint
 from .config import TrainConfig
@@ -94,6 +95,9 @@ def _setup(cfg: TrainConfig, stop: Stop) -> Run:
     run = Run(cfg, rank, world, device, mode, shards, model, core, opt, out, stop, MetricsLog(out, 0, enabled=False),
               base_lrs)  # fmt: skip
     resume(run)
+    if cfg.cuda_graphs:  # after resume: the graphs hold the parameters' storage as it is from here on
+        _check_graphs(cfg, mode)
+        run.graphs = StepGraphs(core)
     run.log = MetricsLog(out, run.step, enabled=rank == 0)
     return run
 
@@ -167,6 +171,15 @@ def _check_fits(cfg: TrainConfig, model_cfg: Any, shards: Shards) -> None:
 def _check_fsdp(cfg: TrainConfig) -> None:
     if cfg.optimizer != "adamw":
         raise ValueError("FSDP shards every matrix across ranks; use optimizer=adamw with distributed=fsdp")
+
+
+def _check_graphs(cfg: TrainConfig, mode: str) -> None:
+    """`cuda_graphs=true` runs on one GPU without torch.compile (`models/graphs.py`; the model's own refusals follow
+    in `StepGraphs`)."""
+    if mode != "none":
+        raise ValueError(f"cuda_graphs=true runs on one GPU; this run uses {mode.upper()}: set cuda_graphs=false")
+    if cfg.compile:
+        raise ValueError("cuda_graphs=true and compile=true exclude each other: set one of them false")
 
 
 def _check_compile(core: CausalLM) -> None:
@@ -252,7 +265,7 @@ def _train_step(run: Run, micro: int, deadline: float | None) -> StepResult:
     for k, ids in enumerate(mine.to(run.device).split(micro // run.world)):
         sync = k == cfg.grad_accum - 1 or run.mode != "ddp"
         with model.no_sync() if not sync else contextlib.nullcontext(), _autocast(run):  # type: ignore[operator]
-            logits, _ = model(ids[:, :-1])
+            logits = run.graphs.logits(ids[:, :-1]) if run.graphs is not None else model(ids[:, :-1])[0]
             loss = next_token_loss(logits, ids[:, 1:])
         (loss / cfg.grad_accum).backward()
         total += loss.detach() / cfg.grad_accum

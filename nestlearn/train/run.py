@@ -17,6 +17,7 @@ import torch
 
 from ..data.shards import Shards
 from ..models import CausalLM
+from ..models.graphs import StepGraphs
 from .config import TrainConfig
 from .metrics import MetricsLog
 
@@ -63,6 +64,7 @@ class Run:
     stop: Stop
     log: MetricsLog
     base_lrs: list[float] = field(default_factory=list)  # the schedule scales these
+    graphs: StepGraphs | None = None  # cuda_graphs=true: the training steps' block calls as CUDA graphs
     step: int = 0
     nonfinite_total: int = 0
     nonfinite_in_a_row: int = 0

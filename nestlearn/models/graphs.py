@@ -1,0 +1,197 @@
+"""CUDA graphs of a language model's block calls for training steps: each call of a block in a step (its forward
+and its backward) is replayed as one graph each, so a step costs a few launches per block call instead of one
+per small kernel.
+
+What this is: `StepGraphs(model)` installs itself as the model's block runner (`CausalLM.block_runner`); its
+`logits(input_ids)` is `model(input_ids)[0]` for a training step, in which the k-th call of block i replays a
+graph captured at that call's first occurrence (`_graphed`: the pattern of `torch.cuda.make_graphed_callables`,
+with gradients handed out as copies, so that gradient accumulation over micro-batches stays right). A call's
+inputs are the block's input and every tensor of its state, its outputs the block's output and every new state
+tensor (tensors the block hands through unchanged stay the caller's own); the initial state of a block's first
+call is built outside the graph from the parameters. The embedding, final norm, LM head, loss and optimizer run
+as usual.
+Why: the memory layers' chunk loops (and HOPE's projection memories, one op call per `C_proj` chunk) issue
+thousands of small kernels per step, and the host, not the GPU, sets the pace (the MLP memory op on the H200:
+723 ms of host time for 78 ms of GPU time per forward + backward, docs/results/memory_op.md).
+Semantics are the eager model's: the same kernels run on the same values (the graphs hold the parameters' storage,
+which the optimizer updates in place; the captured inputs are copied in at every replay). A graph's outputs are
+its own buffers, rewritten by the next step's replay: the block states a step returns are valid until the next
+step (a training step from the initial state discards them). A call whose shapes or state layout differ from the
+captured one gets a graph of its own (captured on first use: a few eager passes).
+What it is not: available on CPU, with online CMS levels (refused: with them, the captured calls' inner
+gradients disagree with the eager model's on the H200, cause not found; docs/decisions.md), with activation
+checkpointing, DDP / FSDP (their hooks fire inside the blocks) or `torch.compile`; it captures nothing outside
+`logits`, nothing without gradients (evaluation, generation) and no call with full meta-gradients
+(`second_order`: the graphs' backward is first-order): those run eagerly.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils._pytree import tree_flatten, tree_unflatten
+
+from .block import Block, BlockState
+from .lm import CausalLM
+
+
+def check_graphable(model: CausalLM) -> None:
+    """Refuse, with the fix, a model whose training steps cannot be captured (module docstring)."""
+    if model.online_segment is not None:
+        raise ValueError(
+            "cuda_graphs does not take online CMS levels yet (their inner gradients through the captured calls "
+            "disagree with the eager model's: docs/decisions.md): set cuda_graphs=false, or use static levels "
+            "(cms_online_layers=())"
+        )
+    if model.config.activation_checkpointing:
+        raise ValueError("cuda_graphs and activation_checkpointing exclude each other: set one of them false")
+    if model.device.type != "cuda":
+        raise ValueError(f"cuda_graphs needs a CUDA device; the model is on {model.device.type}: set cuda_graphs=false")
+
+
+class _FlatCall(nn.Module):
+    """One block call as a function of its tensors only: `(x, *state tensors) -> (y, *new state tensors)`, the
+    non-tensor leaves (offsets, None) fixed at capture. Records which outputs are inputs handed through."""
+
+    def __init__(self, block: Block, leaves: list[Any], spec: Any, slots: list[int]) -> None:
+        super().__init__()
+        self.block, self.leaves, self.spec, self.slots = block, leaves, spec, slots
+        self.out_leaves: list[Any] = []
+        self.out_spec: Any = None
+        self.out_from: list[tuple[str, int]] = []  # per output leaf: ("graph", j), ("input", k) or ("const", 0)
+
+    def forward(self, *tensors: Tensor) -> tuple[Tensor, ...]:
+        leaves = list(self.leaves)
+        for j, t in zip(self.slots, tensors, strict=True):
+            leaves[j] = t
+        x, state = tree_unflatten(leaves, self.spec)
+        out_leaves, self.out_spec = tree_flatten(self.block(x, state))
+        ids = {id(t): k for k, t in enumerate(tensors)}
+        outs: list[Tensor] = []
+        self.out_from, self.out_leaves = [], out_leaves
+        for leaf in out_leaves:
+            if not isinstance(leaf, Tensor):
+                self.out_from.append(("const", 0))
+            elif id(leaf) in ids:
+                self.out_from.append(("input", ids[id(leaf)]))
+            else:
+                self.out_from.append(("graph", len(outs)))
+                outs.append(leaf)
+        return tuple(outs)
+
+    def rebuild(self, tensors: list[Tensor], outs: tuple[Tensor, ...]) -> tuple[Tensor, BlockState]:
+        """The block's `(y, new state)` from a replay's outputs and the call's own input tensors."""
+        pick = {"graph": lambda j: outs[j], "input": lambda k: tensors[k]}
+        leaves = [
+            leaf if kind == "const" else pick[kind](j)
+            for leaf, (kind, j) in zip(self.out_leaves, self.out_from, strict=True)
+        ]
+        return tree_unflatten(leaves, self.out_spec)
+
+
+class StepGraphs:
+    """The block calls of `model`'s training steps as CUDA graphs (module docstring). `warmup`: eager forward +
+    backward passes before each capture (cuBLAS and the allocator settle in them). Each capture runs under the
+    caller's autocast dtype with autocast's weight cache off (capture requires it)."""
+
+    def __init__(self, model: CausalLM, *, warmup: int = 2) -> None:
+        check_graphable(model)
+        self.model, self.warmup = model, warmup
+        self.graphs: dict[tuple, tuple[_FlatCall, Any]] = {}
+        self._calls: dict[int, int] | None = None
+        model.block_runner = self._run
+
+    def logits(self, input_ids: Tensor) -> Tensor:
+        """`[B, T]` ids -> logits `[B, T, V]` of a training step with the block calls replayed (eager when
+        gradients are off or the model is in eval mode)."""
+        if not (torch.is_grad_enabled() and self.model.training):
+            return self.model(input_ids)[0]
+        self._calls = {}
+        try:
+            return self.model(input_ids)[0]
+        finally:
+            self._calls = None
+
+    def _run(self, index: int, block: Block, x: Tensor, state: BlockState | None, second_order: bool):
+        if self._calls is None or second_order or not torch.is_grad_enabled():
+            return block(x, state, second_order=second_order)
+        n = self._calls[index] = self._calls.get(index, -1) + 1
+        if state is None:  # the initial state from the parameters, outside the graph (module docstring)
+            state = block.init_state(x.shape[0])
+        leaves, spec = tree_flatten((x, state))
+        slots = [j for j, leaf in enumerate(leaves) if isinstance(leaf, Tensor)]
+        tensors = [leaves[j] for j in slots]
+        consts = tuple(repr(leaf) for j, leaf in enumerate(leaves) if j not in set(slots))
+        signature = tuple((tuple(t.shape), t.dtype, t.requires_grad) for t in tensors)
+        key = (index, n, repr(spec), consts, signature)
+        if key not in self.graphs:
+            self.graphs[key] = self._capture(block, leaves, spec, slots, tensors)
+        flat, graphed = self.graphs[key]
+        return flat.rebuild(tensors, graphed(*tensors))
+
+    def _capture(
+        self, block: Block, leaves: list[Any], spec: Any, slots: list[int], tensors: list[Tensor]
+    ) -> tuple[_FlatCall, Any]:
+        flat = _FlatCall(block, [None if j in set(slots) else leaf for j, leaf in enumerate(leaves)], spec, slots)
+        samples = [t.detach().clone().requires_grad_(t.requires_grad) for t in tensors]
+        amp = torch.is_autocast_enabled("cuda")
+        with torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"), enabled=amp, cache_enabled=False):
+            return flat, _graphed(flat, samples, self.warmup)
+
+
+def _graphed(fn: nn.Module, samples: list[Tensor], warmup: int) -> Any:
+    """`fn(*tensors) -> tuple of tensors` as an autograd function whose forward and backward each replay one CUDA
+    graph (the pattern of `torch.cuda.make_graphed_callables`, in a private memory pool). Unlike that function's,
+    the backward returns copies of the graph's gradient buffers: autograd may keep a returned gradient (as a
+    parameter's `.grad`, or in a sum it adds to in place) past the next replay, which rewrites the buffers."""
+    params = [p for p in fn.parameters() if p.requires_grad]
+    inputs = samples + params
+    wants = [t.requires_grad for t in inputs]
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(warmup):
+            outs = [o for o in fn(*samples) if o.requires_grad]
+            torch.autograd.grad(outs, [t for t in inputs if t.requires_grad], [torch.ones_like(o) for o in outs],
+                                allow_unused=True)  # fmt: skip
+    torch.cuda.current_stream().wait_stream(stream)
+    pool = torch.cuda.graph_pool_handle()
+    fwd, bwd = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
+    with torch.cuda.graph(fwd, pool=pool):
+        static_out = fn(*samples)
+    needs = [o.requires_grad for o in static_out]
+    grad_out = [torch.zeros_like(o) for o, n in zip(static_out, needs, strict=True) if n]
+    with torch.cuda.graph(bwd, pool=pool):
+        grads = torch.autograd.grad([o for o, n in zip(static_out, needs, strict=True) if n],
+                                    [t for t in inputs if t.requires_grad], grad_out, allow_unused=True)  # fmt: skip
+    grad_in: list[Tensor | None] = []
+    it = iter(grads)
+    for w in wants:
+        grad_in.append(next(it) if w else None)
+    n_user = len(samples)
+
+    class Graphed(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx: Any, *args: Tensor) -> tuple[Tensor, ...]:  # type: ignore[override]
+            for static, real in zip(samples, args[:n_user], strict=True):
+                static.copy_(real)
+            fwd.replay()
+            return tuple(o.detach() for o in static_out)
+
+        @staticmethod
+        @torch.autograd.function.once_differentiable
+        def backward(ctx: Any, *g: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+            k = 0
+            for gi, n in zip(g, needs, strict=True):
+                if n:
+                    grad_out[k].copy_(gi)
+                    k += 1
+            bwd.replay()
+            return tuple(None if b is None else b.clone() for b in grad_in)
+
+    def call(*args: Tensor) -> tuple[Tensor, ...]:
+        return Graphed.apply(*args, *params)
+
+    return call
