@@ -1,7 +1,9 @@
 """Benchmark: tokens/s of the deep-memory op, `naive` (per-token) vs `chunk` vs the GPU paths (`affine`: the linear
 memory's affine form, `fused` the same with the Triton scan; `lean`: the memory-lean backward; `adjoint`: the MLP
-memory's hand-derived backward; `fla`: fla's Gated DeltaNet op at the same shape with `--fla`), with causal SDPA
-attention at the same B, H, T, d timed in the same process, and the peak memory of forward + backward on CUDA.
+memory's hand-derived backward, `adjoint_kernel` the same with its forward as one Triton program per head (state
+on chip: D * E <= 8,192, e.g. d = 32 with expansion 4); `fla`: fla's Gated DeltaNet op at the same shape with
+`--fla`), with causal SDPA attention at the same B, H, T, d timed in the same process, and the peak memory of
+forward + backward on CUDA.
 Prints a ratio table last; `--json` keeps the raw numbers.
 
 What it times: forward, and forward + backward (gradients to q, k, v, gates and the initial state), after
@@ -15,6 +17,7 @@ float32 (D8); SDPA runs in bf16 on CUDA (the dtype attention is trained in) and 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -27,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from nestlearn.ops.memory import MemorySpec, MemoryState, init_state, memory_chunk, memory_fused, memory_naive
-from nestlearn.ops.memory.adjoint import memory_adjoint
+from nestlearn.ops.memory.adjoint import kernel_supports, memory_adjoint
 from nestlearn.ops.memory.adjoint import supports as adjoint_supports
 from nestlearn.ops.memory.affine import memory_affine
 from nestlearn.ops.memory.affine import supports as affine_supports
@@ -110,7 +113,8 @@ def sdpa_call(B: int, T: int, H: int, d: int, device: str, backward: bool) -> Ca
 
 def paths(spec: MemorySpec, x: dict, device: str) -> dict[str, Callable[..., object]]:
     """The memory ops timed for this spec: `chunk` always; on CUDA the memory-lean path, for the MLP memory the
-    hand-derived backward (`ops/memory/adjoint.py`), and for the linear memory the affine form with its scan as a
+    hand-derived backward (`ops/memory/adjoint.py`; with its forward kernel where the state fits on chip), and for
+    the linear memory the affine form with its scan as a
     PyTorch loop (`affine`) and as the Triton kernel (`fused`) where they apply."""
     ops: dict[str, Callable[..., object]] = {"chunk": memory_chunk}
     state = MemoryState(tuple(x["weights"]), tuple(x["momenta"]))
@@ -118,6 +122,8 @@ def paths(spec: MemorySpec, x: dict, device: str) -> dict[str, Callable[..., obj
         ops["lean"] = memory_lean
     if adjoint_supports(spec, state) and device == "cuda":
         ops["adjoint"] = memory_adjoint
+        if kernel_supports(x["q"], state, 64):
+            ops["adjoint_kernel"] = functools.partial(memory_adjoint, kernel=True)
     if affine_supports(spec, state) and device == "cuda":
         ops["affine"] = memory_affine
     if supports(spec, state, x["q"]):

@@ -43,6 +43,24 @@ def supports(spec: MemorySpec, state: MemoryState) -> bool:
     return spec.kind == "mlp" and spec.max_grad_norm is None and not spec.out_norm and state.offset == 0
 
 
+def kernel_supports(q: Tensor, state: MemoryState, chunk_size: int) -> bool:
+    """Whether the forward kernel (`_mlp_kernels.py`) takes this call: float32 state, Triton importable, chunks of
+    16 tokens or more and head dims that are powers of two (D >= 16) with `D * E` within what a program holds."""
+    W1 = state.weights[0]
+    D, E = W1.shape[-2:]
+    n = min(chunk_size, q.shape[1])
+    pow2 = all(x >= 16 and x & (x - 1) == 0 for x in (n, D, E))
+    return pow2 and W1.dtype == torch.float32 and q.dtype != torch.float64 and D * E <= 64 * 128 and _has_triton()
+
+
+def _has_triton() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def memory_adjoint(
     q: Tensor,
     k: Tensor,
@@ -55,9 +73,12 @@ def memory_adjoint(
     spec: MemorySpec,
     chunk_size: int,
     check_gates: bool = False,
+    kernel: bool = False,
 ) -> tuple[Tensor, MemoryState]:
     """`memory_chunk` for the MLP memory with the hand-derived backward (module docstring); arguments and results
-    as `memory_naive`. Shapes: q, k, v `[B, T, H, D]`; gates `[B, T, H]`; W1 `[B, H, D, E]`, W2 `[B, H, E, D]`."""
+    as `memory_naive`. Shapes: q, k, v `[B, T, H, D]`; gates `[B, T, H]`; W1 `[B, H, D, E]`, W2 `[B, H, E, D]`.
+    `kernel`: the forward's chunk loop runs as one Triton program per sequence and head (`_mlp_kernels.py`; on CPU
+    in Triton's interpreter), where `kernel_supports` says it can; the backward is the same."""
     alpha_full, beta_full = check_inputs(q, k, v, eta, alpha, beta, state, spec, chunk_size, check_gates)
     if not supports(spec, state):
         raise ValueError(
@@ -65,7 +86,8 @@ def memory_adjoint(
             "at a chunk boundary (state.offset == 0); use memory_chunk"
         )
     gates = (eta, alpha_full, beta_full)
-    outs = _AdjointMemory.apply(spec, chunk_size, q, k, v, *gates, *state.weights, *state.momenta)
+    kernel = kernel and kernel_supports(q, state, chunk_size)
+    outs = _AdjointMemory.apply(spec, chunk_size, kernel, q, k, v, *gates, *state.weights, *state.momenta)
     o, w1, w2, s1, s2, a1, a2 = outs
     return o, MemoryState((w1, w2), (s1, s2), (a1, a2), q.shape[1] % chunk_size)
 
@@ -332,25 +354,17 @@ def mlp_chunk_adjoint(
 
 class _AdjointMemory(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, spec: MemorySpec, C: int, *inputs: Tensor) -> tuple[Tensor, ...]:  # type: ignore[override]
+    def forward(ctx: Any, spec: MemorySpec, C: int, kernel: bool, *inputs: Tensor) -> tuple[Tensor, ...]:  # type: ignore[override]
         seq, state = list(inputs[:6]), inputs[6:]
         dt = compute_dtype(*inputs)
         prep = _prepare([x.to(dt) for x in seq], C, spec)
-        x_all = (prep.q, prep.k, prep.kh, prep.v)
         weights = tuple(w.to(dt) for w in state)
-        N = prep.q.shape[2]
         ends = seq[0].shape[1] % C == 0
-        starts, outs = [], []
-        for j in range(N):
-            starts.append(weights)
-            o, weights, _ = mlp_chunk(weights, tuple(x[:, :, j] for x in x_all), _chunk_coef(prep.coef, j), spec)
-            outs.append(o)
-            if j < N - 1 or ends:
-                weights = tuple(flush_subnormals(list(weights)))
+        o, weights, starts = (_forward_kernel if kernel else _forward_loop)(prep, weights, spec, ends)
         B, T, H, D = seq[0].shape
-        o = torch.stack(outs, dim=2).reshape(B, H, -1, D)[:, :, :T].transpose(1, 2).to(seq[0].dtype)
-        anchor = starts[-1][:2] if not ends else weights[:2]
-        ctx.save_for_backward(*seq, *(torch.stack(s, dim=2) for s in zip(*starts, strict=True)))
+        o = o.reshape(B, H, -1, D)[:, :, :T].transpose(1, 2).to(seq[0].dtype)
+        anchor = tuple(s[:, :, -1] for s in starts[:2]) if not ends else weights[:2]
+        ctx.save_for_backward(*seq, *starts)
         ctx.spec, ctx.C, ctx.ends, ctx.dtypes = spec, C, ends, [x.dtype for x in inputs]
         return o, *weights, *(a.clone() for a in anchor)
 
@@ -388,7 +402,41 @@ class _AdjointMemory(torch.autograd.Function):
                     grads[4 + i][:, :, j] = dc[name]
         seq_grads = torch.autograd.grad(flat, leaves, grads, allow_unused=True)
         out = [g.to(t) if g is not None else None for g, t in zip(seq_grads, ctx.dtypes[:6], strict=True)]
-        return None, None, *out, *(g.to(t) for g, t in zip(d_end, ctx.dtypes[6:], strict=True))
+        return None, None, None, *out, *(g.to(t) for g, t in zip(d_end, ctx.dtypes[6:], strict=True))
+
+
+def _forward_loop(
+    prep: _Prepared, weights: tuple[Tensor, ...], spec: MemorySpec, ends: bool
+) -> tuple[Tensor, tuple[Tensor, ...], tuple[Tensor, ...]]:
+    """The chunk loop in PyTorch: -> outputs `[B, H, N, n, D]`, the final state, every chunk's start state
+    (stacked on dim 2)."""
+    x_all = (prep.q, prep.k, prep.kh, prep.v)
+    N = prep.q.shape[2]
+    starts, outs = [], []
+    for j in range(N):
+        starts.append(weights)
+        o, weights, _ = mlp_chunk(weights, tuple(x[:, :, j] for x in x_all), _chunk_coef(prep.coef, j), spec)
+        outs.append(o)
+        if j < N - 1 or ends:
+            weights = tuple(flush_subnormals(list(weights)))
+    return torch.stack(outs, dim=2), weights, tuple(torch.stack(s, dim=2) for s in zip(*starts, strict=True))
+
+
+def _forward_kernel(
+    prep: _Prepared, weights: tuple[Tensor, ...], spec: MemorySpec, ends: bool
+) -> tuple[Tensor, tuple[Tensor, ...], tuple[Tensor, ...]]:
+    """`_forward_loop` as one Triton program per sequence and head (`_mlp_kernels.py`)."""
+    from ._mlp_kernels import launch_mlp_forward
+
+    B, H, N = prep.q.shape[:3]
+    state = [w.detach().contiguous().clone() for w in weights]
+    starts = [torch.empty(B, H, N, *w.shape[-2:], device=w.device, dtype=w.dtype) for w in state]
+    out = torch.empty(prep.q.shape, device=prep.q.device, dtype=prep.q.dtype)  # contiguous, as the kernel writes
+    x = [t.detach().contiguous() for t in (prep.q, prep.k, prep.kh, prep.v)]
+    coef = [f.detach().contiguous() for f in prep.coef]
+    launch_mlp_forward(x, coef, state, starts, out, eps=spec.norm_eps, dgd=spec.dgd, self_values=spec.self_values,
+                       l2=spec.objective == "l2", act=spec.activation)  # fmt: skip
+    return out, tuple(state), tuple(starts)
 
 
 def _zeros_if_none(g: Tensor | None, like: Tensor) -> Tensor:
