@@ -89,12 +89,16 @@ def test_earlier_mac_and_mag_configs_keep_their_attention() -> None:
     assert ModelConfig.from_dict({**old, "variant": "titans_mal"}).rope_base == 5e5  # MAL's attention always took it
 
 
-def test_fused_impl_only_where_the_kernel_applies() -> None:
+def test_fused_impl_only_where_the_kernels_apply() -> None:
     ModelConfig(variant="titans_lmm", memory_kind="linear", inner_grad_clip=None, impl="fused")
+    ModelConfig(variant="titans_lmm", inner_grad_clip=None, impl="fused")  # the MLP memory's kernels
     ModelConfig(variant="hope", memory_kind="linear", impl="fused")  # HOPE's memories have no clip
-    for bad in (dict(variant="hope"), dict(variant="titans_lmm"), dict(variant="titans_lmm", memory_kind="linear")):
-        with pytest.raises(ValueError, match="impl='fused' runs the linear memory without gradient clip"):
-            ModelConfig(impl="fused", **bad)
+    ModelConfig(variant="hope", impl="fused")
+    bad = (dict(variant="titans_lmm"), dict(variant="titans_lmm", memory_kind="linear"),
+           dict(variant="titans_mag", titans_paper_memory=True))  # fmt: skip
+    for kw in bad:
+        with pytest.raises(ValueError, match="impl='fused' runs memories without the gradient clip or the branch"):
+            ModelConfig(impl="fused", **kw)
 
 
 def test_resume_ignores_fields_that_change_no_result() -> None:

@@ -1,10 +1,11 @@
-"""The MLP memory's forward kernel (`_mlp_kernels.py`, `memory_adjoint(kernel=True)`) equals the PyTorch chunk loop
-in float32: outputs, final state, anchor (a call ending inside a chunk) and, through the written-out backward
-that recomputes from the kernel's saved chunk starts, every gradient, with each switch (DGD off, momentum off,
-decay off, the dot objective, self-generated values, gelu and tanh), chunks of 16 and 32 tokens, T not a multiple
-of C; state carried across calls; `kernel_supports` refuses what the kernel does not hold. On CPU the kernel
-runs in Triton's interpreter (tests/conftest.py) at tiny shapes; the `gpu` tests repeat the comparison on CUDA at
-the 20M preset's head shape (d = 32, expansion 4). What this is not: the backward's own checks (test_adjoint.py)."""
+"""The MLP memory's kernels (`_mlp_kernels.py`: `memory_adjoint(kernel=True)`, `memory_fused` for the MLP memory)
+equal `adjoint.py`'s PyTorch loops in float32: outputs, final state, anchor (a call ending inside a chunk) and
+every gradient (the backward kernel from the forward kernel's saved chunk starts), with each switch (DGD off,
+momentum off, decay off, the dot objective, self-generated values, gelu and tanh), chunks of 16 and 32 tokens, T
+not a multiple of C; state carried across calls; HOPE's mixer through them; `kernel_supports` refuses what they
+do not hold. On CPU the kernels run in Triton's interpreter (tests/conftest.py) at tiny shapes; the `gpu` tests
+repeat the comparison on CUDA at the 20M preset's head shape (d = 32, expansion 4). What this is not: the
+written-out backward's own checks against autograd (test_adjoint.py)."""
 
 from __future__ import annotations
 
@@ -77,3 +78,28 @@ def test_kernel_supports_refuses_what_it_does_not_hold() -> None:
 def test_kernel_on_the_gpu_at_the_20M_head_shape(switch: str, C: int) -> None:
     spec = MemorySpec(kind="mlp", expansion=4, **KERNEL_SWITCHES[switch])
     _compare(spec, 2, 300, 3, 32, C, "cuda")
+
+
+def test_hope_layer_with_mlp_memories_takes_the_kernels() -> None:
+    """Self-modifying Titans (HOPE's mixer) with MLP memories (head dim 16, expansion 2, chunks of 16):
+    impl="fused" runs every memory through the kernels and equals impl="chunk" in float32, output and parameter
+    gradients."""
+    from nestlearn.layers.self_modifying import SelfModifyingTitans
+    from nestlearn.ops.memory import _mlp_kernels
+
+    spec = MemorySpec(kind="mlp", expansion=2)
+    x = torch.randn(2, 40, 32, generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    launches, launch = [], _mlp_kernels.launch_mlp_backward
+    res = []
+    for impl in ("fused", "chunk"):
+        torch.manual_seed(0)
+        layer = SelfModifyingTitans(32, 2, spec=spec, mem_chunk=16, proj_chunk=16, impl=impl).to(DEVICE)
+        _mlp_kernels.launch_mlp_backward = lambda *a, **kw: launches.append(1) or launch(*a, **kw)
+        try:
+            y = layer(x, layer.init_state(2))[0]
+            y.pow(2).sum().backward()
+        finally:
+            _mlp_kernels.launch_mlp_backward = launch
+        res.append([y.detach(), *(p.grad for p in layer.parameters() if p.grad is not None)])
+    assert len(launches) == 3  # the main memory's call and the projection memories' two full chunks of 16
+    assert_close(res[0], res[1], 1e-4)

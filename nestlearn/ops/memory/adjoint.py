@@ -365,7 +365,7 @@ class _AdjointMemory(torch.autograd.Function):
         o = o.reshape(B, H, -1, D)[:, :, :T].transpose(1, 2).to(seq[0].dtype)
         anchor = tuple(s[:, :, -1] for s in starts[:2]) if not ends else weights[:2]
         ctx.save_for_backward(*seq, *starts)
-        ctx.spec, ctx.C, ctx.ends, ctx.dtypes = spec, C, ends, [x.dtype for x in inputs]
+        ctx.spec, ctx.C, ctx.ends, ctx.kernel, ctx.dtypes = spec, C, ends, kernel, [x.dtype for x in inputs]
         return o, *weights, *(a.clone() for a in anchor)
 
     @staticmethod
@@ -386,6 +386,11 @@ class _AdjointMemory(torch.autograd.Function):
         d_anchor = tuple(_zeros_if_none(g, s[:, :, 0]).to(dt) for g, s in zip(d_state[4:], saved[:2], strict=True))
         if ctx.ends:  # the anchor is the final weights
             d_end = (d_end[0] + d_anchor[0], d_end[1] + d_anchor[1], *d_end[2:])
+        if ctx.kernel:
+            grads, d_end = _backward_kernel(prep, saved, do_c, d_end, None if ctx.ends else d_anchor, spec)
+            seq_grads = torch.autograd.grad(flat, leaves, grads, allow_unused=True)
+            out = [g.to(t) if g is not None else None for g, t in zip(seq_grads, ctx.dtypes[:6], strict=True)]
+            return None, None, None, *out, *(g.to(t) for g, t in zip(d_end, ctx.dtypes[6:], strict=True))
         with torch.no_grad():
             for j in reversed(range(N)):
                 weights = tuple(s[:, :, j] for s in saved)
@@ -420,6 +425,28 @@ def _forward_loop(
         if j < N - 1 or ends:
             weights = tuple(flush_subnormals(list(weights)))
     return torch.stack(outs, dim=2), weights, tuple(torch.stack(s, dim=2) for s in zip(*starts, strict=True))
+
+
+def _backward_kernel(
+    prep: _Prepared, starts: tuple[Tensor, ...], do_c: Tensor, d_end: tuple[Tensor, ...],
+    d_anchor: tuple[Tensor, ...] | None, spec: MemorySpec,
+) -> tuple[list[Tensor], tuple[Tensor, ...]]:  # fmt: skip
+    """The backward's chunk loop as one Triton program per sequence and head (`_mlp_kernels.py`): -> the adjoints
+    of `prep.flat()` and the initial state's adjoint."""
+    from ._mlp_kernels import launch_mlp_backward
+
+    def unwritten(t: Tensor) -> Tensor:
+        return torch.empty(t.shape, device=t.device, dtype=t.dtype)  # every entry is written by the kernel
+
+    x = [t.detach().contiguous() for t in (prep.q, prep.k, prep.kh, prep.v)]
+    coef = [f.detach().contiguous() for f in prep.coef]
+    d_state = [g.detach().contiguous().clone() for g in d_end]
+    anchor = [a.detach().contiguous() for a in d_anchor] if d_anchor is not None else None
+    dx, dcoef = [unwritten(t) for t in x], [unwritten(f) for f in coef]
+    launch_mlp_backward(x, coef, [s.contiguous() for s in starts], do_c.contiguous(), d_state, anchor, dx, dcoef,
+                        eps=spec.norm_eps, dgd=spec.dgd, self_values=spec.self_values, l2=spec.objective == "l2",
+                        act=spec.activation)  # fmt: skip
+    return dx + dcoef, tuple(d_state)
 
 
 def _forward_kernel(

@@ -7,8 +7,12 @@ Triton launch forward and one backward (`scan.py`, `_scan_kernels.py`). `memory_
 on CUDA and the chunk form everywhere else. `supports(...)` says where it applies: Triton installed and CUDA (or
 Triton's interpreter on CPU tensors, the tests' way), float32 states, the linear memory without the gradient clip,
 a call that starts at a chunk boundary.
-What it is not: the MLP memory's path (its errors are not affine in the weights, so its chunks stay sequential;
-`memory_chunk` and `memory_lean` compute it), or a call that finishes a chunk an earlier call opened.
+For the MLP memory (whose errors are not affine in the weights, so its chunks stay sequential) `memory_fused` is
+`memory_adjoint(kernel=True)`: the chunk loop forward and backward as one Triton program per sequence and head
+each (`_mlp_kernels.py`), where the state fits on chip and the chunk is a power of two of 16 tokens or more
+(`adjoint.kernel_supports`; otherwise the same function through `adjoint.py`'s PyTorch loops). `memory_auto` does
+not take it yet (not timed on a GPU).
+What it is not: the gradient clip or the branch LayerNorm, or a call that finishes a chunk an earlier call opened.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import os
 import torch
 from torch import Tensor
 
-from . import affine
+from . import adjoint, affine
 from .chunk import memory_chunk
 from .common import MemorySpec, MemoryState, check_inputs
 
@@ -59,12 +63,17 @@ def memory_fused(
     chunk_size: int,
     check_gates: bool = False,
 ) -> tuple[Tensor, MemoryState]:
-    """`memory_chunk` through the GPU path (see `supports`); arguments and results as `memory_naive`."""
+    """`memory_chunk` through the GPU path (see `supports`, and the module docstring for the MLP memory); arguments
+    and results as `memory_naive`."""
     check_inputs(q, k, v, eta, alpha, beta, state, spec, chunk_size, check_gates)
+    if spec.kind == "mlp" and adjoint.supports(spec, state) and available(q.device, interpret=True):
+        return adjoint.memory_adjoint(q, k, v, eta, alpha, beta, state=state, spec=spec, chunk_size=chunk_size,
+                                      kernel=True)  # fmt: skip
     if not supports(spec, state, q, interpret=True):
         raise ValueError(
-            "memory_fused covers the linear memory without the gradient clip, float32 states, calls that start at a "
-            "chunk boundary, on CUDA (or TRITON_INTERPRET=1); use memory_auto, which falls back to memory_chunk"
+            "memory_fused covers memories without the gradient clip or the branch LayerNorm, float32 states, calls "
+            "that start at a chunk boundary, on CUDA (or TRITON_INTERPRET=1); use memory_auto, which falls back to "
+            "memory_chunk"
         )
     return affine.memory_affine(q, k, v, eta, alpha, beta, state=state, spec=spec, chunk_size=chunk_size,
                                 kernel=True)  # fmt: skip
