@@ -12,7 +12,8 @@ Sections (`--sections`, default all):
 - `train`: one LM training step (forward, next-token loss, backward, AdamW; `benchmarks.common.time_training`,
   bf16 autocast on CUDA) at preset 20M (batch 8 x 2,048) and 125M (batch 4 x 4,096) for Transformer++,
   Hope-Attention with a static CMS (`cms_online_layers=()`) and with online CMS levels in every block (the
-  default, `cms_online_layers=None`), Titans LMM / MAC / MAG / MAL and HOPE (online CMS, the default, and static):
+  default, `cms_online_layers=None`), Titans LMM / MAC / MAG / MAL and HOPE (online CMS, the default, and static;
+  static also with `impl="fused"`, the MLP memory's Triton kernels where the head's state fits on chip):
   tokens/s, ratio to eager Transformer++ of the same preset, model FLOP utilisation and peak CUDA memory
   (`--train-steps` timed steps after `--warmup`). `--graphs` adds, after each row without online CMS levels, the
   same step with every block call replayed as a CUDA graph (`nestlearn.models.graphs.StepGraphs`; the note gives
@@ -105,6 +106,7 @@ TRAIN_ROWS: tuple[tuple[str, str, dict[str, Any]], ...] = (
     ("titans_mal", "titans_mal", {}),
     ("hope", "hope", {}),
     ("hope, static CMS", "hope", {"cms_online_layers": ()}),
+    ("hope, static CMS, fused kernels", "hope", {"cms_online_layers": (), "impl": "fused"}),
 )
 STATIC_PERIOD = 1 << 30  # nested-learning's update period for our static CMS level: no sequence reaches it
 

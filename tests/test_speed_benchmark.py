@@ -77,7 +77,7 @@ def test_graphs_rows_follow_each_row_without_online_levels() -> None:
     modes = [(label, graphs) for (label, _, _), graphs in speed._train_modes(speed.parse([*FAST, "--graphs"]))]
     graphed = [label for label, graphs in modes if graphs]
     assert graphed == ["transformer", "hope_attention, static CMS", "titans_lmm", "titans_mac", "titans_mag",
-                       "titans_mal", "hope, static CMS"]  # fmt: skip
+                       "titans_mal", "hope, static CMS", "hope, static CMS, fused kernels"]  # fmt: skip
     assert [label for label, graphs in modes if not graphs] == [label for label, _, _ in speed.TRAIN_ROWS]
     assert all(modes[modes.index((label, True)) - 1] == (label, False) for label in graphed)
     assert not any(graphs for _, graphs in speed._train_modes(speed.parse(FAST)))
