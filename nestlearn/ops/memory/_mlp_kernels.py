@@ -77,22 +77,87 @@ def _tri_inverse(L, n: tl.constexpr, LOGN: tl.constexpr, P: tl.constexpr):
 
 
 @triton.jit
-def _matrix_step(W, S, X, Xh, Q, Err, eta, gam, gam_p, m, m_p, Rm, Rp, Dm, Dp, gam_e, m_e, b_e, R_e, D_e, Lb_e,
-                 n: tl.constexpr, LOGN: tl.constexpr, DGD: tl.constexpr, P: tl.constexpr):  # fmt: skip
-    """`adjoint.matrix_step` on tiles: W, S `[o, i]`, X, Xh, Q `[n, i]`, Err `[n, o]` -> reads `[n, o]`, W', S'."""
+def _step_saved(W, S, X, Xh, Q, Err, eta, gam, gam_p, m, m_p, Rm, Rp, Dm, Dp,
+                n: tl.constexpr, LOGN: tl.constexpr, DGD: tl.constexpr, P: tl.constexpr):  # fmt: skip
+    """One matrix step's reads and what its adjoint reuses (`adjoint._Step`; zeros without DGD)."""
     QX = _mm(Q, tl.trans(X), P)
+    QXh = _mm(Q, tl.trans(Xh), P)
     O = gam[:, None] * _mm(Q, tl.trans(W), P) + m[:, None] * _mm(Q, tl.trans(S), P) + _mm(Dm * QX, Err, P)
-    Wn = gam_e * W + m_e * S + _mm(tl.trans(Err), D_e[:, None] * X, P)
-    Sn = b_e * S + _mm(tl.trans(Err), Lb_e[:, None] * X, P)
+    A = tl.zeros((n, n), tl.float32)
+    XX = tl.zeros((n, n), tl.float32)
+    Tinv = tl.zeros((n, n), tl.float32)
+    Y = tl.zeros_like(Err)
+    U = tl.zeros_like(Err)
     if DGD:
         A = _mm(Xh, tl.trans(Xh), P)
         XX = _mm(Xh, tl.trans(X), P)
         Y = gam_p[:, None] * _mm(Xh, tl.trans(W), P) + m_p[:, None] * _mm(Xh, tl.trans(S), P) + _mm(Dp * XX, Err, P)
         Tinv = _tri_inverse(eta[:, None] * (Rp * A), n, LOGN, P)
         U = _mm(Tinv, -eta[:, None] * Y, P)
-        O += _mm(Rm * _mm(Q, tl.trans(Xh), P), U, P)
+        O += _mm(Rm * QXh, U, P)
+    return O, QX, QXh, A, XX, Y, Tinv, U
+
+
+@triton.jit
+def _step_end(W, S, X, Xh, Err, U, gam_e, m_e, b_e, R_e, D_e, Lb_e, DGD: tl.constexpr, P: tl.constexpr):
+    """One matrix step's chunk-end `W', S'` (`adjoint.matrix_step`), from `_step_saved`'s U."""
+    Wn = gam_e * W + m_e * S + _mm(tl.trans(Err), D_e[:, None] * X, P)
+    Sn = b_e * S + _mm(tl.trans(Err), Lb_e[:, None] * X, P)
+    if DGD:
         Wn += _mm(tl.trans(U), R_e[:, None] * Xh, P)
-    return O, Wn, Sn
+    return Wn, Sn
+
+
+@triton.jit
+def _load_state(P1, P2, P3, P4, i, D: tl.constexpr, E: tl.constexpr):
+    """State i `(W1 [D, E], W2 [E, D], S1, S2)` of four buffers laid out `[..., D, E]` / `[..., E, D]`."""
+    return (_load2(P1 + i * D * E, D, E), _load2(P2 + i * E * D, E, D), _load2(P3 + i * D * E, D, E),
+            _load2(P4 + i * E * D, E, D))  # fmt: skip
+
+
+@triton.jit
+def _store_state(P1, P2, P3, P4, i, w1, w2, s1, s2, D: tl.constexpr, E: tl.constexpr):
+    _store2(P1 + i * D * E, w1, D, E)
+    _store2(P2 + i * E * D, w2, E, D)
+    _store2(P3 + i * D * E, s1, D, E)
+    _store2(P4 + i * E * D, s2, E, D)
+
+
+@triton.jit
+def _load_inputs(Q, K, KH, V, c, n: tl.constexpr, D: tl.constexpr):
+    """Chunk c's q, k, k̂, v `[n, D]`."""
+    return (_load2(Q + c * n * D, n, D), _load2(K + c * n * D, n, D), _load2(KH + c * n * D, n, D),
+            _load2(V + c * n * D, n, D))  # fmt: skip
+
+
+@triton.jit
+def _load_coef(ETA, GAM, GAMP, MM, MMP, RM, RP, DM, DP, GAME, ME, BE, RE, DE, LBE, c, n: tl.constexpr):
+    """Chunk c's gate products, in `_Coef`'s order."""
+    an = tl.arange(0, n)
+    return (tl.load(ETA + c * n + an), tl.load(GAM + c * n + an), tl.load(GAMP + c * n + an),
+            tl.load(MM + c * n + an), tl.load(MMP + c * n + an), _load2(RM + c * n * n, n, n),
+            _load2(RP + c * n * n, n, n), _load2(DM + c * n * n, n, n), _load2(DP + c * n * n, n, n),
+            tl.load(GAME + c), tl.load(ME + c), tl.load(BE + c), tl.load(RE + c * n + an), tl.load(DE + c * n + an),
+            tl.load(LBE + c * n + an))  # fmt: skip
+
+
+@triton.jit
+def _surprise(w1, w2, k, v, eta, SELF_VALUES: tl.constexpr, L2: tl.constexpr, ACT: tl.constexpr, P: tl.constexpr):
+    """The inner loss's gradient at the chunk start (Eqs. 84, 93): -> z = k W2ᵀ, h = σ(z), r = dl/dy, r W1, the
+    frozen errors e1 = -eta r `[n, D]` and e2 = -eta (r W1 ∘ σ'(z)) `[n, E]`, and back = r W1 ∘ σ'(z)."""
+    if SELF_VALUES:  # noqa: SIM108 (compile-time branches read better in a kernel)
+        vt = v + _mm(_sigma(_mm(v, tl.trans(w2), P), ACT), tl.trans(w1), P)
+    else:
+        vt = v
+    z = _mm(k, tl.trans(w2), P)  # [n, E]
+    h = _sigma(z, ACT)
+    if L2:  # noqa: SIM108
+        r = k + _mm(h, tl.trans(w1), P) - vt
+    else:
+        r = -vt
+    rW1 = _mm(r, w1, P)
+    back = rW1 * _dsigma(z, ACT)  # dl/dz [n, E]
+    return z, h, r, rW1, back, -eta[:, None] * r, -eta[:, None] * back
 
 
 @triton.jit
@@ -110,55 +175,27 @@ def _mlp_forward_kernel(
     DGD: tl.constexpr, SELF_VALUES: tl.constexpr, L2: tl.constexpr, ACT: tl.constexpr, P: tl.constexpr,
 ):  # fmt: skip
     bh = tl.program_id(0).to(tl.int64)
-    an = tl.arange(0, n)
-    w1 = _load2(W1 + bh * D * E, D, E)
-    w2 = _load2(W2 + bh * E * D, E, D)
-    s1 = _load2(S1 + bh * D * E, D, E)
-    s2 = _load2(S2 + bh * E * D, E, D)
+    w1, w2, s1, s2 = _load_state(W1, W2, S1, S2, bh, D, E)
     for j in range(N):
         c = bh * N + j
-        _store2(STARTS1 + c * D * E, w1, D, E)
-        _store2(STARTS2 + c * E * D, w2, E, D)
-        _store2(STARTT1 + c * D * E, s1, D, E)
-        _store2(STARTT2 + c * E * D, s2, E, D)
-        q = _load2(Q + c * n * D, n, D)
-        k = _load2(K + c * n * D, n, D)
-        kh = _load2(KH + c * n * D, n, D)
-        v = _load2(V + c * n * D, n, D)
-        eta = tl.load(ETA + c * n + an)
-        gam, gam_p = tl.load(GAM + c * n + an), tl.load(GAMP + c * n + an)
-        m, m_p = tl.load(MM + c * n + an), tl.load(MMP + c * n + an)
-        Rm, Rp = _load2(RM + c * n * n, n, n), _load2(RP + c * n * n, n, n)
-        Dm, Dp = _load2(DM + c * n * n, n, n), _load2(DP + c * n * n, n, n)
-        gam_e, m_e, b_e = tl.load(GAME + c), tl.load(ME + c), tl.load(BE + c)
-        R_e, D_e, Lb_e = tl.load(RE + c * n + an), tl.load(DE + c * n + an), tl.load(LBE + c * n + an)
-        # targets and the inner loss's gradient at the chunk start (Eqs. 84, 93)
-        if SELF_VALUES:  # noqa: SIM108 (compile-time branches read better in a kernel)
-            vt = v + _mm(_sigma(_mm(v, tl.trans(w2), P), ACT), tl.trans(w1), P)
-        else:
-            vt = v
-        z = _mm(k, tl.trans(w2), P)  # [n, E]
-        h = _sigma(z, ACT)
-        if L2:  # noqa: SIM108
-            r = k + _mm(h, tl.trans(w1), P) - vt
-        else:
-            r = -vt
-        back = _mm(r, w1, P) * _dsigma(z, ACT)  # dl/dz [n, E]
-        e1 = -eta[:, None] * r
-        e2 = -eta[:, None] * back
+        _store_state(STARTS1, STARTS2, STARTT1, STARTT2, c, w1, w2, s1, s2, D, E)
+        q, k, kh, v = _load_inputs(Q, K, KH, V, c, n, D)
+        eta, gam, gam_p, m, m_p, Rm, Rp, Dm, Dp, gam_e, m_e, b_e, R_e, D_e, Lb_e = _load_coef(
+            ETA, GAM, GAMP, MM, MMP, RM, RP, DM, DP, GAME, ME, BE, RE, DE, LBE, c, n
+        )
+        _, h, _, _, _, e1, e2 = _surprise(w1, w2, k, v, eta, SELF_VALUES, L2, ACT, P)
         # W2 (inputs: the keys), then W1 (inputs: σ(W2 k), read by σ(W2's reads))
-        zr, w2n, s2n = _matrix_step(w2, s2, k, kh, q, e2, eta, gam, gam_p, m, m_p, Rm, Rp, Dm, Dp, gam_e, m_e, b_e,
-                                    R_e, D_e, Lb_e, n, LOGN, DGD, P)  # fmt: skip
+        zr, _, _, _, _, _, _, U2 = _step_saved(w2, s2, k, kh, q, e2, eta, gam, gam_p, m, m_p, Rm, Rp, Dm, Dp, n, LOGN,
+                                               DGD, P)  # fmt: skip
+        w2n, s2n = _step_end(w2, s2, k, kh, e2, U2, gam_e, m_e, b_e, R_e, D_e, Lb_e, DGD, P)
         hr = _sigma(zr, ACT)
         hh = h / tl.sqrt(tl.sum(h * h, axis=1) + eps * eps)[:, None]
-        o1, w1n, s1n = _matrix_step(w1, s1, h, hh, hr, e1, eta, gam, gam_p, m, m_p, Rm, Rp, Dm, Dp, gam_e, m_e, b_e,
-                                    R_e, D_e, Lb_e, n, LOGN, DGD, P)  # fmt: skip
+        o1, _, _, _, _, _, _, U1 = _step_saved(w1, s1, h, hh, hr, e1, eta, gam, gam_p, m, m_p, Rm, Rp, Dm, Dp, n, LOGN,
+                                               DGD, P)  # fmt: skip
+        w1n, s1n = _step_end(w1, s1, h, hh, e1, U1, gam_e, m_e, b_e, R_e, D_e, Lb_e, DGD, P)
         _store2(OUT + c * n * D, q + o1, n, D)
         w1, w2, s1, s2 = w1n, w2n, s1n, s2n
-    _store2(W1 + bh * D * E, w1, D, E)
-    _store2(W2 + bh * E * D, w2, E, D)
-    _store2(S1 + bh * D * E, s1, D, E)
-    _store2(S2 + bh * E * D, s2, E, D)
+    _store_state(W1, W2, S1, S2, bh, w1, w2, s1, s2, D, E)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -184,25 +221,20 @@ def _d2sigma(z, ACT: tl.constexpr):
 
 
 @triton.jit
-def _step_saved(W, S, X, Xh, Q, Err, eta, gam, gam_p, m, m_p, Rm, Rp, Dm, Dp,
-                n: tl.constexpr, LOGN: tl.constexpr, DGD: tl.constexpr, P: tl.constexpr):  # fmt: skip
-    """One matrix step's reads and what its adjoint reuses (`adjoint._Step`; zeros without DGD)."""
-    QX = _mm(Q, tl.trans(X), P)
-    QXh = _mm(Q, tl.trans(Xh), P)
-    O = gam[:, None] * _mm(Q, tl.trans(W), P) + m[:, None] * _mm(Q, tl.trans(S), P) + _mm(Dm * QX, Err, P)
-    A = tl.zeros((n, n), tl.float32)
-    XX = tl.zeros((n, n), tl.float32)
-    Tinv = tl.zeros((n, n), tl.float32)
-    Y = tl.zeros_like(Err)
-    U = tl.zeros_like(Err)
-    if DGD:
-        A = _mm(Xh, tl.trans(Xh), P)
-        XX = _mm(Xh, tl.trans(X), P)
-        Y = gam_p[:, None] * _mm(Xh, tl.trans(W), P) + m_p[:, None] * _mm(Xh, tl.trans(S), P) + _mm(Dp * XX, Err, P)
-        Tinv = _tri_inverse(eta[:, None] * (Rp * A), n, LOGN, P)
-        U = _mm(Tinv, -eta[:, None] * Y, P)
-        O += _mm(Rm * QXh, U, P)
-    return O, QX, QXh, A, XX, Y, Tinv, U
+def _state_term_adjoint(W, S, Z, a, b, dP, P: tl.constexpr):
+    """The adjoint of `a ⊙ Z Wᵀ + b ⊙ Z Sᵀ` (`adjoint._state_term_adjoint`): -> dW, dS, dZ, da, db."""
+    dPW = _mm(dP, W, P)
+    dPS = _mm(dP, S, P)
+    dW = _mm(tl.trans(a[:, None] * dP), Z, P)
+    dS = _mm(tl.trans(b[:, None] * dP), Z, P)
+    return dW, dS, a[:, None] * dPW + b[:, None] * dPS, _rowdot(dPW, Z), _rowdot(dPS, Z)
+
+
+@triton.jit
+def _masked_adjoint(mask, FG, H, dP, P: tl.constexpr):
+    """The adjoint of `(mask ∘ FG) H` (`adjoint._masked_adjoint`): -> dH, dmask, dFG."""
+    Nm = _mm(dP, tl.trans(H), P)
+    return _mm(tl.trans(mask * FG), dP, P), Nm * FG, Nm * mask
 
 
 @triton.jit
@@ -224,17 +256,11 @@ def _step_adjoint(W, S, X, Xh, Q, Err, QX, QXh, A, XX, Y, Tinv, U, dO, dWn, dSn,
     c_Lbe = _rowdot(EdS, X)
     c_De = _rowdot(EdW, X)
     # reads: O = Γ ⊙ Q Wᵀ + m ⊙ Q Sᵀ + (R ∘ Q X̂ᵀ) U + (D ∘ Q Xᵀ) E
-    dPW = _mm(dO, W, P)
-    dPS = _mm(dO, S, P)
-    dW += _mm(tl.trans(gam[:, None] * dO), Q, P)
-    dS += _mm(tl.trans(m[:, None] * dO), Q, P)
-    dQ = gam[:, None] * dPW + m[:, None] * dPS
-    c_gam = _rowdot(dPW, Q)
-    c_m = _rowdot(dPS, Q)
-    N2 = _mm(dO, tl.trans(Err), P)
-    dE += _mm(tl.trans(Dm * QX), dO, P)
-    c_D = N2 * QX
-    G2 = N2 * Dm
+    gW, gS, dQ, c_gam, c_m = _state_term_adjoint(W, S, Q, gam, m, dO, P)
+    dW += gW
+    dS += gS
+    gE, c_D, G2 = _masked_adjoint(Dm, QX, Err, dO, P)
+    dE += gE
     dQ += _mm(G2, X, P)
     dX += _mm(tl.trans(G2), Q, P)
     dXh = tl.zeros_like(Xh)
@@ -247,10 +273,8 @@ def _step_adjoint(W, S, X, Xh, Q, Err, QX, QXh, A, XX, Y, Tinv, U, dO, dWn, dSn,
     c_Dp = tl.zeros((n, n), tl.float32)
     if DGD:
         UdW = _mm(U, dWn, P)
-        N1 = _mm(dO, tl.trans(U), P)
-        dU = R_e[:, None] * _mm(Xh, tl.trans(dWn), P) + _mm(tl.trans(Rm * QXh), dO, P)
-        c_R = N1 * QXh
-        G1 = N1 * Rm
+        gU, c_R, G1 = _masked_adjoint(Rm, QXh, U, dO, P)
+        dU = R_e[:, None] * _mm(Xh, tl.trans(dWn), P) + gU
         dXh = R_e[:, None] * UdW + _mm(tl.trans(G1), Q, P)
         c_Re = _rowdot(UdW, Xh)
         dQ += _mm(G1, Xh, P)
@@ -260,17 +284,12 @@ def _step_adjoint(W, S, X, Xh, Q, Err, QX, QXh, A, XX, Y, Tinv, U, dO, dWn, dSn,
         dT = tl.where(a[:, None] > a[None, :], -_mm(drhs, tl.trans(U), P), 0.0)
         c_eta = -_rowdot(drhs, Y) + tl.sum(dT * Rp * A, axis=1)
         dY = -eta[:, None] * drhs
-        dPW = _mm(dY, W, P)
-        dPS = _mm(dY, S, P)
-        dW += _mm(tl.trans(gam_p[:, None] * dY), Xh, P)
-        dS += _mm(tl.trans(m_p[:, None] * dY), Xh, P)
-        dXh += gam_p[:, None] * dPW + m_p[:, None] * dPS
-        c_gp = _rowdot(dPW, Xh)
-        c_mp = _rowdot(dPS, Xh)
-        N3 = _mm(dY, tl.trans(Err), P)
-        dE += _mm(tl.trans(Dp * XX), dY, P)
-        c_Dp = N3 * XX
-        dXX = N3 * Dp
+        gW, gS, gXh, c_gp, c_mp = _state_term_adjoint(W, S, Xh, gam_p, m_p, dY, P)
+        dW += gW
+        dS += gS
+        dXh += gXh
+        gE, c_Dp, dXX = _masked_adjoint(Dp, XX, Err, dY, P)
+        dE += gE
         dXh += _mm(dXX, X, P)
         dX += _mm(tl.trans(dXX), Xh, P)
         # T = I + diag(eta)(Rp ∘ X̂ X̂ᵀ)
@@ -297,44 +316,18 @@ def _mlp_backward_kernel(
 ):  # fmt: skip
     bh = tl.program_id(0).to(tl.int64)
     an = tl.arange(0, n)
-    d1 = _load2(DW1 + bh * D * E, D, E)
-    d2 = _load2(DW2 + bh * E * D, E, D)
-    ds1 = _load2(DS1 + bh * D * E, D, E)
-    ds2 = _load2(DS2 + bh * E * D, E, D)
+    d1, d2, ds1, ds2 = _load_state(DW1, DW2, DS1, DS2, bh, D, E)
     for jj in range(N):
         j = N - 1 - jj
         c = bh * N + j
-        w1 = _load2(STARTS1 + c * D * E, D, E)
-        w2 = _load2(STARTS2 + c * E * D, E, D)
-        s1 = _load2(STARTT1 + c * D * E, D, E)
-        s2 = _load2(STARTT2 + c * E * D, E, D)
-        q = _load2(Q + c * n * D, n, D)
-        k = _load2(K + c * n * D, n, D)
-        kh = _load2(KH + c * n * D, n, D)
-        v = _load2(V + c * n * D, n, D)
+        w1, w2, s1, s2 = _load_state(STARTS1, STARTS2, STARTT1, STARTT2, c, D, E)
+        q, k, kh, v = _load_inputs(Q, K, KH, V, c, n, D)
         do = _load2(DOUT + c * n * D, n, D)
-        eta = tl.load(ETA + c * n + an)
-        gam, gam_p = tl.load(GAM + c * n + an), tl.load(GAMP + c * n + an)
-        m, m_p = tl.load(MM + c * n + an), tl.load(MMP + c * n + an)
-        Rm, Rp = _load2(RM + c * n * n, n, n), _load2(RP + c * n * n, n, n)
-        Dm, Dp = _load2(DM + c * n * n, n, n), _load2(DP + c * n * n, n, n)
-        gam_e, m_e, b_e = tl.load(GAME + c), tl.load(ME + c), tl.load(BE + c)
-        R_e, D_e, Lb_e = tl.load(RE + c * n + an), tl.load(DE + c * n + an), tl.load(LBE + c * n + an)
+        eta, gam, gam_p, m, m_p, Rm, Rp, Dm, Dp, gam_e, m_e, b_e, R_e, D_e, Lb_e = _load_coef(
+            ETA, GAM, GAMP, MM, MMP, RM, RP, DM, DP, GAME, ME, BE, RE, DE, LBE, c, n
+        )
         # the chunk again, from its start (adjoint.mlp_chunk with ends=False)
-        if SELF_VALUES:  # noqa: SIM108
-            vt = v + _mm(_sigma(_mm(v, tl.trans(w2), P), ACT), tl.trans(w1), P)
-        else:
-            vt = v
-        z = _mm(k, tl.trans(w2), P)
-        h = _sigma(z, ACT)
-        if L2:  # noqa: SIM108
-            r = k + _mm(h, tl.trans(w1), P) - vt
-        else:
-            r = -vt
-        rW1 = _mm(r, w1, P)
-        back = rW1 * _dsigma(z, ACT)
-        e1 = -eta[:, None] * r
-        e2 = -eta[:, None] * back
+        z, h, r, rW1, back, e1, e2 = _surprise(w1, w2, k, v, eta, SELF_VALUES, L2, ACT, P)
         zr, QX2, QXh2, A2, XX2, Y2, T2, U2 = _step_saved(w2, s2, k, kh, q, e2, eta, gam, gam_p, m, m_p, Rm, Rp, Dm,
                                                          Dp, n, LOGN, DGD, P)  # fmt: skip
         hr = _sigma(zr, ACT)
@@ -400,10 +393,7 @@ def _mlp_backward_kernel(
         tl.store(CRE + c * n + an, c_Re + c_Re2)
         tl.store(CDE + c * n + an, c_De + c_De2)
         tl.store(CLBE + c * n + an, c_Lbe + c_Lbe2)
-    _store2(DW1 + bh * D * E, d1, D, E)
-    _store2(DW2 + bh * E * D, d2, E, D)
-    _store2(DS1 + bh * D * E, ds1, D, E)
-    _store2(DS2 + bh * E * D, ds2, E, D)
+    _store_state(DW1, DW2, DS1, DS2, bh, d1, d2, ds1, ds2, D, E)
 
 
 def launch_mlp_forward(
