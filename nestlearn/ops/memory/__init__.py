@@ -1,7 +1,8 @@
 """Deep memory learned in context: per-token reference (`memory_naive`), chunk-parallel form (`memory_chunk`),
-the GPU path (`memory_fused`: the linear memory's affine scan, `memory_affine`, with its Triton kernel;
-`memory_auto` picks it where it applies), the memory-lean training path (`memory_lean`) and the MLP memory's
-written-out backward (`memory_adjoint`), all with the same signature. See README.md here for the derivation."""
+the GPU path (`memory_fused`: the linear memory's affine scan, `memory_affine`, with its Triton kernel, and the
+MLP memory's Triton kernels; `memory_auto` picks the scan where it applies), the memory-lean training path
+(`memory_lean`) and the MLP memory's written-out backward (`memory_adjoint`), all with the same signature. See
+README.md here for the derivation."""
 
 from .adjoint import memory_adjoint
 from .affine import memory_affine

@@ -12,7 +12,8 @@ The adjoint of one weight matrix over one chunk (`matrix_step_adjoint`) follows 
 DGD system (its transpose solve through the explicit inverse), its right-hand side and its matrix. The MLP chains
 two such steps (W1 reads `σ(W2_t q_t)`) behind the frozen surprise of Eq. 93 (and the self-generated targets of
 Eqs. 84 / 91). Activation memory: one state per chunk boundary; the per-chunk work is the recompute plus about
-three times the forward's products, with no autograd bookkeeping.
+three times the forward's products, with no autograd bookkeeping. With `kernel=True` both chunk loops run as one
+Triton program per sequence and head (`_mlp_kernels.py`) where the state fits on chip (`kernel_supports`).
 What it is not: the linear memory (`affine.py` covers it), the gradient clip or Titans' branch LayerNorm
 (`memory_chunk` computes those), a call that finishes a chunk an earlier call opened, or a second-order op.
 """
