@@ -15,18 +15,10 @@ from nestlearn.ops.memory import MemorySpec, MemoryState, init_state, memory_chu
 from nestlearn.ops.memory.adjoint import _Coef, matrix_step, matrix_step_adjoint, memory_adjoint
 from nestlearn.ops.memory.chunk import _coefficients
 
+from .test_affine import SWITCHES as LINEAR_SWITCHES
+
 FP64_RTOL = 1e-10
-SWITCHES = {
-    "default": {},
-    "plain_gd": dict(dgd=False),
-    "no_momentum": dict(momentum=False),
-    "no_decay": dict(decay=False),
-    "dot": dict(objective="dot"),
-    "gelu": dict(activation="gelu"),
-    "tanh": dict(activation="tanh"),
-    "self_values": dict(self_values=True),
-    "dot_self_values": dict(objective="dot", self_values=True),
-}
+SWITCHES = LINEAR_SWITCHES | {"gelu": dict(activation="gelu"), "tanh": dict(activation="tanh")}  # and the activations
 
 
 def inputs(B: int, T: int, H: int, D: int, spec: MemorySpec, dtype=torch.float64) -> list[torch.Tensor]:

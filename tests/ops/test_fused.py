@@ -17,18 +17,11 @@ import torch.nn.functional as F
 
 from nestlearn.ops.memory import MemorySpec, MemoryState, init_state, memory_auto, memory_chunk, memory_fused
 
+from .test_affine import SWITCHES
+
 pytest.importorskip("triton")
 DEVICES = ["cuda"] if torch.cuda.is_available() else ["cpu"]
 FP32_RTOL = 1e-5  # relative to the largest entry of each compared tensor
-SWITCHES = {
-    "default": {},
-    "plain_gd": dict(dgd=False),
-    "no_momentum": dict(momentum=False),
-    "no_decay": dict(decay=False),
-    "dot": dict(objective="dot"),
-    "self_values": dict(self_values=True),
-    "dot_self_values": dict(objective="dot", self_values=True),
-}
 
 
 def inputs(B: int, T: int, H: int, D: int, spec: MemorySpec, device: str, dtype=torch.float32) -> list[torch.Tensor]:

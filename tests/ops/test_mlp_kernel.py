@@ -21,7 +21,6 @@ from .test_adjoint import SWITCHES, assert_close, inputs, run
 
 pytest.importorskip("triton")
 FP32_RTOL = 1e-5  # relative to the largest entry of each compared tensor
-KERNEL_SWITCHES = SWITCHES | {"gelu": dict(activation="gelu"), "tanh": dict(activation="tanh")}
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
@@ -32,11 +31,11 @@ def _compare(spec: MemorySpec, B: int, T: int, H: int, D: int, C: int, device: s
     assert_close(run(kernel, xs, spec, C), run(memory_adjoint, xs, spec, C), FP32_RTOL)
 
 
-@pytest.mark.parametrize("switch", sorted(KERNEL_SWITCHES))
+@pytest.mark.parametrize("switch", sorted(SWITCHES))
 @pytest.mark.parametrize("shape", [(16, 40), (32, 32), (16, 16)], ids=lambda s: "C{}_T{}".format(*s))
 def test_kernel_forward_equals_the_chunk_loop(switch: str, shape: tuple[int, int]) -> None:
     C, T = shape
-    spec = MemorySpec(kind="mlp", expansion=2, **KERNEL_SWITCHES[switch])
+    spec = MemorySpec(kind="mlp", expansion=2, **SWITCHES[switch])
     _compare(spec, 1, T, 2, 16, C, DEVICE)
 
 
@@ -73,10 +72,10 @@ def test_kernel_supports_refuses_what_it_does_not_hold() -> None:
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("switch", sorted(KERNEL_SWITCHES))
+@pytest.mark.parametrize("switch", sorted(SWITCHES))
 @pytest.mark.parametrize("C", [16, 64])
 def test_kernel_on_the_gpu_at_the_20M_head_shape(switch: str, C: int) -> None:
-    spec = MemorySpec(kind="mlp", expansion=4, **KERNEL_SWITCHES[switch])
+    spec = MemorySpec(kind="mlp", expansion=4, **SWITCHES[switch])
     _compare(spec, 2, 300, 3, 32, C, "cuda")
 
 
