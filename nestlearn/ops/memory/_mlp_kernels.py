@@ -23,7 +23,6 @@ import triton.language as tl
 from torch import Tensor
 
 ACTIVATIONS = {"silu": 0, "gelu": 1, "tanh": 2}
-MAX_STATE = 64 * 128  # D * E of one matrix held on chip per program
 
 
 @triton.jit

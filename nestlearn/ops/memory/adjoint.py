@@ -35,6 +35,7 @@ from .common import (
     flush_subnormals,
     memory_apply,
     normalize,
+    triton_available,
 )
 
 
@@ -44,22 +45,19 @@ def supports(spec: MemorySpec, state: MemoryState) -> bool:
     return spec.kind == "mlp" and spec.max_grad_norm is None and not spec.out_norm and state.offset == 0
 
 
+MAX_STATE = 64 * 128  # D * E of one weight matrix that a kernel program holds on chip
+
+
 def kernel_supports(q: Tensor, state: MemoryState, chunk_size: int) -> bool:
-    """Whether the forward kernel (`_mlp_kernels.py`) takes this call: float32 state, Triton importable, chunks of
-    16 tokens or more and head dims that are powers of two (D >= 16) with `D * E` within what a program holds."""
+    """Whether the kernels (`_mlp_kernels.py`) take this call: where a kernel runs (`triton_available`, the
+    interpreter included), float32 state, chunks of 16 tokens or more and head dims that are powers of two
+    (D >= 16) with `D * E` within what a program holds."""
     W1 = state.weights[0]
     D, E = W1.shape[-2:]
     n = min(chunk_size, q.shape[1])
     pow2 = all(x >= 16 and x & (x - 1) == 0 for x in (n, D, E))
-    return pow2 and W1.dtype == torch.float32 and q.dtype != torch.float64 and D * E <= 64 * 128 and _has_triton()
-
-
-def _has_triton() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    fits = pow2 and D * E <= MAX_STATE and W1.dtype == torch.float32 and q.dtype != torch.float64
+    return fits and triton_available(q.device, interpret=True)
 
 
 def memory_adjoint(

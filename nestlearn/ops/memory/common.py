@@ -15,7 +15,9 @@ Conventions (column vectors, as in the paper):
 
 from __future__ import annotations
 
+import importlib.util
 import math
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal, NamedTuple
@@ -343,3 +345,18 @@ def _check_state(
                 raise ValueError(f"state.{field}[{i}] must be float32 or float64 (D8), got {t.dtype}")
             if t.device != device:
                 raise ValueError(f"state.{field}[{i}] is on {t.device} but the inputs are on {device}")
+
+
+# ---------------------------------------------------------------------------------------------
+# where the Triton kernels can run
+
+# Triton is optional: CPU machines without it use the PyTorch chunk form. It is imported only when a kernel runs.
+HAVE_TRITON = importlib.util.find_spec("triton") is not None
+
+
+def triton_available(device: torch.device, interpret: bool = False) -> bool:
+    """Whether a kernel can run on `device`: Triton installed, and CUDA, or with `interpret` Triton's interpreter
+    on CPU tensors (`TRITON_INTERPRET=1` set before Triton compiles the kernel: the tests' way)."""
+    if not HAVE_TRITON:
+        return False
+    return device.type == "cuda" or (interpret and os.environ.get("TRITON_INTERPRET") == "1")

@@ -17,26 +17,13 @@ What it is not: the gradient clip or the branch LayerNorm, or a call that finish
 
 from __future__ import annotations
 
-import importlib.util
-import os
-
 import torch
 from torch import Tensor
 
 from . import adjoint, affine
 from .chunk import memory_chunk
 from .common import MemorySpec, MemoryState, check_inputs
-
-# Triton is optional: CPU machines without it use the PyTorch chunk form. It is imported only when a kernel runs.
-HAVE_TRITON = importlib.util.find_spec("triton") is not None
-
-
-def available(device: torch.device, interpret: bool = False) -> bool:
-    """Whether the kernel can run on `device`: Triton installed, and CUDA, or with `interpret` Triton's interpreter
-    on CPU tensors (`TRITON_INTERPRET=1` set before Triton compiles the kernel: the tests' way)."""
-    if not HAVE_TRITON:
-        return False
-    return device.type == "cuda" or (interpret and os.environ.get("TRITON_INTERPRET") == "1")
+from .common import triton_available as available
 
 
 def supports(spec: MemorySpec, state: MemoryState, q: Tensor, interpret: bool = False) -> bool:
