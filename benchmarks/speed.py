@@ -15,9 +15,10 @@ Sections (`--sections`, default all):
   default, `cms_online_layers=None`), Titans LMM / MAC / MAG / MAL and HOPE (online CMS, the default, and static;
   static also with `impl="fused"`, the MLP memory's Triton kernels where the head's state fits on chip):
   tokens/s, ratio to eager Transformer++ of the same preset, model FLOP utilisation and peak CUDA memory
-  (`--train-steps` timed steps after `--warmup`). `--graphs` adds, after each row without online CMS levels, the
+  (`--train-steps` timed steps after `--warmup`). `--graphs` adds, after each row, the
   same step with every block call replayed as a CUDA graph (`nestlearn.models.graphs.StepGraphs`; the note gives
-  the warm-up's seconds, capture included).
+  the warm-up's seconds, capture included). `--train-rows REGEX` keeps the rows whose label matches and
+  `--no-eager` drops their eager runs (Transformer++'s eager row, the reference, always runs).
   **MFU** = model FLOPs per token x tokens/s / the card's dense bf16 peak (`PEAK_BF16`: H100 and H200 989e12,
   A100 312e12; none on CPU or an unknown card). Model FLOPs per token = 6 N (N = all parameters, the tied
   embedding once: the LM head's matmul) + 12 d_model K per attention layer, K the mean number of keys a query
@@ -77,6 +78,7 @@ import glob
 import importlib.metadata
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -256,13 +258,16 @@ def train_jobs(args: argparse.Namespace, plan: Plan) -> Iterator[Job]:
 
 
 def _train_modes(args: argparse.Namespace) -> Iterator[tuple[tuple[str, str, dict[str, Any]], bool]]:
-    """Each train row eagerly, and with `--graphs` right after it with CUDA graphs where they apply (no online
-    CMS levels: `nestlearn.models.graphs`)."""
+    """Each train row whose label `--train-rows` matches, eagerly unless `--no-eager`, and with `--graphs` right
+    after it with CUDA graphs (`nestlearn.models.graphs`). Transformer++'s eager row always runs: the ratios'
+    reference."""
     for row in TRAIN_ROWS:
-        yield row, False
-        _, variant, over = row
-        online = variant in ("hope", "hope_attention") and over.get("cms_online_layers") != ()
-        if args.graphs and not online:
+        label, variant, _ = row
+        if not re.search(args.train_rows, label) and variant != "transformer":
+            continue
+        if not args.no_eager or variant == "transformer":
+            yield row, False
+        if args.graphs:
             yield row, True
 
 
@@ -586,6 +591,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--decode-warmup", type=int, default=3, help="decode steps before timing (>= 2: see docstring)")
     p.add_argument("--checkpoint", action="store_true", help="train rows with activation checkpointing")
     p.add_argument("--graphs", action="store_true", help="train rows also with CUDA graphs (models/graphs.py)")
+    p.add_argument("--train-rows", default="", help="regex: only train rows whose label matches (and transformer)")
+    p.add_argument("--no-eager", action="store_true", help="train rows only with --graphs (transformer eager too)")
     p.add_argument("--max-minutes", type=float, default=None, help="start no row after this many minutes")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--json", default=None, help="write the header, run settings and raw rows here")

@@ -72,12 +72,18 @@ def test_model_flops_follow_the_formula() -> None:
     assert speed.attention_keys(preset("debug", "hope"), 64) == 0
 
 
-def test_graphs_rows_follow_each_row_without_online_levels() -> None:
-    """`--graphs` adds a CUDA-graph row right after every train row whose model has no online CMS levels."""
+def test_train_rows_pick_rows_and_keep_the_reference() -> None:
+    args = speed.parse([*FAST, "--graphs", "--no-eager", "--train-rows", "^hope, static"])
+    modes = [(label, graphs) for (label, _, _), graphs in speed._train_modes(args)]
+    assert modes == [("transformer", False), ("transformer", True), ("hope, static CMS", True),
+                     ("hope, static CMS, fused kernels", True)]  # fmt: skip
+
+
+def test_graphs_rows_follow_each_row() -> None:
+    """`--graphs` adds a CUDA-graph row right after every train row."""
     modes = [(label, graphs) for (label, _, _), graphs in speed._train_modes(speed.parse([*FAST, "--graphs"]))]
     graphed = [label for label, graphs in modes if graphs]
-    assert graphed == ["transformer", "hope_attention, static CMS", "titans_lmm", "titans_mac", "titans_mag",
-                       "titans_mal", "hope, static CMS", "hope, static CMS, fused kernels"]  # fmt: skip
+    assert graphed == [label for label, _, _ in speed.TRAIN_ROWS]
     assert [label for label, graphs in modes if not graphs] == [label for label, _, _ in speed.TRAIN_ROWS]
     assert all(modes[modes.index((label, True)) - 1] == (label, False) for label in graphed)
     assert not any(graphs for _, graphs in speed._train_modes(speed.parse(FAST)))

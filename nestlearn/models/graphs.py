@@ -18,9 +18,10 @@ which the optimizer updates in place; the captured inputs are copied in at every
 its own buffers, rewritten by the next step's replay: the block states a step returns are valid until the next
 step (a training step from the initial state discards them). A call whose shapes or state layout differ from the
 captured one gets a graph of its own (captured on first use: a few eager passes).
-What it is not: available on CPU, with online CMS levels (refused: with them, the captured calls' inner
-gradients disagree with the eager model's on the H200, cause not found; docs/decisions.md), with activation
-checkpointing, DDP / FSDP (their hooks fire inside the blocks) or `torch.compile`; it captures nothing outside
+Online CMS levels: the driver takes each segment's inner gradient through the captured calls and later the
+outer loss's, so their backward graphs are captured with `retain_graph` (`_graphed`'s `retain`; more memory).
+What it is not: available on CPU, with activation checkpointing, DDP / FSDP (their hooks fire inside the blocks)
+or `torch.compile`; it captures nothing outside
 `logits`, nothing without gradients (evaluation, generation) and no call with full meta-gradients
 (`second_order`: the graphs' backward is first-order): those run eagerly.
 """
@@ -39,12 +40,6 @@ from .lm import CausalLM
 
 def check_graphable(model: CausalLM) -> None:
     """Refuse, with the fix, a model whose training steps cannot be captured (module docstring)."""
-    if model.online_segment is not None:
-        raise ValueError(
-            "cuda_graphs does not take online CMS levels yet (their inner gradients through the captured calls "
-            "disagree with the eager model's: docs/decisions.md): set cuda_graphs=false, or use static levels "
-            "(cms_online_layers=())"
-        )
     if model.config.activation_checkpointing:
         raise ValueError("cuda_graphs and activation_checkpointing exclude each other: set one of them false")
     if model.device.type != "cuda":
@@ -138,14 +133,19 @@ class StepGraphs:
         samples = [t.detach().clone().requires_grad_(t.requires_grad) for t in tensors]
         amp = torch.is_autocast_enabled("cuda")
         with torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"), enabled=amp, cache_enabled=False):
-            return flat, _graphed(flat, samples, self.warmup)
+            return flat, _graphed(flat, samples, self.warmup, retain=self.model.online_segment is not None)
 
 
-def _graphed(fn: nn.Module, samples: list[Tensor], warmup: int) -> Any:
+def _graphed(fn: nn.Module, samples: list[Tensor], warmup: int, *, retain: bool = False) -> Any:
     """`fn(*tensors) -> tuple of tensors` as an autograd function whose forward and backward each replay one CUDA
     graph (the pattern of `torch.cuda.make_graphed_callables`, in a private memory pool). Unlike that function's,
     the backward returns copies of the graph's gradient buffers: autograd may keep a returned gradient (as a
-    parameter's `.grad`, or in a sum it adds to in place) past the next replay, which rewrites the buffers."""
+    parameter's `.grad`, or in a sum it adds to in place) past the next replay, which rewrites the buffers.
+    `retain`: the backward may be replayed more than once per forward (online CMS levels: the segment's inner
+    gradient, then the outer loss), so it is captured with `retain_graph`: captured without it, it frees the
+    forward's saved tensors into the pool as it goes and its own later temporaries overwrite them, which a
+    second replay would read. Without `retain` the pool reuses that memory (HOPE, static levels, 20M, 8 x 2,048
+    on the H200: 14.3 GiB peak without, 112.4 GiB with)."""
     params = [p for p in fn.parameters() if p.requires_grad]
     inputs = samples + params
     wants = [t.requires_grad for t in inputs]
@@ -165,7 +165,8 @@ def _graphed(fn: nn.Module, samples: list[Tensor], warmup: int) -> Any:
     grad_out = [torch.zeros_like(o) for o, n in zip(static_out, needs, strict=True) if n]
     with torch.cuda.graph(bwd, pool=pool):
         grads = torch.autograd.grad([o for o, n in zip(static_out, needs, strict=True) if n],
-                                    [t for t in inputs if t.requires_grad], grad_out, allow_unused=True)  # fmt: skip
+                                    [t for t in inputs if t.requires_grad], grad_out, allow_unused=True,
+                                    retain_graph=retain)  # fmt: skip
     grad_in: list[Tensor | None] = []
     it = iter(grads)
     for w in wants:

@@ -1,5 +1,5 @@
 """`cuda_graphs=true` in `nestlearn train`: refused with the fix where it cannot run (CPU, DDP / FSDP, together with
-compile, online CMS levels). Its equality with eager steps is `tests/models/test_graphs.py` (GPU)."""
+compile). Its equality with eager steps is `tests/models/test_graphs.py` (GPU)."""
 
 from __future__ import annotations
 
