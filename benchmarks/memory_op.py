@@ -1,7 +1,8 @@
 """Benchmark: tokens/s of the deep-memory op, `naive` (per-token) vs `chunk` vs the GPU paths (`affine`: the linear
 memory's affine form, `fused` the same with the Triton scan; `lean`: the memory-lean backward; `adjoint`: the MLP
-memory's hand-derived backward, `adjoint_kernel` the same with its forward as one Triton program per head (state
-on chip: D * E <= 8,192, e.g. d = 32 with expansion 4); `fla`: fla's Gated DeltaNet op at the same shape with
+memory's hand-derived backward, `adjoint_kernel` the same with its forward (chunks up to 64) and backward (up to
+32; longer: the PyTorch loop) as one Triton program per head (state on chip: D * E <= 8,192, e.g. d = 32 with
+expansion 4); `fla`: fla's Gated DeltaNet op at the same shape with
 `--fla`), with causal SDPA attention at the same B, H, T, d timed in the same process, and the peak memory of
 forward + backward on CUDA.
 Prints a ratio table last; `--json` keeps the raw numbers.
@@ -111,7 +112,7 @@ def sdpa_call(B: int, T: int, H: int, d: int, device: str, backward: bool) -> Ca
     return call
 
 
-def paths(spec: MemorySpec, x: dict, device: str) -> dict[str, Callable[..., object]]:
+def paths(spec: MemorySpec, x: dict, C: int, device: str) -> dict[str, Callable[..., object]]:
     """The memory ops timed for this spec: `chunk` always; on CUDA the memory-lean path, for the MLP memory the
     hand-derived backward (`ops/memory/adjoint.py`; with its forward kernel where the state fits on chip), and for
     the linear memory the affine form with its scan as a
@@ -122,7 +123,7 @@ def paths(spec: MemorySpec, x: dict, device: str) -> dict[str, Callable[..., obj
         ops["lean"] = memory_lean
     if adjoint_supports(spec, state) and device == "cuda":
         ops["adjoint"] = memory_adjoint
-        if kernel_supports(x["q"], state, 64):
+        if kernel_supports(x["q"], state, C):
             ops["adjoint_kernel"] = functools.partial(memory_adjoint, kernel=True)
     if affine_supports(spec, state) and device == "cuda":
         ops["affine"] = memory_affine
@@ -147,7 +148,7 @@ def bench_case(case: tuple[int, ...], kind: str, device: str, args: argparse.Nam
         row[f"{tag}_sdpa_tok_s"] = B * T / timeit(sdpa_call(B, T, H, d, device, bwd), device, args.warmup, args.reps)
         if args.fla and device == "cuda":
             row[f"{tag}_fla_tok_s"], row[f"{tag}_fla_note"] = time_fla(B, T, H, d, bwd, args)
-        for name, op in paths(spec, x, device).items():
+        for name, op in paths(spec, x, C, device).items():
             call = memory_call(op, x, spec, C, bwd)
             row[f"{tag}_{name}_tok_s"] = B * T / timeit(call, device, args.warmup, args.reps)
             row[f"{tag}_{name}_peak_mb"] = peak_mb(call, device)

@@ -2,7 +2,8 @@
 outputs, final states, the anchor of an open chunk and every gradient (q, k, v, the three gates, both initial
 weights and momenta) for every switch it covers (plain GD, no momentum, no decay, the dot objective, the three
 activations, self-generated values) at awkward shapes; one matrix step's adjoint equals autograd through that step
-on its own; float32 on the GPU; what it does not cover is refused with the fix.
+on its own; float32 on the GPU; what it does not cover is refused with the fix; the op is a `torch.library`
+custom op (opcheck) that `torch.compile(fullgraph=True)` traces as one node with the eager results.
 What this is not: the chunk form's own equivalence with the per-token reference (test_memory.py)."""
 
 from __future__ import annotations
@@ -12,8 +13,9 @@ import torch
 import torch.nn.functional as F
 
 from nestlearn.ops.memory import MemorySpec, MemoryState, init_state, memory_chunk
-from nestlearn.ops.memory.adjoint import _Coef, matrix_step, matrix_step_adjoint, memory_adjoint
+from nestlearn.ops.memory.adjoint import _Coef, adjoint_memory, matrix_step, matrix_step_adjoint, memory_adjoint
 from nestlearn.ops.memory.chunk import _coefficients
+from nestlearn.ops.memory.common import spec_args
 
 from .test_affine import SWITCHES as LINEAR_SWITCHES
 
@@ -90,6 +92,32 @@ def test_what_it_does_not_cover_is_refused() -> None:
         xs = inputs(1, 4, 1, 4, spec)
         with pytest.raises(ValueError, match="use memory_chunk"):
             memory_adjoint(*xs[:6], state=MemoryState(tuple(xs[6:8]), tuple(xs[8:10])), spec=spec, chunk_size=2)
+
+
+@pytest.mark.parametrize("T", [8, 7])
+def test_custom_op_passes_opcheck(T: int) -> None:
+    """Schema, fake tensors and the autograd registration, with a closed and an open last chunk."""
+    spec = MemorySpec(kind="mlp", expansion=2)
+    xs = [x.requires_grad_() for x in inputs(1, T, 2, 4, spec)]
+    args = (*xs[:6], xs[6:8], xs[8:10], 4, *spec_args(spec), False, False)
+    tests = ("test_schema", "test_faketensor", "test_autograd_registration")
+    torch.library.opcheck(adjoint_memory, args, test_utils=tests)
+
+
+def test_compiled_in_one_graph_equals_eager() -> None:
+    """`torch.compile(fullgraph=True)` (aot_eager: the tracing, without a C++ toolchain) through the op and its
+    backward: the same outputs and gradients in float64, and the op is one node of the traced graph."""
+    spec = MemorySpec(kind="mlp", expansion=2)
+    xs = inputs(2, 11, 2, 4, spec)
+    nodes: list[str] = []
+
+    def backend(gm: torch.fx.GraphModule, example: list) -> object:
+        nodes.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+        return torch._dynamo.backends.debugging.aot_eager(gm, example)
+
+    compiled = torch.compile(memory_adjoint, fullgraph=True, backend=backend)
+    assert_close(run(compiled, xs, spec, 4), run(memory_adjoint, xs, spec, 4), FP64_RTOL)
+    assert sum("adjoint_memory" in n for n in nodes) == 1
 
 
 @pytest.mark.gpu

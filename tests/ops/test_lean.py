@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from nestlearn.ops.memory import MemorySpec, MemoryState, init_state, lean, memory_chunk
+from nestlearn.ops.memory.common import spec_args
 from nestlearn.ops.memory.lean import lean_memory, memory_lean
 
 CASES = {
@@ -72,7 +73,7 @@ def test_custom_op_passes_opcheck() -> None:
         [m.requires_grad_() for m in ms],
         4,
         4,
-        *lean._spec_args(spec),
+        *spec_args(spec),
         True,
     )
     tests = ("test_schema", "test_faketensor", "test_autograd_registration")

@@ -2,10 +2,11 @@
 equal `adjoint.py`'s PyTorch loops in float32: outputs, final state, anchor (a call ending inside a chunk) and
 every gradient (the backward kernel from the forward kernel's saved chunk starts), with each switch (DGD off,
 momentum off, decay off, the dot objective, self-generated values, gelu and tanh), chunks of 16 and 32 tokens, T
-not a multiple of C; state carried across calls; HOPE's mixer through them; `kernel_supports` refuses what they
-do not hold. On CPU the kernels run in Triton's interpreter (tests/conftest.py) at tiny shapes; the `gpu` tests
-repeat the comparison on CUDA at the 20M preset's head shape (d = 32, expansion 4). What this is not: the
-written-out backward's own checks against autograd (test_adjoint.py)."""
+not a multiple of C; chunks of 64 (the forward kernel, the backward's loop); state carried across calls; HOPE's
+mixer through them; `kernel_supports` refuses what they do not hold. On CPU the kernels run in Triton's
+interpreter (tests/conftest.py) at tiny shapes; the `gpu` tests repeat the comparison on CUDA at the 20M
+preset's head shape (d = 32, expansion 4) on inputs that keep that memory finite (`_gentle`). What this is not:
+the written-out backward's own checks against autograd (test_adjoint.py)."""
 
 from __future__ import annotations
 
@@ -24,8 +25,9 @@ FP32_RTOL = 1e-5  # relative to the largest entry of each compared tensor
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _compare(spec: MemorySpec, B: int, T: int, H: int, D: int, C: int, device: str) -> None:
-    xs = [x.float().to(device) for x in inputs(B, T, H, D, spec)]
+def _compare(spec: MemorySpec, B: int, T: int, H: int, D: int, C: int, device: str, *, gentle: bool = False) -> None:
+    """`gentle`: steps ten times smaller and decay ten times slower (`_gentle`)."""
+    xs = [x.float().to(device) for x in (_gentle if gentle else list)(inputs(B, T, H, D, spec))]
     kernel = functools.partial(memory_adjoint, kernel=True)
     assert kernel_supports(xs[0], MemoryState(tuple(xs[6:8]), tuple(xs[8:10])), C)
     assert_close(run(kernel, xs, spec, C), run(memory_adjoint, xs, spec, C), FP32_RTOL)
@@ -37,6 +39,12 @@ def test_kernel_forward_equals_the_chunk_loop(switch: str, shape: tuple[int, int
     C, T = shape
     spec = MemorySpec(kind="mlp", expansion=2, **SWITCHES[switch])
     _compare(spec, 1, T, 2, 16, C, DEVICE)
+
+
+def test_forward_kernel_with_the_backward_loop_at_64_token_chunks() -> None:
+    """Chunks of 64: the forward kernel, the backward's PyTorch loop from the kernel's saved chunk starts."""
+    spec = MemorySpec(kind="mlp", expansion=2)
+    _compare(spec, 1, 80, 1, 16, 64, DEVICE)
 
 
 def test_state_carried_across_calls_equals_one_call() -> None:
@@ -57,6 +65,11 @@ def test_kernel_supports_refuses_what_it_does_not_hold() -> None:
     state = MemoryState(tuple(ok[6:8]), tuple(ok[8:10]))
     assert kernel_supports(ok[0], state, 16)
     assert not kernel_supports(ok[0], state, 8)  # chunks under 16 tokens
+    long = [x.float() for x in inputs(1, 128, 2, 16, spec)]
+    long_state = MemoryState(tuple(long[6:8]), tuple(long[8:10]))
+    assert kernel_supports(long[0], long_state, 64) and not kernel_supports(long[0], long_state, 128)
+    assert kernel_supports(long[0], long_state, 32, backward=True)
+    assert not kernel_supports(long[0], long_state, 64, backward=True)  # the backward kernel's shared memory
     assert not kernel_supports(ok[0][:, :12], state, 16)  # a call shorter than 16 tokens: one chunk of 12
     assert not kernel_supports(ok[0].double(), MemoryState(*(tuple(w.double() for w in ws) for ws in (
         state.weights, state.momenta))), 16)  # fmt: skip
@@ -71,34 +84,27 @@ def test_kernel_supports_refuses_what_it_does_not_hold() -> None:
                  0.0)  # fmt: skip
 
 
+def _gentle(xs: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Inputs a wide memory stays finite on over hundreds of tokens: eta / 10 and 1 - alpha / 10. With
+    `inputs`' steps (eta up to 0.4) the 20M head shape's memory (E = 128) diverges: in float64 its outputs reach
+    1e73 within 100 tokens without decay and 1e9 with tanh, so float32 results compared there mean nothing; with
+    these its state stays within 0.7 and the float32 loop is within 1.2e-6 of the float64 loop (CPU, T = 300)."""
+    q, k, v, eta, alpha, *rest = xs
+    return [q, k, v, eta / 10, 1 - (1 - alpha) / 10, *rest]
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("switch", sorted(SWITCHES))
-@pytest.mark.parametrize("C", [16, 64])
+@pytest.mark.parametrize("C", [16, 32, 64])
 def test_kernel_on_the_gpu_at_the_20M_head_shape(switch: str, C: int) -> None:
     spec = MemorySpec(kind="mlp", expansion=4, **SWITCHES[switch])
-    _compare(spec, 2, 300, 3, 32, C, "cuda")
+    _compare(spec, 2, 300, 3, 32, C, "cuda", gentle=True)
 
 
-def test_hope_layer_with_mlp_memories_takes_the_kernels() -> None:
-    """Self-modifying Titans (HOPE's mixer) with MLP memories (head dim 16, expansion 2, chunks of 16):
-    impl="fused" runs every memory through the kernels and equals impl="chunk" in float32, output and parameter
-    gradients."""
-    from nestlearn.layers.self_modifying import SelfModifyingTitans
-    from nestlearn.ops.memory import _mlp_kernels
-
-    spec = MemorySpec(kind="mlp", expansion=2)
-    x = torch.randn(2, 40, 32, generator=torch.Generator().manual_seed(3)).to(DEVICE)
-    launches, launch = [], _mlp_kernels.launch_mlp_backward
-    res = []
-    for impl in ("fused", "chunk"):
-        torch.manual_seed(0)
-        layer = SelfModifyingTitans(32, 2, spec=spec, mem_chunk=16, proj_chunk=16, impl=impl).to(DEVICE)
-        _mlp_kernels.launch_mlp_backward = lambda *a, **kw: launches.append(1) or launch(*a, **kw)
-        try:
-            y = layer(x, layer.init_state(2))[0]
-            y.pow(2).sum().backward()
-        finally:
-            _mlp_kernels.launch_mlp_backward = launch
-        res.append([y.detach(), *(p.grad for p in layer.parameters() if p.grad is not None)])
-    assert len(launches) == 3  # the main memory's call and the projection memories' two full chunks of 16
-    assert_close(res[0], res[1], 1e-4)
+def test_gentle_inputs_keep_the_20M_head_shape_finite() -> None:
+    """What the GPU test relies on, checked in float64 on CPU for the switch that grows fastest (no decay)."""
+    spec = MemorySpec(kind="mlp", expansion=4, decay=False)
+    q, k, v, eta, _, beta, *state = _gentle(inputs(1, 300, 1, 32, spec))
+    o, end = memory_adjoint(q, k, v, eta, None, beta, state=MemoryState(tuple(state[:2]), tuple(state[2:])),
+                            spec=spec, chunk_size=64)  # fmt: skip
+    assert o.abs().max() < 2 and max(float(w.abs().max()) for w in end.weights) < 1

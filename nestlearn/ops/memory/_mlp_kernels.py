@@ -23,6 +23,10 @@ import triton.language as tl
 from torch import Tensor
 
 ACTIVATIONS = {"silu": 0, "gelu": 1, "tanh": 2}
+# Launch settings of both kernels. One stage: Triton's software pipelining of the chunk loop's loads would double
+# the buffers of every chunk input in shared memory (the forward at 64-token chunks: 364 KiB with 3 stages, over
+# Hopper's 227 KiB; 212 KiB with one; `benchmarks/kernel_resources.py`).
+NUM_WARPS, NUM_STAGES = 8, 1
 
 
 @triton.jit
@@ -407,7 +411,8 @@ def launch_mlp_forward(
     precision = "ieee" if out.device.type == "cpu" else "tf32x3"
     _mlp_forward_kernel[(B * H,)](
         *x, *coef, *state, *starts, out, N, eps, n=n, LOGN=n.bit_length() - 1, D=D, E=E, DGD=dgd,
-        SELF_VALUES=self_values, L2=l2, ACT=ACTIVATIONS[act], P=precision, num_warps=8,
+        SELF_VALUES=self_values, L2=l2, ACT=ACTIVATIONS[act], P=precision, num_warps=NUM_WARPS,
+        num_stages=NUM_STAGES,
     )  # fmt: skip
 
 
@@ -427,5 +432,5 @@ def launch_mlp_backward(
     _mlp_backward_kernel[(B * H,)](
         *x, *coef, *starts, dout, *d_state, *anchor, *dx, *dcoef, N, eps, n=n, LOGN=n.bit_length() - 1, D=D, E=E,
         DGD=dgd, SELF_VALUES=self_values, L2=l2, ACT=ACTIVATIONS[act], ANCHOR=d_anchor is not None, P=precision,
-        num_warps=8,
+        num_warps=NUM_WARPS, num_stages=NUM_STAGES,
     )  # fmt: skip

@@ -12,8 +12,11 @@ The adjoint of one weight matrix over one chunk (`matrix_step_adjoint`) follows 
 DGD system (its transpose solve through the explicit inverse), its right-hand side and its matrix. The MLP chains
 two such steps (W1 reads `σ(W2_t q_t)`) behind the frozen surprise of Eq. 93 (and the self-generated targets of
 Eqs. 84 / 91). Activation memory: one state per chunk boundary; the per-chunk work is the recompute plus about
-three times the forward's products, with no autograd bookkeeping. With `kernel=True` both chunk loops run as one
-Triton program per sequence and head (`_mlp_kernels.py`) where the state fits on chip (`kernel_supports`).
+three times the forward's products, with no autograd bookkeeping. With `kernel=True` each chunk loop runs as one
+Triton program per sequence and head (`_mlp_kernels.py`) where the state fits on chip and the chunk is short
+enough for that direction's kernel (`kernel_supports`). Both directions are `torch.library` custom ops
+(`nestlearn::adjoint_memory`, `nestlearn::adjoint_memory_backward`) with fake implementations, so
+`torch.compile` (full graph), activation checkpointing and FSDP2 see one opaque op per call.
 What it is not: the linear memory (`affine.py` covers it), the gradient clip or Titans' branch LayerNorm
 (`memory_chunk` computes those), a call that finishes a chunk an earlier call opened, or a second-order op.
 """
@@ -30,11 +33,15 @@ from .common import (
     MemorySpec,
     MemoryState,
     activation,
+    autograd_inside_op,
     check_inputs,
     compute_dtype,
     flush_subnormals,
+    fresh,
     memory_apply,
     normalize,
+    spec_args,
+    spec_from_args,
     triton_available,
 )
 
@@ -46,17 +53,23 @@ def supports(spec: MemorySpec, state: MemoryState) -> bool:
 
 
 MAX_STATE = 64 * 128  # D * E of one weight matrix that a kernel program holds on chip
+# The longest chunk each kernel takes: its shared memory, compiled for sm_90 (num_stages=1, D = 32, E = 128), is
+# 212 KiB for the forward at 64 tokens and 640 KiB for the backward at 64 (over Hopper's 227 KiB); longer chunks
+# run that direction's PyTorch loop (docs/decisions.md).
+MAX_CHUNK_FORWARD, MAX_CHUNK_BACKWARD = 64, 32
 
 
-def kernel_supports(q: Tensor, state: MemoryState, chunk_size: int) -> bool:
-    """Whether the kernels (`_mlp_kernels.py`) take this call: where a kernel runs (`triton_available`, the
-    interpreter included), float32 state, chunks of 16 tokens or more and head dims that are powers of two
-    (D >= 16) with `D * E` within what a program holds."""
+def kernel_supports(q: Tensor, state: MemoryState, chunk_size: int, *, backward: bool = False) -> bool:
+    """Whether the forward kernel (`backward=True`: the backward kernel, `_mlp_kernels.py`) takes this call: where
+    a kernel runs (`triton_available`, the interpreter included), float32 state, chunks of 16 tokens up to
+    `MAX_CHUNK_FORWARD` (`MAX_CHUNK_BACKWARD`) and head dims that are powers of two (D >= 16) with `D * E` within
+    what a program holds."""
     W1 = state.weights[0]
     D, E = W1.shape[-2:]
     n = min(chunk_size, q.shape[1])
     pow2 = all(x >= 16 and x & (x - 1) == 0 for x in (n, D, E))
-    fits = pow2 and D * E <= MAX_STATE and W1.dtype == torch.float32 and q.dtype != torch.float64
+    short = n <= (MAX_CHUNK_BACKWARD if backward else MAX_CHUNK_FORWARD)
+    fits = pow2 and short and D * E <= MAX_STATE and W1.dtype == torch.float32 and q.dtype != torch.float64
     return fits and triton_available(q.device, interpret=True)
 
 
@@ -77,17 +90,18 @@ def memory_adjoint(
     """`memory_chunk` for the MLP memory with the hand-derived backward (module docstring); arguments and results
     as `memory_naive`. Shapes: q, k, v `[B, T, H, D]`; gates `[B, T, H]`; W1 `[B, H, D, E]`, W2 `[B, H, E, D]`.
     `kernel`: the forward's chunk loop runs as one Triton program per sequence and head (`_mlp_kernels.py`; on CPU
-    in Triton's interpreter), where `kernel_supports` says it can; the backward is the same."""
+    in Triton's interpreter), where `kernel_supports` says it can; the backward's likewise, where
+    `kernel_supports(..., backward=True)` says it can."""
     alpha_full, beta_full = check_inputs(q, k, v, eta, alpha, beta, state, spec, chunk_size, check_gates)
     if not supports(spec, state):
         raise ValueError(
             "memory_adjoint covers the MLP memory without the gradient clip or the branch norm, for calls that start "
             "at a chunk boundary (state.offset == 0); use memory_chunk"
         )
-    gates = (eta, alpha_full, beta_full)
-    kernel = kernel and kernel_supports(q, state, chunk_size)
-    outs = _AdjointMemory.apply(spec, chunk_size, kernel, q, k, v, *gates, *state.weights, *state.momenta)
-    o, w1, w2, s1, s2, a1, a2 = outs
+    kernels = [kernel and kernel_supports(q, state, chunk_size, backward=b) for b in (False, True)]
+    outs = adjoint_memory(q, k, v, eta, alpha_full, beta_full, list(state.weights), list(state.momenta), chunk_size,
+                          *spec_args(spec), *kernels)  # fmt: skip
+    o, w1, w2, s1, s2, a1, a2 = outs[:7]
     return o, MemoryState((w1, w2), (s1, s2), (a1, a2), q.shape[1] % chunk_size)
 
 
@@ -348,65 +362,124 @@ def mlp_chunk_adjoint(
 
 
 # ---------------------------------------------------------------------------------------------
-# the op: forward saves chunk-start states, backward walks the chunks in reverse
+# the op: forward saves chunk-start states, backward walks the chunks in reverse (custom ops: module docstring)
 
 
-class _AdjointMemory(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx: Any, spec: MemorySpec, C: int, kernel: bool, *inputs: Tensor) -> tuple[Tensor, ...]:  # type: ignore[override]
-        seq, state = list(inputs[:6]), inputs[6:]
-        dt = compute_dtype(*inputs)
-        prep = _prepare([x.to(dt) for x in seq], C, spec)
-        weights = tuple(w.to(dt) for w in state)
-        ends = seq[0].shape[1] % C == 0
-        o, weights, starts = (_forward_kernel if kernel else _forward_loop)(prep, weights, spec, ends)
-        B, T, H, D = seq[0].shape
-        o = o.reshape(B, H, -1, D)[:, :, :T].transpose(1, 2).to(seq[0].dtype)
-        anchor = tuple(s[:, :, -1] for s in starts[:2]) if not ends else weights[:2]
-        ctx.save_for_backward(*seq, *starts)
-        ctx.spec, ctx.C, ctx.ends, ctx.kernel, ctx.dtypes = spec, C, ends, kernel, [x.dtype for x in inputs]
-        return o, *weights, *(a.clone() for a in anchor)
+@torch.library.custom_op("nestlearn::adjoint_memory", mutates_args=())
+def adjoint_memory(
+    q: Tensor, k: Tensor, v: Tensor, eta: Tensor, alpha: Tensor, beta: Tensor, weights: list[Tensor],
+    momenta: list[Tensor], chunk_size: int, kind: str, objective: str, activation: str, expansion: int, dgd: bool,
+    momentum: bool, decay: bool, out_norm: bool, self_values: bool, eps: float, clip: float | None, kernel: bool,
+    kernel_backward: bool,
+) -> list[Tensor]:  # fmt: skip
+    """The forward (`kernel`: as one Triton program per sequence and head; `kernel_backward` is the backward's
+    switch, kept for it) -> `[o, W1', W2', S1', S2', anchor W1, anchor W2, *every chunk's start state]` (starts
+    `[B, H, N, ...]`, in the compute dtype, for the backward)."""
+    spec = spec_from_args(kind, objective, activation, expansion, dgd, momentum, decay, out_norm, self_values, eps,
+                          clip)  # fmt: skip
+    seq = [q, k, v, eta, alpha, beta]
+    dt = compute_dtype(*seq, *weights, *momenta)
+    prep = _prepare([x.to(dt) for x in seq], chunk_size, spec)
+    ends = q.shape[1] % chunk_size == 0
+    state = tuple(w.to(dt) for w in (*weights, *momenta))
+    o, state, starts = (_forward_kernel if kernel else _forward_loop)(prep, state, spec, ends)
+    B, T, H, D = q.shape
+    o = o.reshape(B, H, -1, D)[:, :, :T].transpose(1, 2).to(q.dtype)
+    anchor = tuple(s[:, :, -1] for s in starts[:2]) if not ends else state[:2]
+    return [o.contiguous(), *fresh(state), *fresh(anchor), *starts]
 
-    @staticmethod
-    def backward(ctx: Any, do: Tensor, *d_state: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        spec, C = ctx.spec, ctx.C
-        seq, saved = list(ctx.saved_tensors[:6]), ctx.saved_tensors[6:]
-        dt = saved[0].dtype
-        with torch.enable_grad():
-            leaves = [x.detach().to(dt).requires_grad_() for x in seq]
-            prep = _prepare(leaves, C, spec)
-        flat = prep.flat()
-        grads = [torch.zeros_like(t) for t in flat]
-        names = _Coef._fields
-        T = seq[0].shape[1]
-        N, n = prep.q.shape[2:4]
-        do_c = _vector_chunks(_zeros_if_none(do, seq[0]).to(dt), n, N * n - T)
-        d_end = tuple(_zeros_if_none(g, s[:, :, 0]).to(dt) for g, s in zip(d_state[:4], saved, strict=True))
-        d_anchor = tuple(_zeros_if_none(g, s[:, :, 0]).to(dt) for g, s in zip(d_state[4:], saved[:2], strict=True))
-        if ctx.ends:  # the anchor is the final weights
-            d_end = (d_end[0] + d_anchor[0], d_end[1] + d_anchor[1], *d_end[2:])
-        if ctx.kernel:
-            grads, d_end = _backward_kernel(prep, saved, do_c, d_end, None if ctx.ends else d_anchor, spec)
-            seq_grads = torch.autograd.grad(flat, leaves, grads, allow_unused=True)
-            out = [g.to(t) if g is not None else None for g, t in zip(seq_grads, ctx.dtypes[:6], strict=True)]
-            return None, None, None, *out, *(g.to(t) for g, t in zip(d_end, ctx.dtypes[6:], strict=True))
-        with torch.no_grad():
-            for j in reversed(range(N)):
-                weights = tuple(s[:, :, j] for s in saved)
-                x = tuple(t[:, :, j] for t in (prep.q, prep.k, prep.kh, prep.v))
-                c = _chunk_coef(prep.coef, j)
-                _, _, fwd = mlp_chunk(weights, x, c, spec, ends=False)
-                dc = {name: torch.zeros_like(getattr(c, name)) for name in names}
-                d_end, dx = mlp_chunk_adjoint(weights, x, c, spec, fwd, do_c[:, :, j], d_end, dc)
-                if j == N - 1 and not ctx.ends:  # the anchor: the last (open) chunk's start weights
-                    d_end = (d_end[0] + d_anchor[0], d_end[1] + d_anchor[1], *d_end[2:])
-                for i, g in enumerate(dx):
-                    grads[i][:, :, j] = g
-                for i, name in enumerate(names):
-                    grads[4 + i][:, :, j] = dc[name]
+
+@adjoint_memory.register_fake
+def _(q, k, v, eta, alpha, beta, weights, momenta, chunk_size, *args):  # type: ignore[no-untyped-def]
+    dt = compute_dtype(q, k, v, eta, alpha, beta, *weights, *momenta)
+    N = -(-q.shape[1] // chunk_size)
+    state = [w.new_empty(w.shape, dtype=dt) for w in (*weights, *momenta)]
+    starts = [w.new_empty(*w.shape[:2], N, *w.shape[2:]) for w in state]
+    return [q.new_empty(q.shape), *state, *(w.new_empty(w.shape) for w in state[:2]), *starts]
+
+
+@torch.library.custom_op("nestlearn::adjoint_memory_backward", mutates_args=())
+def adjoint_memory_backward(
+    q: Tensor, k: Tensor, v: Tensor, eta: Tensor, alpha: Tensor, beta: Tensor, starts: list[Tensor],
+    grads_out: list[Tensor], chunk_size: int, kind: str, objective: str, activation: str, expansion: int,
+    dgd: bool, momentum: bool, decay: bool, out_norm: bool, self_values: bool, eps: float, clip: float | None,
+    kernel: bool,
+) -> list[Tensor]:  # fmt: skip
+    """Gradients of `adjoint_memory` w.r.t. q, k, v, eta, alpha, beta and the initial (W1, W2, S1, S2), in the
+    compute dtype, from `grads_out = [do, dW1', dW2', dS1', dS2', d anchor W1, d anchor W2]` (`kernel`: the chunk
+    loop as one Triton program per sequence and head, else the PyTorch loop below)."""
+    spec = spec_from_args(kind, objective, activation, expansion, dgd, momentum, decay, out_norm, self_values, eps,
+                          clip)  # fmt: skip
+    seq, dt = [q, k, v, eta, alpha, beta], starts[0].dtype
+    with autograd_inside_op(), torch.enable_grad():
+        leaves = [x.detach().to(dt).requires_grad_() for x in seq]
+        prep = _prepare(leaves, chunk_size, spec)
+    flat, T = prep.flat(), q.shape[1]
+    N, n = prep.q.shape[2:4]
+    do_c = _vector_chunks(grads_out[0].to(dt), n, N * n - T)
+    d_end = tuple(g.to(dt) for g in grads_out[1:5])
+    d_anchor = tuple(g.to(dt) for g in grads_out[5:7])
+    ends = T % chunk_size == 0
+    if ends:  # the anchor is the final weights
+        d_end = (d_end[0] + d_anchor[0], d_end[1] + d_anchor[1], *d_end[2:])
+    run = _backward_kernel if kernel else _backward_loop
+    grads, d_start = run(prep, tuple(starts), do_c, d_end, None if ends else d_anchor, spec)
+    with autograd_inside_op():
         seq_grads = torch.autograd.grad(flat, leaves, grads, allow_unused=True)
-        out = [g.to(t) if g is not None else None for g, t in zip(seq_grads, ctx.dtypes[:6], strict=True)]
-        return None, None, None, *out, *(g.to(t) for g, t in zip(d_end, ctx.dtypes[6:], strict=True))
+    return [g if g is not None else torch.zeros_like(x) for g, x in zip(seq_grads, leaves, strict=True)] + list(d_start)
+
+
+@adjoint_memory_backward.register_fake
+def _(q, k, v, eta, alpha, beta, starts, grads_out, *args):  # type: ignore[no-untyped-def]
+    dt = starts[0].dtype
+    return [x.new_empty(x.shape, dtype=dt) for x in (q, k, v, eta, alpha, beta)] + [
+        s.new_empty(*s.shape[:2], *s.shape[3:]) for s in starts
+    ]
+
+
+def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: list[Tensor]) -> None:
+    q, k, v, eta, alpha, beta, weights, momenta, chunk_size, *spec, _, kernel_backward = inputs
+    ctx.save_for_backward(q, k, v, eta, alpha, beta, *output[7:])
+    ctx.args = (chunk_size, *spec, kernel_backward)
+    ctx.dtypes = [x.dtype for x in (q, k, v, eta, alpha, beta, *weights, *momenta)]
+
+
+def _backward(ctx: Any, grads_out: list[Tensor | None]) -> tuple[Any, ...]:
+    q, k, v, eta, alpha, beta, *starts = ctx.saved_tensors
+    like = [q, *(s[:, :, 0] for s in starts), *(s[:, :, 0] for s in starts[:2])]
+    filled = [g if g is not None else torch.zeros_like(x) for g, x in zip(grads_out[:7], like, strict=True)]
+    got = adjoint_memory_backward(q, k, v, eta, alpha, beta, starts, filled, *ctx.args)
+    got = [g.to(t) for g, t in zip(got, ctx.dtypes, strict=True)]
+    return (*got[:6], got[6:8], got[8:10], *([None] * 14))
+
+
+adjoint_memory.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _backward_loop(
+    prep: _Prepared, starts: tuple[Tensor, ...], do_c: Tensor, d_end: tuple[Tensor, ...],
+    d_anchor: tuple[Tensor, ...] | None, spec: MemorySpec,
+) -> tuple[list[Tensor], tuple[Tensor, ...]]:  # fmt: skip
+    """The backward's chunk loop in PyTorch, from the last chunk to the first (`_backward_kernel`'s contract): ->
+    the adjoints of `prep.flat()` and the initial state's adjoint."""
+    grads = [torch.zeros_like(t) for t in prep.flat()]
+    names = _Coef._fields
+    N = prep.q.shape[2]
+    with torch.no_grad():
+        for j in reversed(range(N)):
+            weights = tuple(s[:, :, j] for s in starts)
+            x = tuple(t[:, :, j] for t in (prep.q, prep.k, prep.kh, prep.v))
+            c = _chunk_coef(prep.coef, j)
+            _, _, fwd = mlp_chunk(weights, x, c, spec, ends=False)
+            dc = {name: torch.zeros_like(getattr(c, name)) for name in names}
+            d_end, dx = mlp_chunk_adjoint(weights, x, c, spec, fwd, do_c[:, :, j], d_end, dc)
+            if j == N - 1 and d_anchor is not None:  # the anchor: the last (open) chunk's start weights
+                d_end = (d_end[0] + d_anchor[0], d_end[1] + d_anchor[1], *d_end[2:])
+            for i, g in enumerate(dx):
+                grads[i][:, :, j] = g
+            for i, name in enumerate(names):
+                grads[4 + i][:, :, j] = dc[name]
+    return grads, d_end
 
 
 def _forward_loop(
@@ -463,7 +536,3 @@ def _forward_kernel(
     launch_mlp_forward(x, coef, state, starts, out, eps=spec.norm_eps, dgd=spec.dgd, self_values=spec.self_values,
                        l2=spec.objective == "l2", act=spec.activation)  # fmt: skip
     return out, tuple(state), tuple(starts)
-
-
-def _zeros_if_none(g: Tensor | None, like: Tensor) -> Tensor:
-    return g if g is not None else torch.zeros_like(like)

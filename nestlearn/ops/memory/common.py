@@ -15,12 +15,13 @@ Conventions (column vectors, as in the paper):
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Literal, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import torch
 from torch import Tensor
@@ -360,3 +361,38 @@ def triton_available(device: torch.device, interpret: bool = False) -> bool:
     if not HAVE_TRITON:
         return False
     return device.type == "cuda" or (interpret and os.environ.get("TRITON_INTERPRET") == "1")
+
+
+# ---------------------------------------------------------------------------------------------
+# what the ops registered with torch.library share (lean.py, adjoint.py)
+
+SPEC_ARG_NAMES = ("kind", "objective", "activation", "expansion", "dgd", "momentum", "decay", "out_norm",
+                  "self_values", "norm_eps", "max_grad_norm")  # fmt: skip
+
+
+def spec_args(spec: MemorySpec) -> tuple[Any, ...]:
+    """`spec` as plain values in `SPEC_ARG_NAMES`' order: custom ops take those, not dataclasses."""
+    return tuple(getattr(spec, name) for name in SPEC_ARG_NAMES)
+
+
+def spec_from_args(*args: Any) -> MemorySpec:
+    """The spec from `spec_args`' tuple."""
+    return MemorySpec(**dict(zip(SPEC_ARG_NAMES, args, strict=True)))
+
+
+def fresh(ts: tuple[Tensor, ...] | list[Tensor]) -> list[Tensor]:
+    """Copies: a custom op's outputs may not alias its inputs or each other (a state may hand a tensor back)."""
+    return [t.clone() for t in ts]
+
+
+@contextlib.contextmanager
+def autograd_inside_op() -> Iterator[None]:
+    """Autograd back on inside a custom op's implementation, which the dispatcher runs with the autograd keys
+    excluded (a backward op that differentiates part of its computation by autograd). Uses the dispatcher's
+    thread-local key sets (`torch._C`), restored on exit."""
+    keys = torch._C.DispatchKey
+    exclude = torch._C._dispatch_tls_local_exclude_set()
+    for key in (keys.AutogradFunctionality, keys.AutogradOther, keys.AutogradNestedTensor):
+        exclude = exclude.remove(key)
+    with torch._C._ForceDispatchKeyGuard(torch._C._dispatch_tls_local_include_set(), exclude):
+        yield

@@ -13,30 +13,15 @@ What it is not: a faster op (its forward is `memory_chunk`'s); the GPU path is `
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from .chunk import memory_chunk
-from .common import MemorySpec, MemoryState, check_inputs
+from .common import MemorySpec, MemoryState, autograd_inside_op, check_inputs, fresh, spec_args, spec_from_args
 
 GROUP_TOKENS = 1024  # tokens (whole chunks) between saved states
-
-
-@contextlib.contextmanager
-def _autograd_inside_op() -> Iterator[None]:
-    """Autograd back on inside a custom op's implementation, which the dispatcher runs with the autograd keys
-    excluded (the backward op differentiates one group of the chunk form at a time). Uses the dispatcher's
-    thread-local key sets (`torch._C`), restored on exit."""
-    keys = torch._C.DispatchKey
-    exclude = torch._C._dispatch_tls_local_exclude_set()
-    for key in (keys.AutogradFunctionality, keys.AutogradOther, keys.AutogradNestedTensor):
-        exclude = exclude.remove(key)
-    with torch._C._ForceDispatchKeyGuard(torch._C._dispatch_tls_local_include_set(), exclude):
-        yield
 
 
 def memory_lean(
@@ -62,21 +47,9 @@ def memory_lean(
         x is not None and x.requires_grad for x in (q, k, v, eta, alpha, beta, *state.weights, *state.momenta)
     )
     outs = lean_memory(q, k, v, eta, alpha, beta, list(state.weights), list(state.momenta), chunk_size, group,
-                       *_spec_args(spec), save)  # fmt: skip
+                       *spec_args(spec), save)  # fmt: skip
     o, weights, momenta, anchor = outs[0], outs[1 : 1 + n], outs[1 + n : 1 + 2 * n], outs[1 + 2 * n : 1 + 3 * n]
     return o, MemoryState(tuple(weights), tuple(momenta), tuple(anchor), q.shape[1] % chunk_size)
-
-
-def _spec_args(spec: MemorySpec) -> tuple[Any, ...]:
-    return (spec.kind, spec.objective, spec.activation, spec.expansion, spec.dgd, spec.momentum, spec.decay,
-            spec.out_norm, spec.self_values, spec.norm_eps, spec.max_grad_norm)  # fmt: skip
-
-
-def _spec(*args: Any) -> MemorySpec:
-    """The spec from `_spec_args`' tuple (custom ops take plain values, not dataclasses)."""
-    names = ("kind", "objective", "activation", "expansion", "dgd", "momentum", "decay", "out_norm", "self_values",
-             "norm_eps", "max_grad_norm")  # fmt: skip
-    return MemorySpec(**dict(zip(names, args, strict=True)))
 
 
 @torch.library.custom_op("nestlearn::lean_memory", mutates_args=())
@@ -88,7 +61,8 @@ def lean_memory(
 ) -> list[Tensor]:  # fmt: skip
     """-> `[o, *final weights, *final momenta, *anchor, *saved weights, *saved momenta]`; saved states are
     `[B, H, G, o, i]`, one per group start (empty `[0]` tensors when not `save`)."""
-    spec = _spec(kind, objective, activation, expansion, dgd, momentum, decay, out_norm, self_values, eps, clip)
+    spec = spec_from_args(kind, objective, activation, expansion, dgd, momentum, decay, out_norm, self_values, eps,
+                          clip)  # fmt: skip
     T, n = q.shape[1], len(weights)
     st = MemoryState(tuple(weights), tuple(momenta))
     starts: list[MemoryState] = []
@@ -103,12 +77,7 @@ def lean_memory(
         saved += [torch.stack([s.momenta[i] for s in starts], dim=2) for i in range(n)]
     else:
         saved = [q.new_empty(0) for _ in range(2 * n)]
-    return [torch.cat(outs, dim=1), *_copies(st.weights), *_copies(st.momenta), *_copies(st.anchor), *saved]
-
-
-def _copies(ts: tuple[Tensor, ...]) -> list[Tensor]:
-    """Outputs of a custom op may not alias its inputs or each other (a state may hand back a tensor as is)."""
-    return [t.clone() for t in ts]
+    return [torch.cat(outs, dim=1), *fresh(st.weights), *fresh(st.momenta), *fresh(st.anchor), *saved]
 
 
 @lean_memory.register_fake
@@ -129,7 +98,8 @@ def lean_memory_backward(
     """Gradients of `lean_memory` w.r.t. q, k, v, eta, alpha, beta (zeros for an absent gate), every initial weight
     and momentum, from `grads_out = [do, *dW_final, *dS_final, *d_anchor]`: group by group from the last, each
     re-run by `memory_chunk` under autograd from its saved start state."""
-    spec = _spec(kind, objective, activation, expansion, dgd, momentum, decay, out_norm, self_values, eps, clip)
+    spec = spec_from_args(kind, objective, activation, expansion, dgd, momentum, decay, out_norm, self_values, eps,
+                          clip)  # fmt: skip
     T, n = q.shape[1], len(saved) // 2
     do, d_end = grads_out[0], list(grads_out[1 : 1 + 2 * n])
     d_anchor = grads_out[1 + 2 * n :]
@@ -140,7 +110,7 @@ def lean_memory_backward(
     starts = list(range(0, T, group))
     for g in reversed(range(len(starts))):
         lo, hi = starts[g], min(starts[g] + group, T)
-        with _autograd_inside_op(), torch.enable_grad():
+        with autograd_inside_op(), torch.enable_grad():
             piece = [x[:, lo:hi].detach().requires_grad_() if x is not None else None for x in seq]
             state = [s[:, :, g].detach().requires_grad_() for s in saved]
             o, new = memory_chunk(*piece, state=MemoryState(tuple(state[:n]), tuple(state[n:])), spec=spec,
