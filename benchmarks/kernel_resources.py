@@ -36,8 +36,8 @@ def compile_kernel(name: str, n: int, D: int, E: int, arch: int, stages: int) ->
     """`name`'s kernel for chunks of `n`, default switches (DGD, self-generated values, L2, silu), tf32x3."""
     fn = KERNELS[name]
     consts = dict(n=n, LOGN=n.bit_length() - 1, D=D, E=E, DGD=True, SELF_VALUES=True, L2=True, ACT=0, P="tf32x3")
-    if "ANCHOR" in fn.arg_names:
-        consts["ANCHOR"] = True
+    if "ANCHOR" in fn.arg_names:  # the backward: its flag and its scratch slots (`launch_mlp_backward`)
+        consts.update(ANCHOR=True, SLOT=n * max(n, E), NS=K.NSLOT)
     kinds = {"N": "i32", "eps": "fp32"}
     signature = {a: "constexpr" if a in consts else kinds.get(a, "*fp32") for a in fn.arg_names}
     t0 = time.perf_counter()

@@ -1,7 +1,7 @@
 """Benchmark: tokens/s of the deep-memory op, `naive` (per-token) vs `chunk` vs the GPU paths (`affine`: the linear
 memory's affine form, `fused` the same with the Triton scan; `lean`: the memory-lean backward; `adjoint`: the MLP
-memory's hand-derived backward, `adjoint_kernel` the same with its forward (chunks up to 64) and backward (up to
-32; longer: the PyTorch loop) as one Triton program per head (state on chip: D * E <= 8,192, e.g. d = 32 with
+memory's hand-derived backward, `adjoint_kernel` the same with its forward and backward (chunks up to 64; longer:
+the PyTorch loop) as one Triton program per head (state on chip: D * E <= 8,192, e.g. d = 32 with
 expansion 4); `fla`: fla's Gated DeltaNet op at the same shape with
 `--fla`), with causal SDPA attention at the same B, H, T, d timed in the same process, and the peak memory of
 forward + backward on CUDA.

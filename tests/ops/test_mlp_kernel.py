@@ -2,7 +2,7 @@
 equal `adjoint.py`'s PyTorch loops in float32: outputs, final state, anchor (a call ending inside a chunk) and
 every gradient (the backward kernel from the forward kernel's saved chunk starts), with each switch (DGD off,
 momentum off, decay off, the dot objective, self-generated values, gelu and tanh), chunks of 16 and 32 tokens, T
-not a multiple of C; chunks of 64 (the forward kernel, the backward's loop); state carried across calls; HOPE's
+not a multiple of C; chunks of 64 (the models' default); state carried across calls; HOPE's
 mixer through them; `kernel_supports` refuses what they do not hold. On CPU the kernels run in Triton's
 interpreter (tests/conftest.py) at tiny shapes; the `gpu` tests repeat the comparison on CUDA at the 20M
 preset's head shape (d = 32, expansion 4) on inputs that keep that memory finite (`_gentle`). What this is not:
@@ -41,10 +41,20 @@ def test_kernel_forward_equals_the_chunk_loop(switch: str, shape: tuple[int, int
     _compare(spec, 1, T, 2, 16, C, DEVICE)
 
 
-def test_forward_kernel_with_the_backward_loop_at_64_token_chunks() -> None:
-    """Chunks of 64: the forward kernel, the backward's PyTorch loop from the kernel's saved chunk starts."""
-    spec = MemorySpec(kind="mlp", expansion=2)
-    _compare(spec, 1, 80, 1, 16, 64, DEVICE)
+@pytest.mark.parametrize("switch", ["default", "plain_gd", "dot", "self_values"])
+def test_kernels_at_64_token_chunks(switch: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Chunks of 64 (the models' default), where the backward kernel runs from its scratch stash: one launch of
+    each kernel, the loops' results."""
+    from nestlearn.ops.memory import _mlp_kernels
+
+    launches: list[str] = []
+    for name in ("launch_mlp_forward", "launch_mlp_backward"):
+        launch = getattr(_mlp_kernels, name)
+        monkeypatch.setattr(
+            _mlp_kernels, name, lambda *a, _l=launch, _n=name, **kw: launches.append(_n) or _l(*a, **kw)
+        )
+    _compare(MemorySpec(kind="mlp", expansion=2, **SWITCHES[switch]), 1, 80, 1, 16, 64, DEVICE)
+    assert sorted(launches) == ["launch_mlp_backward", "launch_mlp_forward"]
 
 
 def test_state_carried_across_calls_equals_one_call() -> None:
@@ -68,8 +78,8 @@ def test_kernel_supports_refuses_what_it_does_not_hold() -> None:
     long = [x.float() for x in inputs(1, 128, 2, 16, spec)]
     long_state = MemoryState(tuple(long[6:8]), tuple(long[8:10]))
     assert kernel_supports(long[0], long_state, 64) and not kernel_supports(long[0], long_state, 128)
-    assert kernel_supports(long[0], long_state, 32, backward=True)
-    assert not kernel_supports(long[0], long_state, 64, backward=True)  # the backward kernel's shared memory
+    assert kernel_supports(long[0], long_state, 64, backward=True)
+    assert not kernel_supports(long[0], long_state, 128, backward=True)  # the kernels' shared memory
     assert not kernel_supports(ok[0][:, :12], state, 16)  # a call shorter than 16 tokens: one chunk of 12
     assert not kernel_supports(ok[0].double(), MemoryState(*(tuple(w.double() for w in ws) for ws in (
         state.weights, state.momenta))), 16)  # fmt: skip

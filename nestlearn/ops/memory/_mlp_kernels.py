@@ -11,11 +11,15 @@ product of log2(n) factors is exact). It writes every chunk's outputs, every chu
 state. `_mlp_backward_kernel` walks the chunks back: it recomputes each chunk from its saved start and applies
 `adjoint.mlp_chunk_adjoint` (the two matrix steps' adjoints, the MLP's chain, the frozen surprise), carrying the
 state's adjoint on chip; it writes the adjoints of every chunk's q, k, k̂, v and gate products (which autograd
-then takes back through the chunk layout, as `adjoint.py` does) and of the initial state. The gate products
-(decay and momentum, `_Coef`) come in precomputed, so the decay and momentum switches are in the data; DGD,
-self-generated values, the objective and the activation are compile-time switches.
-What it is not: the clip or the branch LayerNorm, or a kernel for large states: the state lives in registers,
-so D and E are powers of two with D, n >= 16 and D * E <= 64 * 128 (`adjoint.kernel_supports`).
+then takes back through the chunk layout, as `adjoint.py` does) and of the initial state. Its shared memory is
+kept down by a per-program scratch buffer in global memory (`NSLOT` slots): every tensor a dot takes is stashed
+there (or read from its input) and read back fresh just before its dots (section comment below), so that each
+on-chip copy lives only around its own dots; without that the backward at 64-token chunks needed 640 KiB. The
+gate products (decay and momentum, `_Coef`) come in precomputed, so the decay and momentum switches are in the
+data; DGD, self-generated values, the objective and the activation are compile-time switches.
+What it is not: the clip or the branch LayerNorm, or a kernel for large states: the forward's state lives in
+registers, so D and E are powers of two with D, n >= 16 and D * E <= 64 * 128, and chunks of at most 64 tokens
+(`adjoint.kernel_supports`; `benchmarks/kernel_resources.py` prints what each kernel needs of an sm_90 GPU).
 """
 
 import triton
@@ -203,6 +207,13 @@ def _mlp_forward_kernel(
 
 # ---------------------------------------------------------------------------------------------
 # backward: the chunks in reverse, each recomputed from its saved start (adjoint.py's equations)
+#
+# Shared memory: on Hopper every dot's B operand (and both operands of a dot with fewer than 64 rows) lives in
+# shared memory, tf32x3 keeps two copies (high and low parts), and a tensor that feeds several dots far apart
+# keeps its copies alive from the first to the last (the compiler merges its identical conversions). So each
+# value a dot takes is stashed in a per-program scratch buffer when computed (or read from its input) and read
+# back fresh (`_get`: a volatile load, which the compiler never merges with another) just before the dots that
+# take it: every shared copy lives only around its own dots.
 
 
 @triton.jit
@@ -224,12 +235,66 @@ def _d2sigma(z, ACT: tl.constexpr):
 
 
 @triton.jit
-def _state_term_adjoint(W, S, Z, a, b, dP, P: tl.constexpr):
+def _get(ptr, R: tl.constexpr, C: tl.constexpr):
+    """A fresh copy of `[R, C]` at ptr (after the block's earlier stores)."""
+    tl.debug_barrier()
+    return tl.load(ptr + tl.arange(0, R)[:, None] * C + tl.arange(0, C)[None, :], volatile=True)
+
+
+@triton.jit
+def _getv(ptr, R: tl.constexpr):
+    tl.debug_barrier()
+    return tl.load(ptr + tl.arange(0, R), volatile=True)
+
+
+@triton.jit
+def _put(ptr, x, R: tl.constexpr, C: tl.constexpr):
+    tl.debug_barrier()  # after the block's earlier reads of ptr
+    _store2(ptr, x, R, C)
+
+
+@triton.jit
+def _step_stash(Wp, Sp, Xp, Xhp, Qp, Errp, SV, eta, gam, gam_p, m, m_p, RMp, RPp, DMp, DPp,
+                n: tl.constexpr, LOGN: tl.constexpr, O_: tl.constexpr, I_: tl.constexpr, SLOT: tl.constexpr,
+                DGD: tl.constexpr, P: tl.constexpr):  # fmt: skip
+    """One matrix step's reads O (returned) and what its adjoint reuses, stashed at SV: QX, QXh, A, XX, Y, Tinv,
+    U in slots 0..6, slot 7 for the adjoint's dY (`adjoint._Step`; the DGD ones only with DGD). W, S `[O_, I_]`,
+    X, X̂, Q `[n, I_]` and Err `[n, O_]` are read from their pointers."""
+    Q = _get(Qp, n, I_)
+    QX = _mm(Q, tl.trans(_get(Xp, n, I_)), P)
+    _put(SV, QX, n, n)
+    O = gam[:, None] * _mm(Q, tl.trans(_get(Wp, O_, I_)), P) + m[:, None] * _mm(Q, tl.trans(_get(Sp, O_, I_)), P)
+    O += _mm(_get(DMp, n, n) * QX, _get(Errp, n, O_), P)
+    if DGD:
+        Xh = _get(Xhp, n, I_)
+        QXh = _mm(_get(Qp, n, I_), tl.trans(Xh), P)
+        _put(SV + SLOT, QXh, n, n)
+        Xh = _get(Xhp, n, I_)
+        A = _mm(Xh, tl.trans(Xh), P)
+        _put(SV + 2 * SLOT, A, n, n)
+        XX = _mm(_get(Xhp, n, I_), tl.trans(_get(Xp, n, I_)), P)
+        _put(SV + 3 * SLOT, XX, n, n)
+        Xh = _get(Xhp, n, I_)
+        Y = gam_p[:, None] * _mm(Xh, tl.trans(_get(Wp, O_, I_)), P) + m_p[:, None] * _mm(
+            Xh, tl.trans(_get(Sp, O_, I_)), P) + _mm(_get(DPp, n, n) * XX, _get(Errp, n, O_), P)  # fmt: skip
+        _put(SV + 4 * SLOT, Y, n, O_)
+        Tinv = _tri_inverse(eta[:, None] * (_get(RPp, n, n) * A), n, LOGN, P)
+        _put(SV + 5 * SLOT, Tinv, n, n)
+        U = _mm(Tinv, -eta[:, None] * Y, P)
+        _put(SV + 6 * SLOT, U, n, O_)
+        O += _mm(_get(RMp, n, n) * QXh, _get(SV + 6 * SLOT, n, O_), P)
+    return O
+
+
+@triton.jit
+def _state_term_adjoint(Wp, Sp, Zp, a, b, dP, O_: tl.constexpr, I_: tl.constexpr, n: tl.constexpr,
+                        P: tl.constexpr):  # fmt: skip
     """The adjoint of `a ⊙ Z Wᵀ + b ⊙ Z Sᵀ` (`adjoint._state_term_adjoint`): -> dW, dS, dZ, da, db."""
-    dPW = _mm(dP, W, P)
-    dPS = _mm(dP, S, P)
-    dW = _mm(tl.trans(a[:, None] * dP), Z, P)
-    dS = _mm(tl.trans(b[:, None] * dP), Z, P)
+    dPW = _mm(dP, _get(Wp, O_, I_), P)
+    dPS = _mm(dP, _get(Sp, O_, I_), P)
+    dW = _mm(tl.trans(a[:, None] * dP), _get(Zp, n, I_), P)
+    dS = _mm(tl.trans(b[:, None] * dP), _get(Zp, n, I_), P)
+    Z = _get(Zp, n, I_)
     return dW, dS, a[:, None] * dPW + b[:, None] * dPS, _rowdot(dPW, Z), _rowdot(dPS, Z)
 
 
@@ -241,66 +306,99 @@ def _masked_adjoint(mask, FG, H, dP, P: tl.constexpr):
 
 
 @triton.jit
-def _step_adjoint(W, S, X, Xh, Q, Err, QX, QXh, A, XX, Y, Tinv, U, dO, dWn, dSn,
-                  eta, gam, gam_p, m, m_p, Rm, Rp, Dm, Dp, gam_e, m_e, b_e, R_e, D_e, Lb_e,
-                  n: tl.constexpr, DGD: tl.constexpr, P: tl.constexpr):  # fmt: skip
-    """`adjoint.matrix_step_adjoint`: -> dW, dS, dX, dX̂, dQ, dE and the gate products' adjoints (eta, gam,
-    gam_prev, m, m_prev, R, R_prev, D, D_prev, gam_e, m_e, b_e, R_e, D_e, Lb_e)."""
+def _acc_store(ptr, x, R: tl.constexpr, C: tl.constexpr, ACC: tl.constexpr):
+    """Store x at ptr (ACC: add it to what the block stored there before, `old + x`)."""
+    if ACC:
+        x = _get(ptr, R, C) + x
+    _put(ptr, x, R, C)
+
+
+@triton.jit
+def _step_adjoint(Wp, Sp, Xp, Xhp, Qp, Errp, SV, dOp, dWn, dSn,
+                  eta, gam, gam_p, m, m_p, RMp, RPp, DMp, DPp, gam_e, m_e, b_e, R_e, D_e, Lb_e,
+                  CRMp, CRPp, CDMp, CDPp, ACC: tl.constexpr,
+                  n: tl.constexpr, O_: tl.constexpr, I_: tl.constexpr, SLOT: tl.constexpr, DGD: tl.constexpr,
+                  P: tl.constexpr):  # fmt: skip
+    """`adjoint.matrix_step_adjoint` from `_step_stash`'s stash SV (dO `[n, O_]` read at dOp): -> dW, dS, dX,
+    dX̂, dQ, dE and the gate products' vector adjoints (eta, gam, gam_prev, m, m_prev, gam_e, m_e, b_e, R_e, D_e,
+    Lb_e); the [n, n] ones (R, R_prev, D, D_prev) are stored at CRMp, CRPp, CDMp, CDPp (ACC: added to what is
+    there)."""
     # chunk-end momentum S' and weight W'
     dS = b_e * dSn + m_e * dWn
     dW = gam_e * dWn
+    S = _get(Sp, O_, I_)
     c_be = tl.sum(tl.sum(dSn * S, axis=1), axis=0)
-    c_game = tl.sum(tl.sum(dWn * W, axis=1), axis=0)
+    c_game = tl.sum(tl.sum(dWn * _get(Wp, O_, I_), axis=1), axis=0)
     c_me = tl.sum(tl.sum(dWn * S, axis=1), axis=0)
+    Err = _get(Errp, n, O_)
     EdS = _mm(Err, dSn, P)
     EdW = _mm(Err, dWn, P)
+    X = _get(Xp, n, I_)
     dE = Lb_e[:, None] * _mm(X, tl.trans(dSn), P) + D_e[:, None] * _mm(X, tl.trans(dWn), P)
     dX = Lb_e[:, None] * EdS + D_e[:, None] * EdW
     c_Lbe = _rowdot(EdS, X)
     c_De = _rowdot(EdW, X)
+    dXh = tl.zeros((n, I_), tl.float32)
+    c_Re = tl.zeros_like(eta)
+    UdW = tl.zeros((n, I_), tl.float32)
+    XhdW = tl.zeros((n, O_), tl.float32)
+    if DGD:  # the rest of the chunk-end terms while dWn's copies are live
+        UdW = _mm(_get(SV + 6 * SLOT, n, O_), dWn, P)
+        Xh = _get(Xhp, n, I_)
+        XhdW = _mm(Xh, tl.trans(dWn), P)
+        c_Re = _rowdot(UdW, Xh)
     # reads: O = Γ ⊙ Q Wᵀ + m ⊙ Q Sᵀ + (R ∘ Q X̂ᵀ) U + (D ∘ Q Xᵀ) E
-    gW, gS, dQ, c_gam, c_m = _state_term_adjoint(W, S, Q, gam, m, dO, P)
+    gW, gS, dQ, c_gam, c_m = _state_term_adjoint(Wp, Sp, Qp, gam, m, _get(dOp, n, O_), O_, I_, n, P)
     dW += gW
     dS += gS
-    gE, c_D, G2 = _masked_adjoint(Dm, QX, Err, dO, P)
+    gE, c_D, G2 = _masked_adjoint(_get(DMp, n, n), _get(SV, n, n), _get(Errp, n, O_), _get(dOp, n, O_), P)
+    _acc_store(CDMp, c_D, n, n, ACC)
     dE += gE
-    dQ += _mm(G2, X, P)
-    dX += _mm(tl.trans(G2), Q, P)
-    dXh = tl.zeros_like(Xh)
+    dQ += _mm(G2, _get(Xp, n, I_), P)
+    dX += _mm(tl.trans(G2), _get(Qp, n, I_), P)
     c_eta = tl.zeros_like(eta)
     c_gp = tl.zeros_like(eta)
     c_mp = tl.zeros_like(eta)
-    c_Re = tl.zeros_like(eta)
-    c_R = tl.zeros((n, n), tl.float32)
-    c_Rp = tl.zeros((n, n), tl.float32)
-    c_Dp = tl.zeros((n, n), tl.float32)
     if DGD:
-        UdW = _mm(U, dWn, P)
-        gU, c_R, G1 = _masked_adjoint(Rm, QXh, U, dO, P)
-        dU = R_e[:, None] * _mm(Xh, tl.trans(dWn), P) + gU
-        dXh = R_e[:, None] * UdW + _mm(tl.trans(G1), Q, P)
-        c_Re = _rowdot(UdW, Xh)
-        dQ += _mm(G1, Xh, P)
+        gU, c_R, G1 = _masked_adjoint(_get(RMp, n, n), _get(SV + SLOT, n, n), _get(SV + 6 * SLOT, n, O_),
+                                      _get(dOp, n, O_), P)  # fmt: skip
+        _acc_store(CRMp, c_R, n, n, ACC)
+        dU = R_e[:, None] * XhdW + gU
+        dXh = R_e[:, None] * UdW + _mm(tl.trans(G1), _get(Qp, n, I_), P)
+        dQ += _mm(G1, _get(Xhp, n, I_), P)
         # the DGD system: U = T⁻¹ rhs, rhs = -eta ⊙ Y, Y = Γp ⊙ X̂ Wᵀ + mp ⊙ X̂ Sᵀ + (Dp ∘ X̂ Xᵀ) E
-        drhs = _mm(tl.trans(Tinv), dU, P)
+        drhs = _mm(tl.trans(_get(SV + 5 * SLOT, n, n)), dU, P)
         a = tl.arange(0, n)
-        dT = tl.where(a[:, None] > a[None, :], -_mm(drhs, tl.trans(U), P), 0.0)
-        c_eta = -_rowdot(drhs, Y) + tl.sum(dT * Rp * A, axis=1)
-        dY = -eta[:, None] * drhs
-        gW, gS, gXh, c_gp, c_mp = _state_term_adjoint(W, S, Xh, gam_p, m_p, dY, P)
+        dT = tl.where(a[:, None] > a[None, :], -_mm(drhs, tl.trans(_get(SV + 6 * SLOT, n, O_)), P), 0.0)
+        A = _get(SV + 2 * SLOT, n, n)
+        c_eta = -_rowdot(drhs, _get(SV + 4 * SLOT, n, O_)) + tl.sum(dT * _get(RPp, n, n) * A, axis=1)
+        c_Rp = eta[:, None] * (dT * A)
+        _acc_store(CRPp, c_Rp, n, n, ACC)
+        dA = eta[:, None] * (dT * _get(RPp, n, n))
+        _put(SV + 7 * SLOT, -eta[:, None] * drhs, n, O_)  # dY, fresh for each of its two uses
+        gW, gS, gXh, c_gp, c_mp = _state_term_adjoint(Wp, Sp, Xhp, gam_p, m_p, _get(SV + 7 * SLOT, n, O_), O_, I_,
+                                                      n, P)  # fmt: skip
         dW += gW
         dS += gS
         dXh += gXh
-        gE, c_Dp, dXX = _masked_adjoint(Dp, XX, Err, dY, P)
+        gE, c_Dp, dXX = _masked_adjoint(_get(DPp, n, n), _get(SV + 3 * SLOT, n, n), _get(Errp, n, O_),
+                                        _get(SV + 7 * SLOT, n, O_), P)  # fmt: skip
+        _acc_store(CDPp, c_Dp, n, n, ACC)
         dE += gE
-        dXh += _mm(dXX, X, P)
-        dX += _mm(tl.trans(dXX), Xh, P)
+        dXh += _mm(dXX, _get(Xp, n, I_), P)
+        dX += _mm(tl.trans(dXX), _get(Xhp, n, I_), P)
         # T = I + diag(eta)(Rp ∘ X̂ X̂ᵀ)
-        c_Rp = eta[:, None] * (dT * A)
-        dA = eta[:, None] * (dT * Rp)
-        dXh += _mm(dA + tl.trans(dA), Xh, P)
-    return (dW, dS, dX, dXh, dQ, dE, c_eta, c_gam, c_gp, c_m, c_mp, c_R, c_Rp, c_D, c_Dp, c_game, c_me, c_be, c_Re,
-            c_De, c_Lbe)  # fmt: skip
+        dXh += _mm(dA + tl.trans(dA), _get(Xhp, n, I_), P)
+    else:
+        _acc_store(CRMp, tl.zeros((n, n), tl.float32), n, n, ACC)
+        _acc_store(CRPp, tl.zeros((n, n), tl.float32), n, n, ACC)
+        _acc_store(CDPp, tl.zeros((n, n), tl.float32), n, n, ACC)
+    return (dW, dS, dX, dXh, dQ, dE, c_eta, c_gam, c_gp, c_m, c_mp, c_game, c_me, c_be, c_Re, c_De, c_Lbe)
+
+
+# scratch slots of `_mlp_backward_kernel` (each n * max(n, E) floats): the two steps' stashes, then the surprise's
+# tensors, the W1 step's inputs and the adjoint carried from the W1 step's to the surprise's
+NSLOT = 27
 
 
 @triton.jit
@@ -313,65 +411,125 @@ def _mlp_backward_kernel(
     DA1, DA2,  # the anchor's adjoint (added to the last chunk's start when the call ends inside it)
     DQ, DK, DKH, DV,  # out: [BH, N, n, D]
     CETA, CGAM, CGAMP, CMM, CMMP, CRM, CRP, CDM, CDP, CGAME, CME, CBE, CRE, CDE, CLBE,  # out: gate adjoints
+    SCRATCH,  # [BH, NSLOT, SLOT]
     N, eps,
     n: tl.constexpr, LOGN: tl.constexpr, D: tl.constexpr, E: tl.constexpr, DGD: tl.constexpr,
     SELF_VALUES: tl.constexpr, L2: tl.constexpr, ACT: tl.constexpr, ANCHOR: tl.constexpr, P: tl.constexpr,
+    SLOT: tl.constexpr, NS: tl.constexpr,
 ):  # fmt: skip
     bh = tl.program_id(0).to(tl.int64)
     an = tl.arange(0, n)
+    SC = SCRATCH + bh * NS * SLOT
+    SV1 = SC + 0 * SLOT  # the W1 step's stash (8 slots)
+    SV2 = SC + 8 * SLOT  # the W2 step's stash (8 slots)
+    SZ = SC + 16 * SLOT
+    SH = SC + 17 * SLOT
+    SR = SC + 18 * SLOT
+    SRW1 = SC + 19 * SLOT
+    SBACK = SC + 20 * SLOT
+    SE1 = SC + 21 * SLOT
+    SE2 = SC + 22 * SLOT
+    SHH = SC + 23 * SLOT
+    SHR = SC + 24 * SLOT
+    SZR = SC + 25 * SLOT
+    SDH = SC + 26 * SLOT
     d1, d2, ds1, ds2 = _load_state(DW1, DW2, DS1, DS2, bh, D, E)
     for jj in range(N):
         j = N - 1 - jj
         c = bh * N + j
-        w1, w2, s1, s2 = _load_state(STARTS1, STARTS2, STARTT1, STARTT2, c, D, E)
-        q, k, kh, v = _load_inputs(Q, K, KH, V, c, n, D)
-        do = _load2(DOUT + c * n * D, n, D)
-        eta, gam, gam_p, m, m_p, Rm, Rp, Dm, Dp, gam_e, m_e, b_e, R_e, D_e, Lb_e = _load_coef(
-            ETA, GAM, GAMP, MM, MMP, RM, RP, DM, DP, GAME, ME, BE, RE, DE, LBE, c, n
-        )
-        # the chunk again, from its start (adjoint.mlp_chunk with ends=False)
-        z, h, r, rW1, back, e1, e2 = _surprise(w1, w2, k, v, eta, SELF_VALUES, L2, ACT, P)
-        zr, QX2, QXh2, A2, XX2, Y2, T2, U2 = _step_saved(w2, s2, k, kh, q, e2, eta, gam, gam_p, m, m_p, Rm, Rp, Dm,
-                                                         Dp, n, LOGN, DGD, P)  # fmt: skip
-        hr = _sigma(zr, ACT)
+        W1p = STARTS1 + c * D * E
+        W2p = STARTS2 + c * E * D
+        S1p = STARTT1 + c * D * E
+        S2p = STARTT2 + c * E * D
+        Qp = Q + c * n * D
+        Kp = K + c * n * D
+        KHp = KH + c * n * D
+        Vp = V + c * n * D
+        RMp = RM + c * n * n
+        RPp = RP + c * n * n
+        DMp = DM + c * n * n
+        DPp = DP + c * n * n
+        eta = _getv(ETA + c * n, n)
+        gam = _getv(GAM + c * n, n)
+        gam_p = _getv(GAMP + c * n, n)
+        m = _getv(MM + c * n, n)
+        m_p = _getv(MMP + c * n, n)
+        gam_e = tl.load(GAME + c)
+        m_e = tl.load(ME + c)
+        b_e = tl.load(BE + c)
+        R_e = _getv(RE + c * n, n)
+        D_e = _getv(DE + c * n, n)
+        Lb_e = _getv(LBE + c * n, n)
+        # the chunk again, from its start (adjoint.mlp_chunk with ends=False): the surprise (`_surprise`)
+        v = _get(Vp, n, D)
+        if SELF_VALUES:
+            vt = v + _mm(_sigma(_mm(v, tl.trans(_get(W2p, E, D)), P), ACT), tl.trans(_get(W1p, D, E)), P)
+        else:
+            vt = v
+        z = _mm(_get(Kp, n, D), tl.trans(_get(W2p, E, D)), P)  # [n, E]
+        _put(SZ, z, n, E)
+        h = _sigma(z, ACT)
+        _put(SH, h, n, E)
+        if L2:  # noqa: SIM108
+            r = _get(Kp, n, D) + _mm(_get(SH, n, E), tl.trans(_get(W1p, D, E)), P) - vt
+        else:
+            r = -vt
+        _put(SR, r, n, D)
+        rW1 = _mm(_get(SR, n, D), _get(W1p, D, E), P)
+        _put(SRW1, rW1, n, E)
+        back = rW1 * _dsigma(z, ACT)  # dl/dz [n, E]
+        _put(SBACK, back, n, E)
+        _put(SE1, -eta[:, None] * r, n, D)
+        _put(SE2, -eta[:, None] * back, n, E)
+        # the W2 step (inputs the keys): its reads, its stash for the adjoint below
+        zr = _step_stash(W2p, S2p, Kp, KHp, Qp, SE2, SV2, eta, gam, gam_p, m, m_p, RMp, RPp, DMp, DPp, n, LOGN, E,
+                         D, SLOT, DGD, P)  # fmt: skip
+        _put(SZR, zr, n, E)
+        _put(SHR, _sigma(zr, ACT), n, E)
+        h = _get(SH, n, E)
         nrm = tl.sqrt(tl.sum(h * h, axis=1) + eps * eps)
-        hh = h / nrm[:, None]
-        _, QX1, QXh1, A1, XX1, Y1, T1, U1 = _step_saved(w1, s1, h, hh, hr, e1, eta, gam, gam_p, m, m_p, Rm, Rp, Dm,
-                                                        Dp, n, LOGN, DGD, P)  # fmt: skip
+        _put(SHH, h / nrm[:, None], n, E)
+        _ = _step_stash(W1p, S1p, SH, SHH, SHR, SE1, SV1, eta, gam, gam_p, m, m_p, RMp, RPp, DMp, DPp, n, LOGN, D,
+                        E, SLOT, DGD, P)  # fmt: skip
         # W1 reads σ(W2's reads): its adjoint first, then W2's with the chained read adjoint
-        (g1, gs1, dH, dHh, dHr, dE1, c_eta, c_gam, c_gp, c_m, c_mp, c_R, c_Rp, c_D, c_Dp, c_game, c_me, c_be, c_Re,
-         c_De, c_Lbe) = _step_adjoint(w1, s1, h, hh, hr, e1, QX1, QXh1, A1, XX1, Y1, T1, U1, do, d1, ds1, eta,
-                                      gam, gam_p, m, m_p, Rm, Rp, Dm, Dp, gam_e, m_e, b_e, R_e, D_e, Lb_e, n, DGD,
-                                      P)  # fmt: skip
+        (g1, gs1, dH, dHh, dHr, dE1, c_eta, c_gam, c_gp, c_m, c_mp, c_game, c_me, c_be, c_Re, c_De,
+         c_Lbe) = _step_adjoint(W1p, S1p, SH, SHH, SHR, SE1, SV1, DOUT + c * n * D, d1, ds1, eta, gam, gam_p, m,
+                                m_p, RMp, RPp, DMp, DPp, gam_e, m_e, b_e, R_e, D_e, Lb_e, CRM + c * n * n,
+                                CRP + c * n * n, CDM + c * n * n, CDP + c * n * n, False, n, D, E, SLOT, DGD,
+                                P)  # fmt: skip
+        hh = _get(SHH, n, E)
         dH += (dHh - _rowdot(dHh, hh)[:, None] * hh) / nrm[:, None]  # through h_hat = h / |h|
-        dzr = dHr * _dsigma(zr, ACT)
-        (g2, gs2, dK, dKh, dq, dE2, c_eta2, c_gam2, c_gp2, c_m2, c_mp2, c_R2, c_Rp2, c_D2, c_Dp2, c_game2, c_me2,
-         c_be2, c_Re2, c_De2, c_Lbe2) = _step_adjoint(w2, s2, k, kh, q, e2, QX2, QXh2, A2, XX2, Y2, T2, U2, dzr, d2,
-                                                      ds2, eta, gam, gam_p, m, m_p, Rm, Rp, Dm, Dp, gam_e, m_e, b_e,
-                                                      R_e, D_e, Lb_e, n, DGD, P)  # fmt: skip
-        dq += do  # the residual of Eq. 89
+        _put(SDH, dH, n, E)
+        _put(SZR, dHr * _dsigma(_get(SZR, n, E), ACT), n, E)  # zr's slot now holds dzr
+        (g2, gs2, dK, dKh, dq, dE2, c_eta2, c_gam2, c_gp2, c_m2, c_mp2, c_game2, c_me2, c_be2, c_Re2, c_De2,
+         c_Lbe2) = _step_adjoint(W2p, S2p, Kp, KHp, Qp, SE2, SV2, SZR, d2, ds2, eta, gam, gam_p, m, m_p, RMp, RPp,
+                                 DMp, DPp, gam_e, m_e, b_e, R_e, D_e, Lb_e, CRM + c * n * n, CRP + c * n * n,
+                                 CDM + c * n * n, CDP + c * n * n, True, n, E, D, SLOT, DGD, P)  # fmt: skip
+        dq += _get(DOUT + c * n * D, n, D)  # the residual of Eq. 89
         # the frozen surprise: e1 = -eta r, e2 = -eta (r W1 ∘ σ'(z)), r = k + σ(z) W1ᵀ - v_t (L2) or -v_t (dot)
-        c_eta += c_eta2 - _rowdot(dE1, r) - _rowdot(dE2, back)
+        c_eta += c_eta2 - _rowdot(dE1, _get(SR, n, D)) - _rowdot(dE2, _get(SBACK, n, E))
         dback = -eta[:, None] * dE2
+        z = _get(SZ, n, E)
         dsz = _dsigma(z, ACT)
         drW1 = dback * dsz
-        dr = -eta[:, None] * dE1 + _mm(drW1, tl.trans(w1), P)
-        g1 += _mm(tl.trans(r), drW1, P)
-        dz = dback * rW1 * _d2sigma(z, ACT)
+        dr = -eta[:, None] * dE1 + _mm(drW1, tl.trans(_get(W1p, D, E)), P)
+        g1 += _mm(tl.trans(_get(SR, n, D)), drW1, P)
+        dz = dback * _get(SRW1, n, E) * _d2sigma(z, ACT)
+        dH = _get(SDH, n, E)
         if L2:
             dK += dr
-            dH += _mm(dr, w1, P)
-            g1 += _mm(tl.trans(dr), h, P)
+            dH += _mm(dr, _get(W1p, D, E), P)
+            g1 += _mm(tl.trans(dr), _get(SH, n, E), P)
         dz += dH * dsz
-        dK += _mm(dz, w2, P)
-        g2 += _mm(tl.trans(dz), k, P)
+        dK += _mm(dz, _get(W2p, E, D), P)
+        g2 += _mm(tl.trans(dz), _get(Kp, n, D), P)
         dv = -dr
         if SELF_VALUES:  # v_t = v + W1 σ(W2 v) at the chunk start
-            zv = _mm(v, tl.trans(w2), P)
+            zv = _mm(_get(Vp, n, D), tl.trans(_get(W2p, E, D)), P)
             g1 -= _mm(tl.trans(dr), _sigma(zv, ACT), P)
-            dzv = -_mm(dr, w1, P) * _dsigma(zv, ACT)
-            g2 += _mm(tl.trans(dzv), v, P)
-            dv += _mm(dzv, w2, P)
+            dzv = -_mm(dr, _get(W1p, D, E), P) * _dsigma(zv, ACT)
+            g2 += _mm(tl.trans(dzv), _get(Vp, n, D), P)
+            dv += _mm(dzv, _get(W2p, E, D), P)
         if ANCHOR:  # noqa: SIM102 (compile-time switch around a run-time test): the last (open) chunk's start
             if j == N - 1:
                 g1 += _load2(DA1 + bh * D * E, D, E)
@@ -386,10 +544,6 @@ def _mlp_backward_kernel(
         tl.store(CGAMP + c * n + an, c_gp + c_gp2)
         tl.store(CMM + c * n + an, c_m + c_m2)
         tl.store(CMMP + c * n + an, c_mp + c_mp2)
-        _store2(CRM + c * n * n, c_R + c_R2, n, n)
-        _store2(CRP + c * n * n, c_Rp + c_Rp2, n, n)
-        _store2(CDM + c * n * n, c_D + c_D2, n, n)
-        _store2(CDP + c * n * n, c_Dp + c_Dp2, n, n)
         tl.store(CGAME + c, c_game + c_game2)
         tl.store(CME + c, c_me + c_me2)
         tl.store(CBE + c, c_be + c_be2)
@@ -424,13 +578,16 @@ def launch_mlp_backward(
     """Run `_mlp_backward_kernel`: `x`, `coef`, `starts` as the forward's; `dout [B, H, N, n, D]`; `d_state` the
     final state's adjoint (contiguous float32, overwritten with the initial state's); `d_anchor` the anchor's
     adjoint (W1, W2) when the call ends inside its last chunk, else None; `dx = (dq, dk, dk̂, dv)` and `dcoef` (the
-    15 `_Coef` fields' shapes) are filled."""
+    15 `_Coef` fields' shapes) are filled. Allocates the kernel's scratch: `B H NSLOT n max(n, E)` floats (at B = 4,
+    H = 8, n = 64, E = 128: 27 MiB)."""
     B, H, N, n, D = x[0].shape
     E = d_state[0].shape[-1]
     precision = "ieee" if dout.device.type == "cpu" else "tf32x3"
     anchor = d_anchor if d_anchor is not None else d_state[:2]
+    slot = n * max(n, E)
+    scratch = dout.new_empty(B * H * NSLOT * slot)
     _mlp_backward_kernel[(B * H,)](
-        *x, *coef, *starts, dout, *d_state, *anchor, *dx, *dcoef, N, eps, n=n, LOGN=n.bit_length() - 1, D=D, E=E,
-        DGD=dgd, SELF_VALUES=self_values, L2=l2, ACT=ACTIVATIONS[act], ANCHOR=d_anchor is not None, P=precision,
-        num_warps=NUM_WARPS, num_stages=NUM_STAGES,
+        *x, *coef, *starts, dout, *d_state, *anchor, *dx, *dcoef, scratch, N, eps, n=n, LOGN=n.bit_length() - 1,
+        D=D, E=E, DGD=dgd, SELF_VALUES=self_values, L2=l2, ACT=ACTIVATIONS[act], ANCHOR=d_anchor is not None,
+        P=precision, SLOT=slot, NS=NSLOT, num_warps=NUM_WARPS, num_stages=NUM_STAGES,
     )  # fmt: skip

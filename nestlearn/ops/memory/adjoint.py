@@ -53,10 +53,10 @@ def supports(spec: MemorySpec, state: MemoryState) -> bool:
 
 
 MAX_STATE = 64 * 128  # D * E of one weight matrix that a kernel program holds on chip
-# The longest chunk each kernel takes: its shared memory, compiled for sm_90 (num_stages=1, D = 32, E = 128), is
-# 212 KiB for the forward at 64 tokens and 640 KiB for the backward at 64 (over Hopper's 227 KiB); longer chunks
-# run that direction's PyTorch loop (docs/decisions.md).
-MAX_CHUNK_FORWARD, MAX_CHUNK_BACKWARD = 64, 32
+# The longest chunk each kernel takes: compiled for sm_90 (num_stages=1, D = 32, E = 128) the forward needs 212
+# KiB of shared memory at 64 tokens and the backward 96 KiB (Hopper: 227); at 128 the forward would not fit.
+# Longer chunks run that direction's PyTorch loop (docs/decisions.md).
+MAX_CHUNK_FORWARD, MAX_CHUNK_BACKWARD = 64, 64
 
 
 def kernel_supports(q: Tensor, state: MemoryState, chunk_size: int, *, backward: bool = False) -> bool:

@@ -10,7 +10,7 @@ a call that starts at a chunk boundary.
 For the MLP memory (whose errors are not affine in the weights, so its chunks stay sequential) `memory_fused` is
 `memory_adjoint(kernel=True)`: the chunk loop forward and backward as one Triton program per sequence and head
 each (`_mlp_kernels.py`), where the state fits on chip and the chunk is a power of two from 16 tokens to what
-each direction's kernel holds (`adjoint.kernel_supports`: 64 forward, 32 backward; otherwise the same function
+each direction's kernel holds (`adjoint.kernel_supports`: 64 tokens; otherwise the same function
 through `adjoint.py`'s PyTorch loops). `memory_auto` does not take it yet (forward + backward at C = 64 is not
 faster than the chunk form: docs/results/memory_op.md).
 What it is not: the gradient clip or the branch LayerNorm, or a call that finishes a chunk an earlier call opened.
