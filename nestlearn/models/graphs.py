@@ -145,7 +145,7 @@ def _graphed(fn: nn.Module, samples: list[Tensor], warmup: int, *, retain: bool 
     gradient, then the outer loss), so it is captured with `retain_graph`: captured without it, it frees the
     forward's saved tensors into the pool as it goes and its own later temporaries overwrite them, which a
     second replay would read. Without `retain` the pool reuses that memory (HOPE, static levels, 20M, 8 x 2,048
-    on the H200: 14.3 GiB peak without, 112.4 GiB with)."""
+    on the H200: 13.0 GiB peak without, 112.4 GiB with)."""
     params = [p for p in fn.parameters() if p.requires_grad]
     inputs = samples + params
     wants = [t.requires_grad for t in inputs]
