@@ -116,36 +116,50 @@ def _step_end(W, S, X, Xh, Err, U, gam_e, m_e, b_e, R_e, D_e, Lb_e, DGD: tl.cons
 
 
 @triton.jit
+def _state_ptrs(P1, P2, P3, P4, i, D: tl.constexpr, E: tl.constexpr):
+    """Where state i `(W1 [D, E], W2 [E, D], S1, S2)` starts in four buffers laid out `[..., D, E]` /
+    `[..., E, D]`."""
+    return P1 + i * D * E, P2 + i * E * D, P3 + i * D * E, P4 + i * E * D
+
+
+@triton.jit
 def _load_state(P1, P2, P3, P4, i, D: tl.constexpr, E: tl.constexpr):
-    """State i `(W1 [D, E], W2 [E, D], S1, S2)` of four buffers laid out `[..., D, E]` / `[..., E, D]`."""
-    return (_load2(P1 + i * D * E, D, E), _load2(P2 + i * E * D, E, D), _load2(P3 + i * D * E, D, E),
-            _load2(P4 + i * E * D, E, D))  # fmt: skip
+    p1, p2, p3, p4 = _state_ptrs(P1, P2, P3, P4, i, D, E)
+    return _load2(p1, D, E), _load2(p2, E, D), _load2(p3, D, E), _load2(p4, E, D)
 
 
 @triton.jit
 def _store_state(P1, P2, P3, P4, i, w1, w2, s1, s2, D: tl.constexpr, E: tl.constexpr):
-    _store2(P1 + i * D * E, w1, D, E)
-    _store2(P2 + i * E * D, w2, E, D)
-    _store2(P3 + i * D * E, s1, D, E)
-    _store2(P4 + i * E * D, s2, E, D)
+    p1, p2, p3, p4 = _state_ptrs(P1, P2, P3, P4, i, D, E)
+    _store2(p1, w1, D, E)
+    _store2(p2, w2, E, D)
+    _store2(p3, s1, D, E)
+    _store2(p4, s2, E, D)
+
+
+@triton.jit
+def _chunk_ptrs(A, B, C, D, c, n: tl.constexpr, w: tl.constexpr):
+    """Where chunk c starts in four buffers of `[n, w]` blocks (the inputs q, k, k̂, v: w = D; the gate
+    matrices: w = n)."""
+    return A + c * n * w, B + c * n * w, C + c * n * w, D + c * n * w
 
 
 @triton.jit
 def _load_inputs(Q, K, KH, V, c, n: tl.constexpr, D: tl.constexpr):
     """Chunk c's q, k, k̂, v `[n, D]`."""
-    return (_load2(Q + c * n * D, n, D), _load2(K + c * n * D, n, D), _load2(KH + c * n * D, n, D),
-            _load2(V + c * n * D, n, D))  # fmt: skip
+    q, k, kh, v = _chunk_ptrs(Q, K, KH, V, c, n, D)
+    return _load2(q, n, D), _load2(k, n, D), _load2(kh, n, D), _load2(v, n, D)
 
 
 @triton.jit
 def _load_coef(ETA, GAM, GAMP, MM, MMP, RM, RP, DM, DP, GAME, ME, BE, RE, DE, LBE, c, n: tl.constexpr):
     """Chunk c's gate products, in `_Coef`'s order."""
     an = tl.arange(0, n)
+    rm, rp, dm, dp = _chunk_ptrs(RM, RP, DM, DP, c, n, n)
     return (tl.load(ETA + c * n + an), tl.load(GAM + c * n + an), tl.load(GAMP + c * n + an),
-            tl.load(MM + c * n + an), tl.load(MMP + c * n + an), _load2(RM + c * n * n, n, n),
-            _load2(RP + c * n * n, n, n), _load2(DM + c * n * n, n, n), _load2(DP + c * n * n, n, n),
-            tl.load(GAME + c), tl.load(ME + c), tl.load(BE + c), tl.load(RE + c * n + an), tl.load(DE + c * n + an),
-            tl.load(LBE + c * n + an))  # fmt: skip
+            tl.load(MM + c * n + an), tl.load(MMP + c * n + an), _load2(rm, n, n), _load2(rp, n, n),
+            _load2(dm, n, n), _load2(dp, n, n), tl.load(GAME + c), tl.load(ME + c), tl.load(BE + c),
+            tl.load(RE + c * n + an), tl.load(DE + c * n + an), tl.load(LBE + c * n + an))  # fmt: skip
 
 
 @triton.jit
@@ -437,18 +451,11 @@ def _mlp_backward_kernel(
     for jj in range(N):
         j = N - 1 - jj
         c = bh * N + j
-        W1p = STARTS1 + c * D * E
-        W2p = STARTS2 + c * E * D
-        S1p = STARTT1 + c * D * E
-        S2p = STARTT2 + c * E * D
-        Qp = Q + c * n * D
-        Kp = K + c * n * D
-        KHp = KH + c * n * D
-        Vp = V + c * n * D
-        RMp = RM + c * n * n
-        RPp = RP + c * n * n
-        DMp = DM + c * n * n
-        DPp = DP + c * n * n
+        W1p, W2p, S1p, S2p = _state_ptrs(STARTS1, STARTS2, STARTT1, STARTT2, c, D, E)
+        Qp, Kp, KHp, Vp = _chunk_ptrs(Q, K, KH, V, c, n, D)
+        RMp, RPp, DMp, DPp = _chunk_ptrs(RM, RP, DM, DP, c, n, n)
+        CRMp, CRPp, CDMp, CDPp = _chunk_ptrs(CRM, CRP, CDM, CDP, c, n, n)  # where both steps' [n, n] adjoints add
+        DOp = DOUT + c * n * D
         eta = _getv(ETA + c * n, n)
         gam = _getv(GAM + c * n, n)
         gam_p = _getv(GAMP + c * n, n)
@@ -493,19 +500,18 @@ def _mlp_backward_kernel(
                         E, SLOT, DGD, P)  # fmt: skip
         # W1 reads σ(W2's reads): its adjoint first, then W2's with the chained read adjoint
         (g1, gs1, dH, dHh, dHr, dE1, c_eta, c_gam, c_gp, c_m, c_mp, c_game, c_me, c_be, c_Re, c_De,
-         c_Lbe) = _step_adjoint(W1p, S1p, SH, SHH, SHR, SE1, SV1, DOUT + c * n * D, d1, ds1, eta, gam, gam_p, m,
-                                m_p, RMp, RPp, DMp, DPp, gam_e, m_e, b_e, R_e, D_e, Lb_e, CRM + c * n * n,
-                                CRP + c * n * n, CDM + c * n * n, CDP + c * n * n, False, n, D, E, SLOT, DGD,
-                                P)  # fmt: skip
+         c_Lbe) = _step_adjoint(W1p, S1p, SH, SHH, SHR, SE1, SV1, DOp, d1, ds1, eta, gam, gam_p, m, m_p, RMp,
+                                RPp, DMp, DPp, gam_e, m_e, b_e, R_e, D_e, Lb_e, CRMp, CRPp, CDMp, CDPp, False, n, D,
+                                E, SLOT, DGD, P)  # fmt: skip
         hh = _get(SHH, n, E)
         dH += (dHh - _rowdot(dHh, hh)[:, None] * hh) / nrm[:, None]  # through h_hat = h / |h|
         _put(SDH, dH, n, E)
         _put(SZR, dHr * _dsigma(_get(SZR, n, E), ACT), n, E)  # zr's slot now holds dzr
         (g2, gs2, dK, dKh, dq, dE2, c_eta2, c_gam2, c_gp2, c_m2, c_mp2, c_game2, c_me2, c_be2, c_Re2, c_De2,
          c_Lbe2) = _step_adjoint(W2p, S2p, Kp, KHp, Qp, SE2, SV2, SZR, d2, ds2, eta, gam, gam_p, m, m_p, RMp, RPp,
-                                 DMp, DPp, gam_e, m_e, b_e, R_e, D_e, Lb_e, CRM + c * n * n, CRP + c * n * n,
-                                 CDM + c * n * n, CDP + c * n * n, True, n, E, D, SLOT, DGD, P)  # fmt: skip
-        dq += _get(DOUT + c * n * D, n, D)  # the residual of Eq. 89
+                                 DMp, DPp, gam_e, m_e, b_e, R_e, D_e, Lb_e, CRMp, CRPp, CDMp, CDPp, True, n, E, D,
+                                 SLOT, DGD, P)  # fmt: skip
+        dq += _get(DOp, n, D)  # the residual of Eq. 89
         # the frozen surprise: e1 = -eta r, e2 = -eta (r W1 ∘ σ'(z)), r = k + σ(z) W1ᵀ - v_t (L2) or -v_t (dot)
         c_eta += c_eta2 - _rowdot(dE1, _get(SR, n, D)) - _rowdot(dE2, _get(SBACK, n, E))
         dback = -eta[:, None] * dE2
@@ -535,10 +541,11 @@ def _mlp_backward_kernel(
                 g1 += _load2(DA1 + bh * D * E, D, E)
                 g2 += _load2(DA2 + bh * E * D, E, D)
         d1, d2, ds1, ds2 = g1, g2, gs1, gs2
-        _store2(DQ + c * n * D, dq, n, D)
-        _store2(DK + c * n * D, dK, n, D)
-        _store2(DKH + c * n * D, dKh, n, D)
-        _store2(DV + c * n * D, dv, n, D)
+        dqp, dkp, dkhp, dvp = _chunk_ptrs(DQ, DK, DKH, DV, c, n, D)
+        _store2(dqp, dq, n, D)
+        _store2(dkp, dK, n, D)
+        _store2(dkhp, dKh, n, D)
+        _store2(dvp, dv, n, D)
         tl.store(CETA + c * n + an, c_eta)
         tl.store(CGAM + c * n + an, c_gam + c_gam2)
         tl.store(CGAMP + c * n + an, c_gp + c_gp2)

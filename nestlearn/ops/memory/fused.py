@@ -23,15 +23,15 @@ from torch import Tensor
 
 from . import adjoint, affine
 from .chunk import memory_chunk
-from .common import MemorySpec, MemoryState, check_inputs
-from .common import triton_available as available
+from .common import MemorySpec, MemoryState, check_inputs, triton_available
 
 
 def supports(spec: MemorySpec, state: MemoryState, q: Tensor, interpret: bool = False) -> bool:
-    """Whether `memory_fused` computes this call (otherwise `memory_chunk` does); `interpret` as `available`.
-    float64 calls (the reference precision) stay with the chunk form: the kernel computes in float32 (D8)."""
+    """Whether `memory_fused` computes this call (otherwise `memory_chunk` does); `interpret` as
+    `common.triton_available`. float64 calls (the reference precision) stay with the chunk form: the kernel
+    computes in float32 (D8)."""
     return (
-        available(q.device, interpret)
+        triton_available(q.device, interpret)
         and q.dtype != torch.float64
         and all(t.dtype == torch.float32 for t in (*state.weights, *state.momenta))
         and affine.supports(spec, state)
@@ -54,7 +54,7 @@ def memory_fused(
     """`memory_chunk` through the GPU path (see `supports`, and the module docstring for the MLP memory); arguments
     and results as `memory_naive`."""
     check_inputs(q, k, v, eta, alpha, beta, state, spec, chunk_size, check_gates)
-    if spec.kind == "mlp" and adjoint.supports(spec, state) and available(q.device, interpret=True):
+    if spec.kind == "mlp" and adjoint.supports(spec, state) and triton_available(q.device, interpret=True):
         return adjoint.memory_adjoint(q, k, v, eta, alpha, beta, state=state, spec=spec, chunk_size=chunk_size,
                                       kernel=True)  # fmt: skip
     if not supports(spec, state, q, interpret=True):
