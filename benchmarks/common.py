@@ -2,7 +2,9 @@
 
 One training step = forward over `batch x seq` tokens, next-token loss, backward, AdamW step (lr 1e-4) on one
 batch of random token ids repeated every step. On CUDA the step runs under bf16 autocast; peak memory is
-`torch.cuda.max_memory_allocated`, on CPU the process's peak resident memory. `graphs=True` replays every block
+`torch.cuda.max_memory_allocated` and, beside it, `max_memory_reserved` (what the allocator held, CUDA graphs'
+private pools included: their replays allocate nothing, so memory a graph keeps for the model's life shows in the
+reserved figure only); on CPU the process's peak resident memory. `graphs=True` replays every block
 call of a step as a CUDA graph (`nestlearn.models.graphs.StepGraphs`; captured in the first warm-up step, the
 warm-up's seconds reported as `capture_s`).
 """
@@ -59,13 +61,15 @@ def time_training(
     sec = sorted(times)[len(times) // 2]
     if dev.type == "cuda":
         peak = torch.cuda.max_memory_allocated() / 2**30
+        reserved = torch.cuda.max_memory_reserved() / 2**30
     else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB (Linux)
+        peak = reserved = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB (Linux)
     return {
         "params": count_parameters(cfg),
         "step_s": sec,
         "tokens_per_s": batch * seq / sec,
         "peak_gib": peak,
+        "reserved_gib": reserved,
         "final_loss": float(loss.detach()),
         **({"capture_s": capture_s} if graphs else {}),
     }

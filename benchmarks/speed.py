@@ -248,7 +248,7 @@ def train_jobs(args: argparse.Namespace, plan: Plan) -> Iterator[Job]:
                 r["flops_per_token"] = flops
                 r["mfu"] = flops * r["tokens_per_s"] / peak if peak else None
                 if args.device != "cuda":
-                    r["peak_gib"] = None  # the process's peak RSS so far, not this row's
+                    r["peak_gib"] = r["reserved_gib"] = None  # the process's peak RSS so far, not this row's
                 r["note"] = f"{r['params'] / 1e6:.1f}M params, step {r['step_s']:.3f} s, loss {r['final_loss']:.2f}"
                 if graphs:
                     r["note"] += f", warm-up with capture {r['capture_s']:.1f} s"
@@ -560,7 +560,12 @@ def add_ratios(rows: list[dict[str, Any]]) -> None:
 
 
 def table(head: str, rows: list[dict[str, Any]]) -> str:
-    lines = [head, "", "| section | row | shape | tokens/s | ratio | vs | MFU | peak GiB | note |", "|" + "---|" * 9]
+    lines = [
+        head,
+        "",
+        "| section | row | shape | tokens/s | ratio | vs | MFU | peak GiB | reserved GiB | note |",
+        "|" + "---|" * 10,
+    ]
     order: dict[str, int] = {}
     for r in rows:
         order.setdefault(r["group"], len(order))
@@ -572,6 +577,7 @@ def table(head: str, rows: list[dict[str, Any]]) -> str:
             "-" if r.get("ratio") is None else f"{r['ratio']:.3f}x", r["vs"],
             "-" if r.get("mfu") is None else f"{100 * r['mfu']:.1f}%",
             "-" if r.get("peak_gib") is None else f"{r['peak_gib']:.2f}",
+            "-" if r.get("reserved_gib") is None else f"{r['reserved_gib']:.2f}",
             r.get("error") or r.get("note", ""),
         ]  # fmt: skip
         lines.append("| " + " | ".join(str(c).replace("|", "/") for c in cells) + " |")
