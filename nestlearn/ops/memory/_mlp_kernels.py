@@ -22,6 +22,7 @@ registers, so D and E are powers of two with D, n >= 16 and D * E <= 64 * 128, a
 (`adjoint.kernel_supports`; `benchmarks/kernel_resources.py` prints what each kernel needs of an sm_90 GPU).
 """
 
+import torch
 import triton
 import triton.language as tl
 from torch import Tensor
@@ -181,7 +182,7 @@ def _surprise(w1, w2, k, v, eta, SELF_VALUES: tl.constexpr, L2: tl.constexpr, AC
     return z, h, r, rW1, back, -eta[:, None] * r, -eta[:, None] * back
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N"])  # one compile for every sequence length (`precision` below)
 def _mlp_forward_kernel(
     Q, K, KH, V,  # [BH, N, n, D]
     ETA, GAM, GAMP, MM, MMP,  # [BH, N, n]
@@ -415,7 +416,7 @@ def _step_adjoint(Wp, Sp, Xp, Xhp, Qp, Errp, SV, dOp, dWn, dSn,
 NSLOT = 27
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N"])
 def _mlp_backward_kernel(
     Q, K, KH, V,  # [BH, N, n, D]
     ETA, GAM, GAMP, MM, MMP, RM, RP, DM, DP, GAME, ME, BE, RE, DE, LBE,  # the forward's `_Coef` fields
@@ -560,6 +561,14 @@ def _mlp_backward_kernel(
     _store_state(DW1, DW2, DS1, DS2, bh, d1, d2, ds1, ds2, D, E)
 
 
+def products(device: torch.device) -> str:
+    """The dots' precision on `device`: tf32x3 on a GPU (float32 accuracy from tensor cores), exact float32 in
+    the interpreter. A compiled kernel is cached per precision, switch combination, chunk length and head shape,
+    not per sequence length (`N` is not specialized): a backward at 32 or 64 tokens takes about ten minutes to
+    compile on a 2-core CPU (docs/results/kernel_resources_sm90.md), once per machine."""
+    return "ieee" if device.type == "cpu" else "tf32x3"
+
+
 def launch_mlp_forward(
     x: list[Tensor], coef: list[Tensor], state: list[Tensor], starts: list[Tensor], out: Tensor, *,
     eps: float, dgd: bool, self_values: bool, l2: bool, act: str,
@@ -569,7 +578,7 @@ def launch_mlp_forward(
     start-state buffers, `out [B, H, N, n, D]`."""
     B, H, N, n, D = x[0].shape
     E = state[0].shape[-1]
-    precision = "ieee" if out.device.type == "cpu" else "tf32x3"
+    precision = products(out.device)
     _mlp_forward_kernel[(B * H,)](
         *x, *coef, *state, *starts, out, N, eps, n=n, LOGN=n.bit_length() - 1, D=D, E=E, DGD=dgd,
         SELF_VALUES=self_values, L2=l2, ACT=ACTIVATIONS[act], P=precision, num_warps=NUM_WARPS,
@@ -589,7 +598,7 @@ def launch_mlp_backward(
     H = 8, n = 64, E = 128: 27 MiB)."""
     B, H, N, n, D = x[0].shape
     E = d_state[0].shape[-1]
-    precision = "ieee" if dout.device.type == "cpu" else "tf32x3"
+    precision = products(dout.device)
     anchor = d_anchor if d_anchor is not None else d_state[:2]
     slot = n * max(n, E)
     scratch = dout.new_empty(B * H * NSLOT * slot)
