@@ -42,6 +42,10 @@ Sections (`--sections`, default all):
   timed. HOPE's online CMS learns once every S = 512 tokens (a forward + backward over the segment, in the step
   that reads the token after the segment: here the second warm-up step, timed alone); the row's tokens/s is the
   amortised rate S / ((S - 1) t_step + t_learn), the note gives the steady rate 1 / t_step and t_learn.
+  On CUDA, HOPE again with its one-token block calls replayed as CUDA graphs (`models.graphs.DecodeGraphs`, as
+  `nestlearn generate --cuda-graphs`): `GRAPH_WARMUP` more warm-up steps first, so that every call's graph is
+  captured (a key's graph is captured the second time it is seen); the note counts the timed steps' replayed and
+  eager block calls. Transformer++ has none (its cache grows at every token).
 - `peers`: titans-pytorch 0.5.5's `NeuralMemory` against our `TitansMemory` (the blocks' width, batch 4 x
   4,096; titans-pytorch's `chunk_size` and TTT `batch_size` both 64, so its gradients are taken at the
   chunk-start weights and T / 64 chunks run in sequence, as in our chunk form, but it makes one update per chunk
@@ -94,6 +98,7 @@ from benchmarks.memory_op import header, time_fla, timeit
 from nestlearn.models import CausalLM, ModelConfig, next_token_loss, preset
 from nestlearn.models.block import build_mixers
 from nestlearn.models.config import fields_for
+from nestlearn.models.graphs import DecodeGraphs
 from nestlearn.models.presets import PRESETS
 
 SECTIONS = ("train", "blocks", "decode", "peers")
@@ -110,6 +115,7 @@ TRAIN_ROWS: tuple[tuple[str, str, dict[str, Any]], ...] = (
     ("hope, static CMS", "hope", {"cms_online_layers": ()}),
     ("hope, static CMS, fused kernels", "hope", {"cms_online_layers": (), "impl": "fused"}),
 )
+GRAPH_WARMUP = 130  # decode steps before timing with DecodeGraphs: twice the chunk offsets' period (64), and 2
 STATIC_PERIOD = 1 << 30  # nested-learning's update period for our static CMS level: no sequence reaches it
 
 
@@ -352,16 +358,19 @@ def decode_jobs(args: argparse.Namespace, plan: Plan) -> Iterator[Job]:
     """Per variant, one model and one prefill carried through the contexts in increasing order."""
     steps, warm = args.decode_steps, args.decode_warmup
     top = max(plan.contexts)
-    for variant in ("transformer", "hope"):
+    rows = [("transformer", False), ("hope", False)] + ([("hope", True)] if args.device == "cuda" else [])
+    for variant, graphs in rows:
         over = {"max_seq_len": top + warm + steps + 1} if variant == "transformer" else {}
         carry: dict[str, Any] = {}
 
-        def setup(variant: str = variant, over: dict = over, carry: dict = carry) -> None:
+        def setup(variant: str = variant, over: dict = over, carry: dict = carry, graphs: bool = graphs) -> None:
             torch.manual_seed(0)
             cfg = preset(plan.decode_preset, variant, **over)
             carry.update(model=CausalLM(cfg).to(args.device).eval(), state=None, pos=0)
             g = torch.Generator().manual_seed(0)
             carry["ids"] = torch.randint(0, cfg.vocab_size, (1, top), generator=g).to(args.device)
+            if graphs:
+                carry["graphs"] = DecodeGraphs(carry["model"])
 
         def run(ctx: int, setup: Callable[[], None] = setup, carry: dict = carry) -> dict[str, Any]:
             if "model" not in carry:
@@ -373,7 +382,8 @@ def decode_jobs(args: argparse.Namespace, plan: Plan) -> Iterator[Job]:
                 raise
 
         for ctx in plan.contexts:
-            base = {"section": "decode", "group": f"decode ctx={ctx}", "name": variant,
+            base = {"section": "decode", "group": f"decode ctx={ctx}",
+                    "name": variant + (" + CUDA graphs" if graphs else ""),
                     "shape": f"{plan.decode_preset}: 1 x ctx {ctx}", "vs": "transformer",
                     "ref": variant == "transformer"}  # fmt: skip
             yield base, lambda ctx=ctx, run=run: run(ctx)
@@ -401,11 +411,13 @@ def decode_at(carry: dict[str, Any], ctx: int, plan: Plan, args: argparse.Namesp
             tok = logits[:, -1:].argmax(-1)
 
         times = []  # warm-up steps, each timed: the second reads position ctx (the online CMS's learning step)
-        for _ in range(args.decode_warmup):
+        graphs: DecodeGraphs | None = carry.get("graphs")
+        for _ in range(args.decode_warmup + (GRAPH_WARMUP if graphs is not None else 0)):
             t = time.perf_counter()
             step()
             sync(dev)
             times.append(time.perf_counter() - t)
+        before = None if graphs is None else dict(graphs.counts)
         if dev.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         t = time.perf_counter()
@@ -420,6 +432,9 @@ def decode_at(carry: dict[str, Any], ctx: int, plan: Plan, args: argparse.Namesp
     note = f"steady {1 / t_step:,.1f} tok/s ({1e3 * t_step:.1f} ms), prefill {prefill:,.0f} tok/s"
     if learns:
         note += f", CMS learning step {1e3 * t_learn:.0f} ms every {S} tokens"
+    if graphs is not None and before is not None:
+        replayed, eager = (graphs.counts[k] - before[k] for k in ("replayed", "eager"))
+        note += f", {len(graphs.graphs)} graphs, timed steps: {replayed} block calls replayed, {eager} eager"
     peak = torch.cuda.max_memory_allocated() / 2**30 if dev.type == "cuda" else None
     return {"tokens_per_s": amortised, "step_s": t_step, "steady_tokens_per_s": 1 / t_step, "learn_step_s": t_learn,
             "prefill_tokens_per_s": prefill, "peak_gib": peak, "note": note}  # fmt: skip

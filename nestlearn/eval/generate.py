@@ -11,12 +11,14 @@ exactly where the call stopped: greedy decoding in two calls gives the same text
 `--state-in` reads the prompt after what the state holds. Without a prompt or saved logits, generation starts a
 new document (the tokenizer's end-of-text token). Generation stops at the end-of-text token unless
 `--no-stop`. `--no-learn` keeps the online CMS levels from learning (the sequence mixers still read every token).
+`--cuda-graphs` replays the recurrent blocks' one-token calls as CUDA graphs (`models.graphs.DecodeGraphs`).
 What it is not: batched generation (`CausalLM.generate`), or the Hugging Face adapter's `generate`.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import time
 from collections.abc import Callable
@@ -30,6 +32,7 @@ from torch import Tensor
 from ..data.tokenizer import Tokenizer
 from ..io import load_bundle, save_bundle
 from ..models import CausalLM, ModelState, load_state, save_state
+from ..models.graphs import DecodeGraphs
 from ..models.sampling import check_sampling, sample
 from ..train.loop import resolve_device
 from .lm import max_context
@@ -157,9 +160,10 @@ def command(args: argparse.Namespace) -> None:
     gen = torch.Generator(device=model.device).manual_seed(args.seed)
     text = TextStream(tok, sys.stdout)
     start = time.perf_counter()
-    out = stream(model, prompt, state, logits, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                 top_k=args.top_k, top_p=args.top_p, stop_token=None if args.no_stop else tok.eot, generator=gen,
-                 learn=args.learn, on_token=text.push)  # fmt: skip
+    with DecodeGraphs(model) if args.cuda_graphs else contextlib.nullcontext():
+        out = stream(model, prompt, state, logits, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                     top_k=args.top_k, top_p=args.top_p, stop_token=None if args.no_stop else tok.eot,
+                     generator=gen, learn=args.learn, on_token=text.push)  # fmt: skip
     text.close()
     print(flush=True)
     seconds = time.perf_counter() - start

@@ -1,4 +1,5 @@
-"""CUDA graphs of a language model's block calls for training steps: each call of a block in a step (its forward
+"""CUDA graphs of a language model's block calls for training steps (`StepGraphs`) and for decoding one token at
+a time (`DecodeGraphs`, at the end of this file). Training: each call of a block in a step (its forward
 and its backward) is replayed as one graph each, so a step costs a few launches per block call instead of one
 per small kernel.
 
@@ -196,3 +197,96 @@ def _graphed(fn: nn.Module, samples: list[Tensor], warmup: int, *, retain: bool 
         return Graphed.apply(*args, *params)
 
     return call
+
+
+# ---------------------------------------------------------------------------------------------
+# decoding: one token at a time, without gradients
+
+
+class DecodeGraphs:
+    """The block calls of token-by-token decoding (`model(token, state)` under `no_grad`, one token per call)
+    replayed as CUDA graphs, so a decode step costs a few launches per block instead of one per small kernel.
+
+    Install with `with DecodeGraphs(model): ...` (or `close()`); `CausalLM.generate(..., cuda_graphs=True)` does.
+    A call is keyed by its block, state layout, non-tensor leaves (e.g. a memory's offset in its current chunk)
+    and tensor shapes; its graph is captured the second time the key is seen (one eager warm-up pass, then the
+    capture), so a block whose state grows with the context (an attention cache: a new shape at every token)
+    never gets one and runs eagerly, while a recurrent block's calls repeat with the chunk offsets' period and
+    are all captured after one period. Every graph shares one memory pool: the replay's outputs are copied out
+    at once (the caller owns the state it gets), so a graph's buffers hold nothing live between replays and the
+    graphs may reuse each other's memory in any order. Semantics are the eager calls': the same kernels on the
+    same values (the graphs read the parameters' storage, so in-place weight updates are seen).
+    What is not captured (runs as before): calls with gradients (the online CMS's learning step every S tokens,
+    training), in training mode, with more than one token (a prompt), a block's first call (no state yet).
+    What it is not: available on CPU."""
+
+    def __init__(self, model: CausalLM) -> None:
+        self.model = model
+        self.pool = self._new_pool()
+        self.graphs: dict[tuple, tuple[_FlatCall, Any, list[Tensor], tuple[Tensor, ...]]] = {}
+        self.seen: set[tuple] = set()
+        self.counts = {"eager": 0, "replayed": 0}  # one-token block calls without gradients, since install
+        self._inner = model.block_runner
+        model.block_runner = self._run
+
+    def _new_pool(self) -> Any:
+        if self.model.device.type != "cuda":
+            raise ValueError(
+                f"CUDA graphs need a CUDA device; the model is on {self.model.device.type}: decode without them "
+                "(cuda_graphs=False, no --cuda-graphs) or move the model to a GPU"
+            )
+        return torch.cuda.graph_pool_handle()
+
+    def close(self) -> None:
+        """Give the model its previous block runner back and free the graphs."""
+        if self.model.block_runner == self._run:
+            self.model.block_runner = self._inner
+        self.graphs.clear()
+
+    def __enter__(self) -> DecodeGraphs:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _eager(self, index: int, block: Block, x: Tensor, state: BlockState | None, second_order: bool):
+        if self._inner is not None:
+            return self._inner(index, block, x, state, second_order)
+        return block(x, state, second_order=second_order)
+
+    def _run(self, index: int, block: Block, x: Tensor, state: BlockState | None, second_order: bool):
+        if torch.is_grad_enabled() or self.model.training or state is None or x.shape[1] != 1:
+            return self._eager(index, block, x, state, second_order)
+        leaves, spec = tree_flatten((x, state))
+        slots = [j for j, leaf in enumerate(leaves) if isinstance(leaf, Tensor)]
+        tensors = [leaves[j] for j in slots]
+        consts = tuple(repr(leaf) for j, leaf in enumerate(leaves) if j not in set(slots))
+        signature = tuple((tuple(t.shape), t.dtype) for t in tensors)
+        key = (index, repr(spec), consts, signature, torch.is_autocast_enabled("cuda"))
+        if key not in self.graphs:
+            if key not in self.seen:
+                self.seen.add(key)
+                self.counts["eager"] += 1
+                return self._eager(index, block, x, state, second_order)
+            self.graphs[key] = self._capture(block, leaves, spec, slots, tensors)
+        self.counts["replayed"] += 1
+        flat, graph, static_in, static_out = self.graphs[key]
+        for static, real in zip(static_in, tensors, strict=True):
+            static.copy_(real)
+        graph.replay()
+        return flat.rebuild(tensors, tuple(o.clone() for o in static_out))
+
+    def _capture(self, block: Block, leaves: list[Any], spec: Any, slots: list[int], tensors: list[Tensor]):
+        flat = _FlatCall(block, [None if j in set(slots) else leaf for j, leaf in enumerate(leaves)], spec, slots)
+        static_in = [t.detach().clone() for t in tensors]
+        amp = torch.is_autocast_enabled("cuda")
+        with torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"), enabled=amp, cache_enabled=False):
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                flat(*static_in)  # warm-up on a side stream, as capture requires
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.pool):
+                static_out = flat(*static_in)
+        return flat, graph, static_in, static_out

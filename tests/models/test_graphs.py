@@ -3,16 +3,21 @@ same losses and every parameter's gradient over several optimizer steps of two m
 parameters' storage; gradients accumulate over replays), for every variant (static CMS levels) and with online
 CMS levels learning inside the step (each captured backward replayed twice), under bf16 autocast too; the call
 bookkeeping (flattened states, outputs rebuilt, tensors handed through) is checked on CPU with the capture replaced
-by the call itself; the refusals name the fix."""
+by the call itself; the refusals name the fix. `DecodeGraphs` (one-token decoding) generates the eager tokens and
+states for every variant, with online CMS levels learning between replays, and replays only calls whose key
+repeats (never a growing attention cache); its bookkeeping is checked on CPU with a stand-in capture."""
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
+from torch.utils._pytree import tree_flatten
 
 from nestlearn.models import VARIANTS, ModelConfig
 from nestlearn.models import graphs as graphs_module
-from nestlearn.models.graphs import StepGraphs, check_graphable
+from nestlearn.models.graphs import DecodeGraphs, StepGraphs, check_graphable
 from nestlearn.models.lm import CausalLM
 
 from .test_lm import SMALL, applicable
@@ -72,7 +77,6 @@ def test_graphed_steps_equal_eager_steps(variant: str, over: dict, amp: bool) ->
 
 
 @pytest.mark.gpu
-@pytest.mark.gpu
 @pytest.mark.parametrize("amp", [False, True])
 @pytest.mark.parametrize(("variant", "over"), ONLINE, ids=[v for v, _ in ONLINE])
 def test_graphed_steps_with_online_levels_equal_eager_steps(variant: str, over: dict, amp: bool) -> None:
@@ -107,3 +111,73 @@ def test_refusals_name_the_fix() -> None:
         check_graphable(small("transformer", activation_checkpointing=True))
     with pytest.raises(ValueError, match="needs a CUDA device"):
         check_graphable(small("transformer"))
+
+
+def _decode(model: CausalLM, graphs: bool, steps: int = 40) -> tuple[torch.Tensor, list[torch.Tensor], dict]:
+    """Greedy tokens after a 12-token prompt, the final state's tensors, and the graphs' counts."""
+    prompt = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(1)).to(model.device)
+    counts: dict = {}
+    with DecodeGraphs(model) if graphs else contextlib.nullcontext() as g:
+        tokens, state = model.generate(prompt, steps, temperature=0.0)
+        counts = dict(g.counts) if g is not None else {}
+    leaves = [t for t in tree_flatten(state.blocks)[0] if isinstance(t, torch.Tensor)]
+    return tokens, leaves, counts
+
+
+def _replays_expected(variant: str) -> bool:
+    return variant not in ("transformer", "hope_attention")  # their attention caches grow at every token
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(("variant", "over"), CASES + ONLINE, ids=[v for v, _ in CASES] + ["hope_attention_online",
+                                                                                          "hope_online"])  # fmt: skip
+def test_decode_graphs_generate_the_eager_tokens(variant: str, over: dict) -> None:
+    model = small(variant, "cuda", **over).eval()
+    tokens, state, _ = _decode(model, False)
+    tokens_g, state_g, counts = _decode(model, True)
+    assert torch.equal(tokens, tokens_g)
+    for a, b in zip(state, state_g, strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+    assert (counts["replayed"] > 0) == _replays_expected(variant), counts
+    again, _ = model.generate(tokens[:, :5], 8, temperature=0.0, cuda_graphs=True)
+    assert torch.equal(again, model.generate(tokens[:, :5], 8, temperature=0.0)[0])
+
+
+class _CallGraph:
+    """Stands in for a captured graph on CPU: a replay runs the call on the static inputs into the static outputs."""
+
+    def __init__(self, flat, static_in: list[torch.Tensor], static_out: tuple[torch.Tensor, ...]) -> None:
+        self.flat, self.static_in, self.static_out = flat, static_in, static_out
+
+    def replay(self) -> None:
+        with torch.no_grad():
+            for o, n in zip(self.static_out, self.flat(*self.static_in), strict=True):
+                o.copy_(n)
+
+
+@pytest.mark.parametrize("variant", ["hope", "titans_lmm", "transformer"])
+def test_decode_bookkeeping_on_cpu(variant: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Keys, capture at a key's second sighting, outputs rebuilt and copied out, with the capture replaced by a
+    stand-in that reruns the call: exact in float32, and replays only where keys repeat."""
+
+    def capture(self, block, leaves, spec, slots, tensors):
+        flat = graphs_module._FlatCall(block, [None if j in slots else x for j, x in enumerate(leaves)], spec, slots)
+        static_in = [t.detach().clone() for t in tensors]
+        static_out = flat(*static_in)
+        return flat, _CallGraph(flat, static_in, static_out), static_in, static_out
+
+    monkeypatch.setattr(DecodeGraphs, "_new_pool", lambda self: None)
+    monkeypatch.setattr(DecodeGraphs, "_capture", capture)
+    model = small(variant, **(STATIC if variant == "hope" else {})).eval()
+    tokens, state, _ = _decode(model, False, steps=24)
+    tokens_g, state_g, counts = _decode(model, True, steps=24)
+    assert torch.equal(tokens, tokens_g)
+    for a, b in zip(state, state_g, strict=True):
+        torch.testing.assert_close(b, a, rtol=0, atol=0)
+    assert (counts["replayed"] > 0) == _replays_expected(variant), counts
+    assert model.block_runner is None  # given back on exit
+
+
+def test_decode_graphs_refuse_a_cpu_model() -> None:
+    with pytest.raises(ValueError, match=r"CUDA graphs need a CUDA device.*cuda_graphs=False"):
+        small("hope").generate(torch.zeros(1, 3, dtype=torch.long), 2, cuda_graphs=True)

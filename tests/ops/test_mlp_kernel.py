@@ -23,6 +23,7 @@ from .test_adjoint import SWITCHES, assert_close, inputs, run
 pytest.importorskip("triton")
 FP32_RTOL = 1e-5  # relative to the largest entry of each compared tensor
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+AT_64 = ["default", "plain_gd", "dot", "self_values"]  # the switches the 64-token tests take
 
 
 def _compare(spec: MemorySpec, B: int, T: int, H: int, D: int, C: int, device: str, *, gentle: bool = False) -> None:
@@ -41,7 +42,7 @@ def test_kernel_forward_equals_the_chunk_loop(switch: str, shape: tuple[int, int
     _compare(spec, 1, T, 2, 16, C, DEVICE)
 
 
-@pytest.mark.parametrize("switch", ["default", "plain_gd", "dot", "self_values"])
+@pytest.mark.parametrize("switch", AT_64)
 def test_kernels_at_64_token_chunks(switch: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Chunks of 64 (the models' default), where the backward kernel runs from its scratch stash: one launch of
     each kernel, the loops' results."""
@@ -103,10 +104,15 @@ def _gentle(xs: list[torch.Tensor]) -> list[torch.Tensor]:
     return [q, k, v, eta / 10, 1 - (1 - alpha) / 10, *rest]
 
 
+GPU_CASES = [(s, 16) for s in sorted(SWITCHES)] + [("default", 32)] + [(s, 64) for s in AT_64]
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("switch", sorted(SWITCHES))
-@pytest.mark.parametrize("C", [16, 32, 64])
+@pytest.mark.parametrize(("switch", "C"), GPU_CASES, ids=[f"{s}-C{c}" for s, c in GPU_CASES])
 def test_kernel_on_the_gpu_at_the_20M_head_shape(switch: str, C: int) -> None:
+    """Every switch at 16-token chunks; 32 and 64 (whose backward takes minutes to compile, once per variant and
+    machine: `_mlp_kernels.products`) for the default and the switches that change the backward's equations most
+    (DGD off, the dot objective, self-generated values off)."""
     spec = MemorySpec(kind="mlp", expansion=4, **SWITCHES[switch])
     _compare(spec, 2, 300, 3, 32, C, "cuda", gentle=True)
 
