@@ -25,14 +25,14 @@ MemoryOp = Callable[..., tuple[Tensor, MemoryState]]
 
 
 def memory_op(impl: Impl) -> MemoryOp:
-    """ "auto": the GPU path where it applies on CUDA (the linear memory's affine scan), else the chunk form
-    (`ops/memory/fused.py`); "chunk": the PyTorch chunk form; "fused": the GPU path (the linear memory's scan, the
-    MLP memory's kernels; an error where it cannot apply; a call that finishes an open chunk takes the chunk
-    form); "lean": the chunk
-    form with a memory-lean backward (`ops/memory/lean.py`: a third of the memory, two thirds of the speed, measured
-    on the H200); "adjoint": the MLP memory's hand-derived backward (`ops/memory/adjoint.py`: chunk-start states
-    only, no autograd inside the chunk loop; the chunk form where it does not apply: the clip, the branch norm,
-    the linear memory); "naive": the per-token float64 reference. All compute the same function."""
+    """ "auto": the GPU path where it applies on CUDA (the linear memory's affine scan, the MLP memory's kernels), else
+    the chunk form (`ops/memory/fused.py`); "chunk": the PyTorch chunk form; "fused": the GPU path (the linear
+    memory's scan, the MLP memory's kernels; an error where it cannot apply; a call that finishes an open chunk
+    takes the chunk form); "lean": the chunk form with a memory-lean backward (`ops/memory/lean.py`: a third of the
+    memory, two thirds of the speed, measured on the H200); "adjoint": the MLP memory's hand-derived backward
+    (`ops/memory/adjoint.py`: chunk-start states only, no autograd inside the chunk loop; the chunk form where it
+    does not apply: the clip, the branch norm, the linear memory); "naive": the per-token float64 reference. All
+    compute the same function."""
     ops = {"auto": memory_auto, "adjoint": _adjoint, "chunk": memory_chunk, "fused": _fused, "lean": _lean,
            "naive": memory_naive}  # fmt: skip
     if impl not in ops:

@@ -124,3 +124,21 @@ def test_gentle_inputs_keep_the_20M_head_shape_finite() -> None:
     o, end = memory_adjoint(q, k, v, eta, None, beta, state=MemoryState(tuple(state[:2]), tuple(state[2:])),
                             spec=spec, chunk_size=64)  # fmt: skip
     assert o.abs().max() < 2 and max(float(w.abs().max()) for w in end.weights) < 1
+
+
+@pytest.mark.gpu
+def test_auto_takes_the_kernels_on_the_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`memory_auto` (the layers' default) runs both kernels for the MLP memory on CUDA where they apply, with the
+    chunk form's results (float32, 1e-5), and the chunk form for a call that starts inside a chunk (decoding)."""
+    from nestlearn.ops.memory import _mlp_kernels, memory_auto, memory_chunk
+
+    launches: list[str] = []
+    for name in ("launch_mlp_forward", "launch_mlp_backward"):
+        launch = getattr(_mlp_kernels, name)
+        monkeypatch.setattr(
+            _mlp_kernels, name, lambda *a, _l=launch, _n=name, **kw: launches.append(_n) or _l(*a, **kw)
+        )
+    spec = MemorySpec(kind="mlp", expansion=4)
+    xs = [x.float().cuda() for x in _gentle(inputs(2, 300, 3, 32, spec))]
+    assert_close(run(memory_auto, xs, spec, 64), run(memory_chunk, xs, spec, 64), FP32_RTOL)
+    assert sorted(launches) == ["launch_mlp_backward", "launch_mlp_forward"]
