@@ -45,7 +45,8 @@ Sections (`--sections`, default all):
   On CUDA, HOPE again with its one-token block calls replayed as CUDA graphs (`models.graphs.DecodeGraphs`, as
   `nestlearn generate --cuda-graphs`): `GRAPH_WARMUP` more warm-up steps first, so that every call's graph is
   captured (a key's graph is captured the second time it is seen); the note counts the timed steps' replayed and
-  eager block calls. Transformer++ has none (its cache grows at every token).
+  eager block calls. Transformer++ has none (its cache grows at every token). `--decode-rows REGEX` keeps the rows
+  whose label matches (and Transformer++'s, the reference).
 - `peers`: titans-pytorch 0.5.5's `NeuralMemory` against our `TitansMemory` (the blocks' width, batch 4 x
   4,096; titans-pytorch's `chunk_size` and TTT `batch_size` both 64, so its gradients are taken at the
   chunk-start weights and T / 64 chunks run in sequence, as in our chunk form, but it makes one update per chunk
@@ -360,6 +361,8 @@ def decode_jobs(args: argparse.Namespace, plan: Plan) -> Iterator[Job]:
     top = max(plan.contexts)
     rows = [("transformer", False), ("hope", False)] + ([("hope", True)] if args.device == "cuda" else [])
     for variant, graphs in rows:
+        if not re.search(args.decode_rows, variant + (" + CUDA graphs" if graphs else "")) and variant != "transformer":
+            continue
         over = {"max_seq_len": top + warm + steps + 1} if variant == "transformer" else {}
         carry: dict[str, Any] = {}
 
@@ -613,6 +616,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--checkpoint", action="store_true", help="train rows with activation checkpointing")
     p.add_argument("--graphs", action="store_true", help="train rows also with CUDA graphs (models/graphs.py)")
     p.add_argument("--train-rows", default="", help="regex: only train rows whose label matches (and transformer)")
+    p.add_argument("--decode-rows", default="", help="regex: only decode rows whose label matches (and transformer)")
     p.add_argument("--no-eager", action="store_true", help="train rows only with --graphs (transformer eager too)")
     p.add_argument("--max-minutes", type=float, default=None, help="start no row after this many minutes")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")

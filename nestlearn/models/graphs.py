@@ -204,20 +204,21 @@ def _graphed(fn: nn.Module, samples: list[Tensor], warmup: int, *, retain: bool 
 
 
 class DecodeGraphs:
-    """The block calls of token-by-token decoding (`model(token, state)` under `no_grad`, one token per call)
-    replayed as CUDA graphs, so a decode step costs a few launches per block instead of one per small kernel.
-
-    Install with `with DecodeGraphs(model): ...` (or `close()`); `CausalLM.generate(..., cuda_graphs=True)` does.
-    A call is keyed by its block, state layout, non-tensor leaves (e.g. a memory's offset in its current chunk)
-    and tensor shapes; its graph is captured the second time the key is seen (one eager warm-up pass, then the
-    capture), so a block whose state grows with the context (an attention cache: a new shape at every token)
-    never gets one and runs eagerly, while a recurrent block's calls repeat with the chunk offsets' period and
-    are all captured after one period. Every graph shares one memory pool: the replay's outputs are copied out
-    at once (the caller owns the state it gets), so a graph's buffers hold nothing live between replays and the
-    graphs may reuse each other's memory in any order. Semantics are the eager calls': the same kernels on the
-    same values (the graphs read the parameters' storage, so in-place weight updates are seen).
-    What is not captured (runs as before): calls with gradients (the online CMS's learning step every S tokens,
-    training), in training mode, with more than one token (a prompt), a block's first call (no state yet).
+    """The block calls of token-by-token decoding (`model(token, state)` under `no_grad`, one token per call) replayed
+    as CUDA graphs, so a decode step costs a few launches per block instead of one per small kernel. Install with
+    `with DecodeGraphs(model): ...` (or `close()`); `CausalLM.generate(..., cuda_graphs=True)` does. A call is
+    keyed by its block, state layout, non-tensor leaves (e.g. a memory's offset in its current chunk) and tensor
+    shapes; its graph is captured the second time the key is seen (one eager warm-up pass, then the capture), so a
+    block whose state changes form at every token never gets one and runs eagerly (an attention cache grows, and
+    every attention state, MAG / MAL's windows and MAC's segments included, carries the absolute position as an
+    int), while a recurrent block's calls (Titans LMM, HOPE) repeat with the chunk offsets' period and are all
+    captured after one period (HOPE at 20M: 64 offsets x 10 blocks = 640 graphs). Every graph shares one memory
+    pool: the replay's outputs are copied out at once (the caller owns the state it gets), so a graph's buffers
+    hold nothing live between replays and the graphs may reuse each other's memory in any order. Semantics are the
+    eager calls': the same kernels on the same values (the graphs read the parameters' storage, so in-place weight
+    updates are seen). What is not captured (runs as before): calls with gradients (the online CMS's learning step
+    every S tokens, training), in training mode, with more than one token (a prompt), a block's first call (no
+    state yet).
     What it is not: available on CPU."""
 
     def __init__(self, model: CausalLM) -> None:
