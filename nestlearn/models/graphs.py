@@ -29,6 +29,9 @@ or `torch.compile`; it captures nothing outside
 
 from __future__ import annotations
 
+import contextlib
+import gc
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -137,6 +140,22 @@ class StepGraphs:
             return flat, _graphed(flat, samples, self.warmup, retain=self.model.online_segment is not None)
 
 
+@contextlib.contextmanager
+def _capturing(graph: torch.cuda.CUDAGraph, pool: Any) -> Iterator[None]:
+    """`torch.cuda.graph(graph, pool=pool)` with Python's cyclic garbage collector off: a collection inside the
+    capture can free an earlier model's graphs (a model and its runner form a cycle), whose private pools are
+    then returned to the driver, which invalidates the capture (seen on the H200: "operation failed due to a
+    previous error during capture" in a test process that had captured other models before)."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        with torch.cuda.graph(graph, pool=pool):
+            yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
 def _graphed(fn: nn.Module, samples: list[Tensor], warmup: int, *, retain: bool = False) -> Any:
     """`fn(*tensors) -> tuple of tensors` as an autograd function whose forward and backward each replay one CUDA
     graph (the pattern of `torch.cuda.make_graphed_callables`, in a private memory pool). Unlike that function's,
@@ -160,11 +179,11 @@ def _graphed(fn: nn.Module, samples: list[Tensor], warmup: int, *, retain: bool 
     torch.cuda.current_stream().wait_stream(stream)
     pool = torch.cuda.graph_pool_handle()
     fwd, bwd = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
-    with torch.cuda.graph(fwd, pool=pool):
+    with _capturing(fwd, pool):
         static_out = fn(*samples)
     needs = [o.requires_grad for o in static_out]
     grad_out = [torch.zeros_like(o) for o, n in zip(static_out, needs, strict=True) if n]
-    with torch.cuda.graph(bwd, pool=pool):
+    with _capturing(bwd, pool):
         grads = torch.autograd.grad([o for o, n in zip(static_out, needs, strict=True) if n],
                                     [t for t in inputs if t.requires_grad], grad_out, allow_unused=True,
                                     retain_graph=retain)  # fmt: skip
@@ -288,6 +307,6 @@ class DecodeGraphs:
                 flat(*static_in)  # warm-up on a side stream, as capture requires
             torch.cuda.current_stream().wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.pool):
+            with _capturing(graph, self.pool):
                 static_out = flat(*static_in)
         return flat, graph, static_in, static_out
