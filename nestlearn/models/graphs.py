@@ -225,26 +225,25 @@ def _graphed(fn: nn.Module, samples: list[Tensor], warmup: int, *, retain: bool 
 class DecodeGraphs:
     """The block calls of token-by-token decoding (`model(token, state)` under `no_grad`, one token per call) replayed
     as CUDA graphs, so a decode step costs a few launches per block instead of one per small kernel. Install with
-    `with DecodeGraphs(model): ...` (or `close()`); `CausalLM.generate(..., cuda_graphs=True)` does. A call is
-    keyed by its block, state layout, non-tensor leaves (e.g. a memory's offset in its current chunk) and tensor
-    shapes; its graph is captured the second time the key is seen (one eager warm-up pass, then the capture), so a
-    block whose state changes form at every token never gets one and runs eagerly (an attention cache grows, and
-    every attention state, MAG / MAL's windows and MAC's segments included, carries the absolute position as an
+    `with DecodeGraphs(model): ...` (or `close()`), e.g. around `generate`; `nestlearn generate --cuda-graphs` does.
+    A call is keyed by its block, state layout, non-tensor leaves (e.g. a memory's offset in its current chunk) and
+    tensor shapes; its graph is captured the second time the key is seen (one eager warm-up pass, then the capture),
+    so a block whose state changes form at every token never gets one and runs eagerly (an attention cache grows,
+    and every attention state, MAG / MAL's windows and MAC's segments included, carries the absolute position as an
     int), while a recurrent block's calls (Titans LMM, HOPE) repeat with the chunk offsets' period and are all
     captured after one period (HOPE at 20M: 64 offsets x 10 blocks = 640 graphs). Every graph shares one memory
-    pool: the replay's outputs are copied out at once (the caller owns the state it gets), so a graph's buffers
-    hold nothing live between replays and the graphs may reuse each other's memory in any order. Semantics are the
-    eager calls': the same kernels on the same values (the graphs read the parameters' storage, so in-place weight
-    updates are seen). What is not captured (runs as before): calls with gradients (the online CMS's learning step
-    every S tokens, training), in training mode, with more than one token (a prompt), a block's first call (no
-    state yet).
+    pool: the replay's outputs are copied out at once (the caller owns the state it gets), so a graph's buffers hold
+    nothing live between replays and the graphs may reuse each other's memory in any order. Semantics are the eager
+    calls': the same kernels on the same values (the graphs read the parameters' storage, so in-place weight updates
+    are seen). What is not captured (runs as before): calls with gradients (the online CMS's learning step every S
+    tokens, training), in training mode, with more than one token (a prompt), a block's first call (no state yet).
     What it is not: available on CPU."""
 
     def __init__(self, model: CausalLM) -> None:
         self.model = model
         self.pool = self._new_pool()
         self.graphs: dict[tuple, tuple[_FlatCall, Any, list[Tensor], tuple[Tensor, ...]]] = {}
-        self.seen: set[tuple] = set()
+        self.seen: set[int] = set()
         self.counts = {"eager": 0, "replayed": 0}  # one-token block calls without gradients, since install
         self._inner = model.block_runner
         model.block_runner = self._run
@@ -253,7 +252,7 @@ class DecodeGraphs:
         if self.model.device.type != "cuda":
             raise ValueError(
                 f"CUDA graphs need a CUDA device; the model is on {self.model.device.type}: decode without them "
-                "(cuda_graphs=False, no --cuda-graphs) or move the model to a GPU"
+                "(no DecodeGraphs, no --cuda-graphs) or move the model to a GPU"
             )
         return torch.cuda.graph_pool_handle()
 
@@ -280,12 +279,12 @@ class DecodeGraphs:
         leaves, spec = tree_flatten((x, state))
         slots = [j for j, leaf in enumerate(leaves) if isinstance(leaf, Tensor)]
         tensors = [leaves[j] for j in slots]
-        consts = tuple(repr(leaf) for j, leaf in enumerate(leaves) if j not in set(slots))
+        consts = tuple(repr(leaf) for leaf in leaves if not isinstance(leaf, Tensor))
         signature = tuple((tuple(t.shape), t.dtype) for t in tensors)
         key = (index, repr(spec), consts, signature, torch.is_autocast_enabled("cuda"))
         if key not in self.graphs:
-            if key not in self.seen:
-                self.seen.add(key)
+            if hash(key) not in self.seen:  # hashes only: an attention block adds one key per token
+                self.seen.add(hash(key))
                 self.counts["eager"] += 1
                 return self._eager(index, block, x, state, second_order)
             self.graphs[key] = self._capture(block, leaves, spec, slots, tensors)
@@ -297,7 +296,7 @@ class DecodeGraphs:
         return flat.rebuild(tensors, tuple(o.clone() for o in static_out))
 
     def _capture(self, block: Block, leaves: list[Any], spec: Any, slots: list[int], tensors: list[Tensor]):
-        flat = _FlatCall(block, [None if j in set(slots) else leaf for j, leaf in enumerate(leaves)], spec, slots)
+        flat = _FlatCall(block, [None if isinstance(x, Tensor) else x for x in leaves], spec, slots)
         static_in = [t.detach().clone() for t in tensors]
         amp = torch.is_autocast_enabled("cuda")
         with torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"), enabled=amp, cache_enabled=False):

@@ -288,7 +288,6 @@ class CausalLM(nn.Module):
         stop_token: int | None = None,
         generator: torch.Generator | None = None,
         learn_generated: bool = True,
-        cuda_graphs: bool = False,
     ) -> tuple[Tensor, ModelState]:
         """Feed the prompt `[B, T]`, then sample up to `max_new_tokens`; every token (prompt and sampled) updates
         the state, so the memories keep learning. Returns the new tokens `[B, N]` and the state after the last
@@ -302,17 +301,10 @@ class CausalLM(nn.Module):
         like any token (the batch shares one state), so generate one sequence at a time when a state must end
         exactly at its stop token; each step then costs one host sync (to see whether the batch has finished).
         Prompt ids outside the vocabulary are refused (one host sync). `learn_generated=False` keeps the online
-        CMS levels from learning on sampled tokens (the sequence mixers still read them). `cuda_graphs=True` (CUDA
-        only) replays the one-token block calls of recurrent blocks as CUDA graphs (`graphs.DecodeGraphs`): the
-        same tokens, fewer launches.
+        CMS levels from learning on sampled tokens (the sequence mixers still read them). On CUDA, `with
+        graphs.DecodeGraphs(model): model.generate(...)` replays the recurrent blocks' one-token calls as CUDA
+        graphs: the same tokens, fewer launches.
         """
-        if cuda_graphs:
-            from .graphs import DecodeGraphs  # graphs.py imports this module
-
-            with DecodeGraphs(self):
-                return self.generate(input_ids, max_new_tokens, state, temperature=temperature, top_k=top_k,
-                                     top_p=top_p, stop_token=stop_token, generator=generator,
-                                     learn_generated=learn_generated)  # fmt: skip
         check_sampling(max_new_tokens, temperature, top_k, top_p)
         self._check_stop_token(stop_token)
         self._check(input_ids, state)

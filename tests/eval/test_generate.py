@@ -106,6 +106,7 @@ def test_text_is_streamed_without_splitting_a_character() -> None:
         (["--max-new-tokens", "0"], r"max_new_tokens must be a positive int, got 0"),
         (["--max-new-tokens", "9000"], r"exceed this hope_attention's max_seq_len \(8,192\); lower --max-new-tokens"),
         (["--temperature", "warm"], r"argument --temperature: invalid float value: 'warm'"),
+        (["--device", "cpu", "--cuda-graphs"], r"CUDA graphs need a CUDA device; the model is on cpu"),
     ],
 )
 def test_bad_generate_input_is_one_line(run, tmp_path, capsys, args, message) -> None:

@@ -182,7 +182,7 @@ def _surprise(w1, w2, k, v, eta, SELF_VALUES: tl.constexpr, L2: tl.constexpr, AC
     return z, h, r, rW1, back, -eta[:, None] * r, -eta[:, None] * back
 
 
-@triton.jit(do_not_specialize=["N"])  # one compile for every sequence length (`precision` below)
+@triton.jit(do_not_specialize=["N"])  # one compile for every sequence length (`products` below)
 def _mlp_forward_kernel(
     Q, K, KH, V,  # [BH, N, n, D]
     ETA, GAM, GAMP, MM, MMP,  # [BH, N, n]
@@ -564,8 +564,8 @@ def _mlp_backward_kernel(
 def products(device: torch.device) -> str:
     """The dots' precision on `device`: tf32x3 on a GPU (float32 accuracy from tensor cores), exact float32 in
     the interpreter. A compiled kernel is cached per precision, switch combination, chunk length and head shape,
-    not per sequence length (`N` is not specialized): a backward at 32 or 64 tokens takes about ten minutes to
-    compile on a 2-core CPU (docs/results/kernel_resources_sm90.md), once per machine."""
+    not per sequence length (`N` is not specialized): a backward at 32 or 64 tokens takes 5 to 9 minutes to
+    compile on a 2-core CPU (docs/results/memory_op.md), once per machine and variant."""
     return "ieee" if device.type == "cpu" else "tf32x3"
 
 
