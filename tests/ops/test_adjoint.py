@@ -54,7 +54,8 @@ def assert_close(got: list[torch.Tensor], want: list[torch.Tensor], rtol: float)
 
 
 @pytest.mark.parametrize("switch", sorted(SWITCHES))
-@pytest.mark.parametrize("shape", [(4, 13, 3, 6), (4, 16, 2, 5), (8, 3, 1, 6), (1, 7, 2, 4), (16, 17, 1, 6)],
+@pytest.mark.parametrize("shape", [(4, 13, 3, 6), (4, 16, 2, 5), (8, 3, 1, 6), (8, 8, 1, 6), (1, 7, 2, 4),
+                                   (16, 17, 1, 6)],
                          ids=lambda s: "C{}_T{}_H{}_D{}".format(*s))  # fmt: skip
 def test_adjoint_equals_autograd_through_the_chunk_form(switch: str, shape: tuple[int, int, int, int]) -> None:
     C, T, H, D = shape
@@ -94,14 +95,24 @@ def test_what_it_does_not_cover_is_refused() -> None:
             memory_adjoint(*xs[:6], state=MemoryState(tuple(xs[6:8]), tuple(xs[8:10])), spec=spec, chunk_size=2)
 
 
-@pytest.mark.parametrize("T", [8, 7])
+@pytest.mark.parametrize("T", [8, 7, 3])
 def test_custom_op_passes_opcheck(T: int) -> None:
-    """Schema, fake tensors and the autograd registration, with a closed and an open last chunk."""
+    """Schema, fake tensors and the autograd registration, with a closed and an open last chunk, and one chunk."""
     spec = MemorySpec(kind="mlp", expansion=2)
     xs = [x.requires_grad_() for x in inputs(1, T, 2, 4, spec)]
     args = (*xs[:6], xs[6:8], xs[8:10], 4, *spec_args(spec), False, False)
     tests = ("test_schema", "test_faketensor", "test_autograd_registration")
     torch.library.opcheck(adjoint_memory, args, test_utils=tests)
+
+
+@pytest.mark.parametrize("T", [3, 4, 9])
+def test_a_one_chunk_call_keeps_no_copy_of_its_state(T: int) -> None:
+    """A call within one chunk (HOPE's projection memories: one call per chunk) returns no start-state copies;
+    the backward takes the input state (its gradients: the shapes above, e.g. C = 8 with T = 3 and 8)."""
+    spec = MemorySpec(kind="mlp", expansion=2)
+    xs = inputs(1, T, 2, 4, spec)
+    out = adjoint_memory(*xs[:6], xs[6:8], xs[8:10], 4, *spec_args(spec), False, False)
+    assert [s.shape[2] for s in out[7:]] == [0 if T <= 4 else 3] * 4
 
 
 def test_compiled_in_one_graph_equals_eager() -> None:

@@ -374,7 +374,9 @@ def adjoint_memory(
 ) -> list[Tensor]:  # fmt: skip
     """The forward (`kernel`: as one Triton program per sequence and head; `kernel_backward` is the backward's
     switch, kept for it) -> `[o, W1', W2', S1', S2', anchor W1, anchor W2, *every chunk's start state]` (starts
-    `[B, H, N, ...]`, in the compute dtype, for the backward)."""
+    `[B, H, N, ...]`, in the compute dtype, for the backward; empty, `[B, H, 0, ...]`, for a one-chunk call, whose
+    only start is the input state, which the backward takes instead: HOPE's projection memories make one call
+    per chunk, and a copy of each call's whole state was a third of HOPE's saved tensors at 125M)."""
     spec = spec_from_args(kind, objective, activation, expansion, dgd, momentum, decay, out_norm, self_values, eps,
                           clip)  # fmt: skip
     seq = [q, k, v, eta, alpha, beta]
@@ -386,6 +388,8 @@ def adjoint_memory(
     B, T, H, D = q.shape
     o = o.reshape(B, H, -1, D)[:, :, :T].transpose(1, 2).to(q.dtype)
     anchor = tuple(s[:, :, -1] for s in starts[:2]) if not ends else state[:2]
+    if prep.q.shape[2] == 1:
+        starts = tuple(s.new_empty(*s.shape[:2], 0, *s.shape[3:]) for s in starts)
     return [o.contiguous(), *fresh(state), *fresh(anchor), *starts]
 
 
@@ -394,7 +398,7 @@ def _(q, k, v, eta, alpha, beta, weights, momenta, chunk_size, *args):  # type: 
     dt = compute_dtype(q, k, v, eta, alpha, beta, *weights, *momenta)
     N = -(-q.shape[1] // chunk_size)
     state = [w.new_empty(w.shape, dtype=dt) for w in (*weights, *momenta)]
-    starts = [w.new_empty(*w.shape[:2], N, *w.shape[2:]) for w in state]
+    starts = [w.new_empty(*w.shape[:2], N if N > 1 else 0, *w.shape[2:]) for w in state]
     return [q.new_empty(q.shape), *state, *(w.new_empty(w.shape) for w in state[:2]), *starts]
 
 
@@ -439,13 +443,17 @@ def _(q, k, v, eta, alpha, beta, starts, grads_out, *args):  # type: ignore[no-u
 
 def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: list[Tensor]) -> None:
     q, k, v, eta, alpha, beta, weights, momenta, chunk_size, *spec, _, kernel_backward = inputs
-    ctx.save_for_backward(q, k, v, eta, alpha, beta, *output[7:])
-    ctx.args = (chunk_size, *spec, kernel_backward)
+    one_chunk = output[7].shape[2] == 0  # the start is the input state (`adjoint_memory`)
+    ctx.save_for_backward(q, k, v, eta, alpha, beta, *(output[7:] if not one_chunk else (*weights, *momenta)))
+    ctx.args, ctx.one_chunk = (chunk_size, *spec, kernel_backward), one_chunk
     ctx.dtypes = [x.dtype for x in (q, k, v, eta, alpha, beta, *weights, *momenta)]
+    ctx.compute_dtype = output[7].dtype
 
 
 def _backward(ctx: Any, grads_out: list[Tensor | None]) -> tuple[Any, ...]:
     q, k, v, eta, alpha, beta, *starts = ctx.saved_tensors
+    if ctx.one_chunk:
+        starts = [w.to(ctx.compute_dtype)[:, :, None] for w in starts]
     like = [q, *(s[:, :, 0] for s in starts), *(s[:, :, 0] for s in starts[:2])]
     filled = [g if g is not None else torch.zeros_like(x) for g, x in zip(grads_out[:7], like, strict=True)]
     got = adjoint_memory_backward(q, k, v, eta, alpha, beta, starts, filled, *ctx.args)
