@@ -56,7 +56,8 @@ class _FlatCall(nn.Module):
 
     def __init__(self, block: Block, leaves: list[Any], spec: Any, slots: list[int]) -> None:
         super().__init__()
-        self.block, self.leaves, self.spec, self.slots = block, leaves, spec, slots
+        self.block, self.spec, self.slots = block, spec, slots
+        self.leaves = [None if isinstance(leaf, Tensor) else leaf for leaf in leaves]  # the call's own tensors: none
         self.out_leaves: list[Any] = []
         self.out_spec: Any = None
         self.out_from: list[tuple[str, int]] = []  # per output leaf: ("graph", j), ("input", k) or ("const", 0)
@@ -90,6 +91,15 @@ class _FlatCall(nn.Module):
         return tree_unflatten(leaves, self.out_spec)
 
 
+def _flatten(x: Tensor, state: BlockState) -> tuple[list[Any], Any, list[int], list[Tensor], tuple[str, ...]]:
+    """A block call's `(x, state)` as pytree leaves and spec, the tensor leaves' positions, the tensors, and the
+    non-tensor leaves' reprs (part of a captured call's key)."""
+    leaves, spec = tree_flatten((x, state))
+    slots = [j for j, leaf in enumerate(leaves) if isinstance(leaf, Tensor)]
+    consts = tuple(repr(leaf) for leaf in leaves if not isinstance(leaf, Tensor))
+    return leaves, spec, slots, [leaves[j] for j in slots], consts
+
+
 class StepGraphs:
     """The block calls of `model`'s training steps as CUDA graphs (module docstring). `warmup`: eager forward +
     backward passes before each capture (cuBLAS and the allocator settle in them). Each capture runs under the
@@ -119,10 +129,7 @@ class StepGraphs:
         n = self._calls[index] = self._calls.get(index, -1) + 1
         if state is None:  # the initial state from the parameters, outside the graph (module docstring)
             state = block.init_state(x.shape[0])
-        leaves, spec = tree_flatten((x, state))
-        slots = [j for j, leaf in enumerate(leaves) if isinstance(leaf, Tensor)]
-        tensors = [leaves[j] for j in slots]
-        consts = tuple(repr(leaf) for j, leaf in enumerate(leaves) if j not in set(slots))
+        leaves, spec, slots, tensors, consts = _flatten(x, state)
         signature = tuple((tuple(t.shape), t.dtype, t.requires_grad) for t in tensors)
         key = (index, n, repr(spec), consts, signature)
         if key not in self.graphs:
@@ -133,7 +140,7 @@ class StepGraphs:
     def _capture(
         self, block: Block, leaves: list[Any], spec: Any, slots: list[int], tensors: list[Tensor]
     ) -> tuple[_FlatCall, Any]:
-        flat = _FlatCall(block, [None if j in set(slots) else leaf for j, leaf in enumerate(leaves)], spec, slots)
+        flat = _FlatCall(block, leaves, spec, slots)
         samples = [t.detach().clone().requires_grad_(t.requires_grad) for t in tensors]
         amp = torch.is_autocast_enabled("cuda")
         with torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"), enabled=amp, cache_enabled=False):
@@ -276,10 +283,7 @@ class DecodeGraphs:
     def _run(self, index: int, block: Block, x: Tensor, state: BlockState | None, second_order: bool):
         if torch.is_grad_enabled() or self.model.training or state is None or x.shape[1] != 1:
             return self._eager(index, block, x, state, second_order)
-        leaves, spec = tree_flatten((x, state))
-        slots = [j for j, leaf in enumerate(leaves) if isinstance(leaf, Tensor)]
-        tensors = [leaves[j] for j in slots]
-        consts = tuple(repr(leaf) for leaf in leaves if not isinstance(leaf, Tensor))
+        leaves, spec, slots, tensors, consts = _flatten(x, state)
         signature = tuple((tuple(t.shape), t.dtype) for t in tensors)
         key = (index, repr(spec), consts, signature, torch.is_autocast_enabled("cuda"))
         if key not in self.graphs:
@@ -296,7 +300,7 @@ class DecodeGraphs:
         return flat.rebuild(tensors, tuple(o.clone() for o in static_out))
 
     def _capture(self, block: Block, leaves: list[Any], spec: Any, slots: list[int], tensors: list[Tensor]):
-        flat = _FlatCall(block, [None if isinstance(x, Tensor) else x for x in leaves], spec, slots)
+        flat = _FlatCall(block, leaves, spec, slots)
         static_in = [t.detach().clone() for t in tensors]
         amp = torch.is_autocast_enabled("cuda")
         with torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"), enabled=amp, cache_enabled=False):

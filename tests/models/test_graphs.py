@@ -161,7 +161,7 @@ def test_decode_bookkeeping_on_cpu(variant: str, monkeypatch: pytest.MonkeyPatch
     stand-in that reruns the call: exact in float32, and replays only where keys repeat."""
 
     def capture(self, block, leaves, spec, slots, tensors):
-        flat = graphs_module._FlatCall(block, [None if j in slots else x for j, x in enumerate(leaves)], spec, slots)
+        flat = graphs_module._FlatCall(block, leaves, spec, slots)
         static_in = [t.detach().clone() for t in tensors]
         static_out = flat(*static_in)
         return flat, _CallGraph(flat, static_in, static_out), static_in, static_out

@@ -42,10 +42,8 @@ def test_kernel_forward_equals_the_chunk_loop(switch: str, shape: tuple[int, int
     _compare(spec, 1, T, 2, 16, C, DEVICE)
 
 
-@pytest.mark.parametrize("switch", AT_64)
-def test_kernels_at_64_token_chunks(switch: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Chunks of 64 (the models' default), where the backward kernel runs from its scratch stash: one launch of
-    each kernel, the loops' results."""
+def _count_launches(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The names of the kernel launchers called from now on (each launch still runs)."""
     from nestlearn.ops.memory import _mlp_kernels
 
     launches: list[str] = []
@@ -54,6 +52,14 @@ def test_kernels_at_64_token_chunks(switch: str, monkeypatch: pytest.MonkeyPatch
         monkeypatch.setattr(
             _mlp_kernels, name, lambda *a, _l=launch, _n=name, **kw: launches.append(_n) or _l(*a, **kw)
         )
+    return launches
+
+
+@pytest.mark.parametrize("switch", AT_64)
+def test_kernels_at_64_token_chunks(switch: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Chunks of 64 (the models' default), where the backward kernel runs from its scratch stash: one launch of
+    each kernel, the loops' results."""
+    launches = _count_launches(monkeypatch)
     _compare(MemorySpec(kind="mlp", expansion=2, **SWITCHES[switch]), 1, 80, 1, 16, 64, DEVICE)
     assert sorted(launches) == ["launch_mlp_backward", "launch_mlp_forward"]
 
@@ -129,15 +135,10 @@ def test_gentle_inputs_keep_the_20M_head_shape_finite() -> None:
 @pytest.mark.gpu
 def test_auto_takes_the_kernels_on_the_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
     """`memory_auto` (the layers' default) runs both kernels for the MLP memory on CUDA where they apply, with the
-    chunk form's results (float32, 1e-5), and the chunk form for a call that starts inside a chunk (decoding)."""
-    from nestlearn.ops.memory import _mlp_kernels, memory_auto, memory_chunk
+    chunk form's results (float32, 1e-5)."""
+    from nestlearn.ops.memory import memory_auto, memory_chunk
 
-    launches: list[str] = []
-    for name in ("launch_mlp_forward", "launch_mlp_backward"):
-        launch = getattr(_mlp_kernels, name)
-        monkeypatch.setattr(
-            _mlp_kernels, name, lambda *a, _l=launch, _n=name, **kw: launches.append(_n) or _l(*a, **kw)
-        )
+    launches = _count_launches(monkeypatch)
     spec = MemorySpec(kind="mlp", expansion=4)
     xs = [x.float().cuda() for x in _gentle(inputs(2, 300, 3, 32, spec))]
     assert_close(run(memory_auto, xs, spec, 64), run(memory_chunk, xs, spec, 64), FP32_RTOL)
