@@ -193,8 +193,9 @@ def guarded(fn: Callable[[], dict[str, Any]], device: str) -> dict[str, Any]:
     except torch.OutOfMemoryError:
         row = {"error": "out of memory"}
     except Exception as err:  # recorded, so one failing row does not hide the others
-        lines = str(err).strip().splitlines() or [""]
-        row = {"error": f"{type(err).__name__}: {lines[0][:160]}"}
+        lines = [line for line in str(err).strip().splitlines() if line.strip()] or [""]
+        last = f" ... {lines[-1].strip()[:200]}" if len(lines) > 1 else ""  # TorchScript's cause comes last
+        row = {"error": f"{type(err).__name__}: {lines[0][:160]}{last}"}
     gc.collect()  # the failed row's tensors are unreachable once the exception is gone
     if device == "cuda":
         torch.cuda.empty_cache()
@@ -490,8 +491,15 @@ def titans_peer_row(B: int, T: int, plan: Plan, args: argparse.Namespace) -> dic
     torch.manual_seed(0)
     module = NeuralMemory(dim=D, heads=H, dim_head=D // H, chunk_size=chunk, batch_size=chunk).to(args.device)
     x = torch.randn(B, T, D, device=args.device)
-    r = measure(fwd_bwd(module, x, args.device), args.device, args.warmup, args.reps)
-    note = f"{_version('titans-pytorch')}, {n_params(module):,} params"
+    # its scripted helpers' fused CUDA code does not compile under CUDA 13's NVRTC with bf16 ("nvrtc compilation
+    # failed", H200, torch 2.11): TorchScript's fuser is off for this row, so they run op by op
+    fuser = torch._C._jit_texpr_fuser_enabled()
+    torch._C._jit_set_texpr_fuser_enabled(False)
+    try:
+        r = measure(fwd_bwd(module, x, args.device), args.device, args.warmup, args.reps)
+    finally:
+        torch._C._jit_set_texpr_fuser_enabled(fuser)
+    note = f"{_version('titans-pytorch')}, {n_params(module):,} params, TorchScript fuser off"
     return {**r, "tokens_per_s": B * T / r["step_s"], "params": n_params(module), "note": note}
 
 
