@@ -31,7 +31,7 @@ def memory_op(impl: Impl) -> MemoryOp:
     takes the chunk form); "lean": the chunk form with a memory-lean backward (`ops/memory/lean.py`: a third of the
     memory, two thirds of the speed, measured on the H200); "adjoint": the MLP memory's hand-derived backward
     (`ops/memory/adjoint.py`: chunk-start states only, no autograd inside the chunk loop; the chunk form where it
-    does not apply: the clip, the branch norm, the linear memory); "naive": the per-token float64 reference. All
+    does not apply: the branch norm, the linear memory); "naive": the per-token float64 reference. All
     compute the same function."""
     ops = {"auto": memory_auto, "adjoint": _adjoint, "chunk": memory_chunk, "fused": _fused, "lean": _lean,
            "naive": memory_naive}  # fmt: skip

@@ -61,9 +61,9 @@ class ModelConfig:
     Sizes: `vocab_size`, `d_model`, `n_layers`, `n_heads` (head dim = d_model / n_heads), `mlp_hidden`.
     Memories (D2-D6; the recurrent variants): `memory_kind`, `memory_expansion`, `memory_activation`, `mem_chunk`
     (C_mem), `proj_chunk` (C_proj, HOPE's self-modifying Titans only), `impl` ("auto": the GPU path where it
-    applies (the linear memory without clip, on CUDA), else "chunk", the PyTorch chunk form; "fused": the GPU path
-    only (the linear memory's scan; the MLP memory's Triton kernels where the head's state fits on chip, its
-    written-out backward otherwise); "lean": the chunk form with a
+    applies on CUDA (the linear memory without clip; the MLP memory without Titans' branch LayerNorm), else
+    "chunk", the PyTorch chunk form; "fused": the GPU path only (the linear memory's scan; the MLP memory's Triton
+    kernels where the head's state fits on chip, its written-out backward otherwise); "lean": the chunk form with a
     memory-lean backward, about a third of the memory op's activation memory at two thirds of its speed;
     "adjoint": the MLP memory's hand-derived backward (chunk-start states only; elsewhere the chunk form); "naive":
     the per-token float64 reference of every memory; all the same function).
@@ -174,12 +174,13 @@ class ModelConfig:
             raise ValueError(f"inner_grad_clip must be > 0 or None (no clipping), got {self.inner_grad_clip!r}")
         self._check_titans_paper_memory()
         self._check_cms()
-        unclipped = self.variant == "hope" or (self.variant in TITANS and self.inner_grad_clip is None)
-        if self.impl == "fused" and not (unclipped and not (self.variant in TITANS and self.titans_paper_memory)):
+        clipped = self.variant in TITANS and self.inner_grad_clip is not None
+        paper = self.variant in TITANS and self.titans_paper_memory
+        if self.impl == "fused" and (paper or (clipped and self.memory_kind == "linear")):
             raise ValueError(
-                "impl='fused' runs memories without the gradient clip or the branch LayerNorm (HOPE, or a Titans "
-                "variant with inner_grad_clip=None and titans_paper_memory=False); use impl='auto', which takes the "
-                "GPU path where it applies"
+                "impl='fused' runs the MLP memory (clipped or not) and the linear memory without the gradient clip, "
+                "never the branch LayerNorm (titans_paper_memory); use impl='auto', which takes the GPU path where it "
+                "applies"
             )
         self._check_rope_scaling()
         if self.n_kv_heads is not None and (self.n_kv_heads < 1 or self.n_heads % self.n_kv_heads):

@@ -35,13 +35,15 @@ def test_lmm_is_the_titans_recurrence() -> None:
     torch.testing.assert_close(y, layer.output(o, x), rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("impl", ["chunk", "adjoint"])
 @pytest.mark.parametrize("switches", [{}, {"momentum": False}, {"decay": False}, {"dgd": True}])
-def test_lmm_chunk_equals_reference_op(switches: dict) -> None:
-    """Outputs, final state and parameter gradients agree in float64 (T = 23 not a multiple of C = 8, d = 5)."""
+def test_lmm_chunk_equals_reference_op(switches: dict, impl: str) -> None:
+    """Outputs, final state and parameter gradients agree in float64 (T = 23 not a multiple of C = 8, d = 5), the
+    chunk form and the written-out backward (which takes the clip) against the per-token reference."""
     x = torch.randn(2, 23, 15, dtype=torch.float64)
     results = []
-    for impl in ("chunk", "naive"):
-        layer = lmm(impl, chunk=8, dim=15, heads=3, **switches)
+    for name in (impl, "naive"):
+        layer = lmm(name, chunk=8, dim=15, heads=3, **switches)
         y, st = layer(x)
         loss = (y * torch.linspace(-1, 1, 15, dtype=torch.float64)).sum() + sum(w.sum() for w in st.memory.weights)
         grads = torch.autograd.grad(loss, [p for p in layer.parameters() if p is not layer.retrieve_q.weight])

@@ -92,12 +92,12 @@ def test_earlier_mac_and_mag_configs_keep_their_attention() -> None:
 def test_fused_impl_only_where_the_kernels_apply() -> None:
     ModelConfig(variant="titans_lmm", memory_kind="linear", inner_grad_clip=None, impl="fused")
     ModelConfig(variant="titans_lmm", inner_grad_clip=None, impl="fused")  # the MLP memory's kernels
+    ModelConfig(variant="titans_lmm", impl="fused")  # with the clip: the MLP kernels take it
     ModelConfig(variant="hope", memory_kind="linear", impl="fused")  # HOPE's memories have no clip
     ModelConfig(variant="hope", impl="fused")
-    bad = (dict(variant="titans_lmm"), dict(variant="titans_lmm", memory_kind="linear"),
-           dict(variant="titans_mag", titans_paper_memory=True))  # fmt: skip
+    bad = (dict(variant="titans_lmm", memory_kind="linear"), dict(variant="titans_mag", titans_paper_memory=True))
     for kw in bad:
-        with pytest.raises(ValueError, match="impl='fused' runs memories without the gradient clip or the branch"):
+        with pytest.raises(ValueError, match=r"impl='fused' runs the MLP memory \(clipped or not\) and the linear"):
             ModelConfig(impl="fused", **kw)
 
 

@@ -1,8 +1,8 @@
 """The MLP memory's kernels (`_mlp_kernels.py`: `memory_adjoint(kernel=True)`, `memory_fused` for the MLP memory)
 equal `adjoint.py`'s PyTorch loops in float32: outputs, final state, anchor (a call ending inside a chunk) and
 every gradient (the backward kernel from the forward kernel's saved chunk starts), with each switch (DGD off,
-momentum off, decay off, the dot objective, self-generated values, gelu and tanh), chunks of 16 and 32 tokens, T
-not a multiple of C; chunks of 64 (the models' default); state carried across calls; HOPE's
+momentum off, decay off, the dot objective, self-generated values, gelu and tanh, the gradient clip), chunks of
+16 and 32 tokens, T not a multiple of C; chunks of 64 (the models' default); state carried across calls; HOPE's
 mixer through them; `kernel_supports` refuses what they do not hold. On CPU the kernels run in Triton's
 interpreter (tests/conftest.py) at tiny shapes; the `gpu` tests repeat the comparison on CUDA at the 20M
 preset's head shape (d = 32, expansion 4) on inputs that keep that memory finite (`_gentle`). What this is not:
@@ -23,7 +23,7 @@ from .test_adjoint import SWITCHES, assert_close, inputs, run
 pytest.importorskip("triton")
 FP32_RTOL = 1e-5  # relative to the largest entry of each compared tensor
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-AT_64 = ["default", "plain_gd", "dot", "self_values"]  # the switches the 64-token tests take
+AT_64 = ["default", "plain_gd", "dot", "self_values", "clip"]  # the switches the 64-token tests take
 
 
 def _compare(spec: MemorySpec, B: int, T: int, H: int, D: int, C: int, device: str, *, gentle: bool = False) -> None:
@@ -118,7 +118,7 @@ GPU_CASES = [(s, 16) for s in sorted(SWITCHES)] + [("default", 32)] + [(s, 64) f
 def test_kernel_on_the_gpu_at_the_20M_head_shape(switch: str, C: int) -> None:
     """Every switch at 16-token chunks; 32 and 64 (whose backward takes minutes to compile, once per variant and
     machine: `_mlp_kernels.products`) for the default and the switches that change the backward's equations most
-    (DGD off, the dot objective, self-generated values off)."""
+    (DGD off, the dot objective, self-generated values, the Titans variants' clip)."""
     spec = MemorySpec(kind="mlp", expansion=4, **SWITCHES[switch])
     _compare(spec, 2, 300, 3, 32, C, "cuda", gentle=True)
 
@@ -133,13 +133,14 @@ def test_gentle_inputs_keep_the_20M_head_shape_finite() -> None:
 
 
 @pytest.mark.gpu
-def test_auto_takes_the_kernels_on_the_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("switch", ["default", "clip"])
+def test_auto_takes_the_kernels_on_the_gpu(switch: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """`memory_auto` (the layers' default) runs both kernels for the MLP memory on CUDA where they apply, with the
-    chunk form's results (float32, 1e-5)."""
+    chunk form's results (float32, 1e-5): HOPE's memories and the Titans variants' (clipped)."""
     from nestlearn.ops.memory import memory_auto, memory_chunk
 
     launches = _count_launches(monkeypatch)
-    spec = MemorySpec(kind="mlp", expansion=4)
+    spec = MemorySpec(kind="mlp", expansion=4, **SWITCHES[switch])
     xs = [x.float().cuda() for x in _gentle(inputs(2, 300, 3, 32, spec))]
     assert_close(run(memory_auto, xs, spec, 64), run(memory_chunk, xs, spec, 64), FP32_RTOL)
     assert sorted(launches) == ["launch_mlp_backward", "launch_mlp_forward"]

@@ -17,7 +17,7 @@ there (or read from its input) and read back fresh just before its dots (section
 on-chip copy lives only around its own dots; without that the backward at 64-token chunks needed 640 KiB. The
 gate products (decay and momentum, `_Coef`) come in precomputed, so the decay and momentum switches are in the
 data; DGD, self-generated values, the objective and the activation are compile-time switches.
-What it is not: the clip or the branch LayerNorm, or a kernel for large states: the forward's state lives in
+What it is not: the branch LayerNorm, or a kernel for large states: the forward's state lives in
 registers, so D and E are powers of two with D, n >= 16 and D * E <= 64 * 128, and chunks of at most 64 tokens
 (`adjoint.kernel_supports`; `benchmarks/kernel_resources.py` prints what each kernel needs of an sm_90 GPU).
 """
@@ -164,9 +164,24 @@ def _load_coef(ETA, GAM, GAMP, MM, MMP, RM, RP, DM, DP, GAME, ME, BE, RE, DE, LB
 
 
 @triton.jit
-def _surprise(w1, w2, k, v, eta, SELF_VALUES: tl.constexpr, L2: tl.constexpr, ACT: tl.constexpr, P: tl.constexpr):
+def _rowdot(a, b):
+    return tl.sum(a * b, axis=1)
+
+
+@triton.jit
+def _clip_factor(r, h, back, k, clip):
+    """The gradient clip's factor `c / max(c, ||G_t||)` per token, `||G_t||² = |r|² |h|² + |back|² |k|²` (the
+    token's gradient is `(r hᵀ, back kᵀ)`; `common.clip_factor`)."""
+    sq = _rowdot(r, r) * _rowdot(h, h) + _rowdot(back, back) * _rowdot(k, k)
+    return clip * tl.rsqrt(tl.maximum(sq, clip * clip)), sq
+
+
+@triton.jit
+def _surprise(w1, w2, k, v, eta, clip, SELF_VALUES: tl.constexpr, L2: tl.constexpr, ACT: tl.constexpr,
+              CLIP: tl.constexpr, P: tl.constexpr):  # fmt: skip
     """The inner loss's gradient at the chunk start (Eqs. 84, 93): -> z = k W2ᵀ, h = σ(z), r = dl/dy, r W1, the
-    frozen errors e1 = -eta r `[n, D]` and e2 = -eta (r W1 ∘ σ'(z)) `[n, E]`, and back = r W1 ∘ σ'(z)."""
+    frozen errors e1 = -eta r `[n, D]` and e2 = -eta (r W1 ∘ σ'(z)) `[n, E]`, and back = r W1 ∘ σ'(z); with CLIP
+    each token's -eta is scaled by the clip factor (`_clip_factor`; DGD's system keeps eta)."""
     if SELF_VALUES:  # noqa: SIM108 (compile-time branches read better in a kernel)
         vt = v + _mm(_sigma(_mm(v, tl.trans(w2), P), ACT), tl.trans(w1), P)
     else:
@@ -179,7 +194,11 @@ def _surprise(w1, w2, k, v, eta, SELF_VALUES: tl.constexpr, L2: tl.constexpr, AC
         r = -vt
     rW1 = _mm(r, w1, P)
     back = rW1 * _dsigma(z, ACT)  # dl/dz [n, E]
-    return z, h, r, rW1, back, -eta[:, None] * r, -eta[:, None] * back
+    step = -eta
+    if CLIP:
+        cf, _ = _clip_factor(r, h, back, k, clip)
+        step = step * cf
+    return z, h, r, rW1, back, step[:, None] * r, step[:, None] * back
 
 
 @triton.jit(do_not_specialize=["N"])  # one compile for every sequence length (`products` below)
@@ -192,9 +211,10 @@ def _mlp_forward_kernel(
     W1, W2, S1, S2,  # in: start state [BH, D, E], [BH, E, D]; out: final state (same buffers)
     STARTS1, STARTS2, STARTT1, STARTT2,  # [BH, N, D, E] / [BH, N, E, D]: every chunk's start state
     OUT,  # [BH, N, n, D]
-    N, eps,
+    N, eps, clip,
     n: tl.constexpr, LOGN: tl.constexpr, D: tl.constexpr, E: tl.constexpr,
-    DGD: tl.constexpr, SELF_VALUES: tl.constexpr, L2: tl.constexpr, ACT: tl.constexpr, P: tl.constexpr,
+    DGD: tl.constexpr, SELF_VALUES: tl.constexpr, L2: tl.constexpr, ACT: tl.constexpr, CLIP: tl.constexpr,
+    P: tl.constexpr,
 ):  # fmt: skip
     bh = tl.program_id(0).to(tl.int64)
     w1, w2, s1, s2 = _load_state(W1, W2, S1, S2, bh, D, E)
@@ -205,7 +225,7 @@ def _mlp_forward_kernel(
         eta, gam, gam_p, m, m_p, Rm, Rp, Dm, Dp, gam_e, m_e, b_e, R_e, D_e, Lb_e = _load_coef(
             ETA, GAM, GAMP, MM, MMP, RM, RP, DM, DP, GAME, ME, BE, RE, DE, LBE, c, n
         )
-        _, h, _, _, _, e1, e2 = _surprise(w1, w2, k, v, eta, SELF_VALUES, L2, ACT, P)
+        _, h, _, _, _, e1, e2 = _surprise(w1, w2, k, v, eta, clip, SELF_VALUES, L2, ACT, CLIP, P)
         # W2 (inputs: the keys), then W1 (inputs: σ(W2 k), read by σ(W2's reads))
         zr, _, _, _, _, _, _, U2 = _step_saved(w2, s2, k, kh, q, e2, eta, gam, gam_p, m, m_p, Rm, Rp, Dm, Dp, n, LOGN,
                                                DGD, P)  # fmt: skip
@@ -229,11 +249,6 @@ def _mlp_forward_kernel(
 # value a dot takes is stashed in a per-program scratch buffer when computed (or read from its input) and read
 # back fresh (`_get`: a volatile load, which the compiler never merges with another) just before the dots that
 # take it: every shared copy lives only around its own dots.
-
-
-@triton.jit
-def _rowdot(a, b):
-    return tl.sum(a * b, axis=1)
 
 
 @triton.jit
@@ -427,10 +442,10 @@ def _mlp_backward_kernel(
     DQ, DK, DKH, DV,  # out: [BH, N, n, D]
     CETA, CGAM, CGAMP, CMM, CMMP, CRM, CRP, CDM, CDP, CGAME, CME, CBE, CRE, CDE, CLBE,  # out: gate adjoints
     SCRATCH,  # [BH, NSLOT, SLOT]
-    N, eps,
+    N, eps, clip,
     n: tl.constexpr, LOGN: tl.constexpr, D: tl.constexpr, E: tl.constexpr, DGD: tl.constexpr,
-    SELF_VALUES: tl.constexpr, L2: tl.constexpr, ACT: tl.constexpr, ANCHOR: tl.constexpr, P: tl.constexpr,
-    SLOT: tl.constexpr, NS: tl.constexpr,
+    SELF_VALUES: tl.constexpr, L2: tl.constexpr, ACT: tl.constexpr, CLIP: tl.constexpr, ANCHOR: tl.constexpr,
+    P: tl.constexpr, SLOT: tl.constexpr, NS: tl.constexpr,
 ):  # fmt: skip
     bh = tl.program_id(0).to(tl.int64)
     an = tl.arange(0, n)
@@ -487,8 +502,12 @@ def _mlp_backward_kernel(
         _put(SRW1, rW1, n, E)
         back = rW1 * _dsigma(z, ACT)  # dl/dz [n, E]
         _put(SBACK, back, n, E)
-        _put(SE1, -eta[:, None] * r, n, D)
-        _put(SE2, -eta[:, None] * back, n, E)
+        step = -eta
+        if CLIP:
+            cf, _ = _clip_factor(_get(SR, n, D), _get(SH, n, E), back, _get(Kp, n, D), clip)
+            step = step * cf
+        _put(SE1, step[:, None] * _get(SR, n, D), n, D)
+        _put(SE2, step[:, None] * back, n, E)
         # the W2 step (inputs the keys): its reads, its stash for the adjoint below
         zr = _step_stash(W2p, S2p, Kp, KHp, Qp, SE2, SV2, eta, gam, gam_p, m, m_p, RMp, RPp, DMp, DPp, n, LOGN, E,
                          D, SLOT, DGD, P)  # fmt: skip
@@ -513,16 +532,29 @@ def _mlp_backward_kernel(
                                  DMp, DPp, gam_e, m_e, b_e, R_e, D_e, Lb_e, CRMp, CRPp, CDMp, CDPp, True, n, E, D,
                                  SLOT, DGD, P)  # fmt: skip
         dq += _get(DOp, n, D)  # the residual of Eq. 89
-        # the frozen surprise: e1 = -eta r, e2 = -eta (r W1 ∘ σ'(z)), r = k + σ(z) W1ᵀ - v_t (L2) or -v_t (dot)
-        c_eta += c_eta2 - _rowdot(dE1, _get(SR, n, D)) - _rowdot(dE2, _get(SBACK, n, E))
-        dback = -eta[:, None] * dE2
+        # the frozen surprise: e1 = -eta cf r, e2 = -eta cf (r W1 ∘ σ'(z)), r = k + σ(z) W1ᵀ - v_t (L2) or -v_t
+        # (dot), cf the clip factor (1 without CLIP)
+        d_step = _rowdot(dE1, _get(SR, n, D)) + _rowdot(dE2, _get(SBACK, n, E))  # the adjoint of -eta cf
+        cf = tl.full((n,), 1.0, tl.float32)
+        dH = _get(SDH, n, E)
+        if CLIP:  # cf = c / sqrt(max(sq, c²)): its adjoint through sq = |r|² |h|² + |back|² |k|²
+            cf, sq = _clip_factor(_get(SR, n, D), _get(SH, n, E), _get(SBACK, n, E), _get(Kp, n, D), clip)
+            dsq = tl.where(sq > clip * clip, 0.5 * eta * d_step * cf / tl.maximum(sq, clip * clip), 0.0)
+            dH += (2.0 * dsq * _rowdot(_get(SR, n, D), _get(SR, n, D)))[:, None] * _get(SH, n, E)
+            dK += (2.0 * dsq * _rowdot(_get(SBACK, n, E), _get(SBACK, n, E)))[:, None] * _get(Kp, n, D)
+            dback = (2.0 * dsq * _rowdot(_get(Kp, n, D), _get(Kp, n, D)))[:, None] * _get(SBACK, n, E)
+            dr = (2.0 * dsq * _rowdot(_get(SH, n, E), _get(SH, n, E)))[:, None] * _get(SR, n, D)
+        else:
+            dback = tl.zeros((n, E), tl.float32)
+            dr = tl.zeros((n, D), tl.float32)
+        c_eta += c_eta2 - cf * d_step
+        dback += -(eta * cf)[:, None] * dE2
         z = _get(SZ, n, E)
         dsz = _dsigma(z, ACT)
         drW1 = dback * dsz
-        dr = -eta[:, None] * dE1 + _mm(drW1, tl.trans(_get(W1p, D, E)), P)
+        dr += -(eta * cf)[:, None] * dE1 + _mm(drW1, tl.trans(_get(W1p, D, E)), P)
         g1 += _mm(tl.trans(_get(SR, n, D)), drW1, P)
         dz = dback * _get(SRW1, n, E) * _d2sigma(z, ACT)
-        dH = _get(SDH, n, E)
         if L2:
             dK += dr
             dH += _mm(dr, _get(W1p, D, E), P)
@@ -571,25 +603,25 @@ def products(device: torch.device) -> str:
 
 def launch_mlp_forward(
     x: list[Tensor], coef: list[Tensor], state: list[Tensor], starts: list[Tensor], out: Tensor, *,
-    eps: float, dgd: bool, self_values: bool, l2: bool, act: str,
+    eps: float, dgd: bool, self_values: bool, l2: bool, act: str, clip: float | None,
 ) -> None:  # fmt: skip
     """Run `_mlp_forward_kernel`: `x = (q, k, k̂, v)` `[B, H, N, n, D]`, `coef` the 15 `_Coef` fields, `state =
     (W1, W2, S1, S2)` contiguous float32 (overwritten with the final state), `starts` the four `[B, H, N, ...]`
-    start-state buffers, `out [B, H, N, n, D]`."""
+    start-state buffers, `out [B, H, N, n, D]`; `clip` the gradient clip's norm (None: no clip)."""
     B, H, N, n, D = x[0].shape
     E = state[0].shape[-1]
     precision = products(out.device)
     _mlp_forward_kernel[(B * H,)](
-        *x, *coef, *state, *starts, out, N, eps, n=n, LOGN=n.bit_length() - 1, D=D, E=E, DGD=dgd,
-        SELF_VALUES=self_values, L2=l2, ACT=ACTIVATIONS[act], P=precision, num_warps=NUM_WARPS,
-        num_stages=NUM_STAGES,
+        *x, *coef, *state, *starts, out, N, eps, 1.0 if clip is None else clip, n=n, LOGN=n.bit_length() - 1,
+        D=D, E=E, DGD=dgd, SELF_VALUES=self_values, L2=l2, ACT=ACTIVATIONS[act], CLIP=clip is not None,
+        P=precision, num_warps=NUM_WARPS, num_stages=NUM_STAGES,
     )  # fmt: skip
 
 
 def launch_mlp_backward(
     x: list[Tensor], coef: list[Tensor], starts: list[Tensor], dout: Tensor, d_state: list[Tensor],
     d_anchor: list[Tensor] | None, dx: list[Tensor], dcoef: list[Tensor], *,
-    eps: float, dgd: bool, self_values: bool, l2: bool, act: str,
+    eps: float, dgd: bool, self_values: bool, l2: bool, act: str, clip: float | None,
 ) -> None:  # fmt: skip
     """Run `_mlp_backward_kernel`: `x`, `coef`, `starts` as the forward's; `dout [B, H, N, n, D]`; `d_state` the
     final state's adjoint (contiguous float32, overwritten with the initial state's); `d_anchor` the anchor's
@@ -603,7 +635,8 @@ def launch_mlp_backward(
     slot = n * max(n, E)
     scratch = dout.new_empty(B * H * NSLOT * slot)
     _mlp_backward_kernel[(B * H,)](
-        *x, *coef, *starts, dout, *d_state, *anchor, *dx, *dcoef, scratch, N, eps, n=n, LOGN=n.bit_length() - 1,
-        D=D, E=E, DGD=dgd, SELF_VALUES=self_values, L2=l2, ACT=ACTIVATIONS[act], ANCHOR=d_anchor is not None,
-        P=precision, SLOT=slot, NS=NSLOT, num_warps=NUM_WARPS, num_stages=NUM_STAGES,
+        *x, *coef, *starts, dout, *d_state, *anchor, *dx, *dcoef, scratch, N, eps, 1.0 if clip is None else clip,
+        n=n, LOGN=n.bit_length() - 1, D=D, E=E, DGD=dgd, SELF_VALUES=self_values, L2=l2, ACT=ACTIVATIONS[act],
+        CLIP=clip is not None, ANCHOR=d_anchor is not None, P=precision, SLOT=slot, NS=NSLOT, num_warps=NUM_WARPS,
+        num_stages=NUM_STAGES,
     )  # fmt: skip

@@ -11,14 +11,16 @@ The adjoint of one weight matrix over one chunk (`matrix_step_adjoint`) follows 
 (`chunk.py`, `_matrix_chunk`) in reverse: the chunk-end state, the reads (masked products), the unit-triangular
 DGD system (its transpose solve through the explicit inverse), its right-hand side and its matrix. The MLP chains
 two such steps (W1 reads `σ(W2_t q_t)`) behind the frozen surprise of Eq. 93 (and the self-generated targets of
-Eqs. 84 / 91). Activation memory: one state per chunk boundary; the per-chunk work is the recompute plus about
-three times the forward's products, with no autograd bookkeeping. With `kernel=True` each chunk loop runs as one
-Triton program per sequence and head (`_mlp_kernels.py`) where the state fits on chip and the chunk is short
-enough for that direction's kernel (`kernel_supports`). Both directions are `torch.library` custom ops
+Eqs. 84 / 91), each token's step scaled by the gradient clip's factor where the spec clips (the Titans variants'
+memories; the factor is a function of chunk-start quantities, so its adjoint joins the surprise's). Activation
+memory: one state per chunk boundary; the per-chunk work is the recompute plus about three times the forward's
+products, with no autograd bookkeeping. With `kernel=True` each chunk loop runs as one Triton program per sequence
+and head (`_mlp_kernels.py`) where the state fits on chip and the chunk is short enough for that direction's
+kernel (`kernel_supports`). Both directions are `torch.library` custom ops
 (`nestlearn::adjoint_memory`, `nestlearn::adjoint_memory_backward`) with fake implementations, so
 `torch.compile` (full graph), activation checkpointing and FSDP2 see one opaque op per call.
-What it is not: the linear memory (`affine.py` covers it), the gradient clip or Titans' branch LayerNorm
-(`memory_chunk` computes those), a call that finishes a chunk an earlier call opened, or a second-order op.
+What it is not: the linear memory (`affine.py` covers it), Titans' branch LayerNorm (`memory_chunk` computes
+it), a call that finishes a chunk an earlier call opened, or a second-order op.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from .common import (
     activation,
     autograd_inside_op,
     check_inputs,
+    clip_factor,
     compute_dtype,
     flush_subnormals,
     fresh,
@@ -47,9 +50,9 @@ from .common import (
 
 
 def supports(spec: MemorySpec, state: MemoryState) -> bool:
-    """Whether `memory_adjoint` computes this call: the MLP memory without the clip or the branch LayerNorm, from a
-    chunk boundary."""
-    return spec.kind == "mlp" and spec.max_grad_norm is None and not spec.out_norm and state.offset == 0
+    """Whether `memory_adjoint` computes this call: the MLP memory without the branch LayerNorm (with or without
+    the gradient clip), from a chunk boundary."""
+    return spec.kind == "mlp" and not spec.out_norm and state.offset == 0
 
 
 MAX_STATE = 64 * 128  # D * E of one weight matrix that a kernel program holds on chip
@@ -95,7 +98,7 @@ def memory_adjoint(
     alpha_full, beta_full = check_inputs(q, k, v, eta, alpha, beta, state, spec, chunk_size, check_gates)
     if not supports(spec, state):
         raise ValueError(
-            "memory_adjoint covers the MLP memory without the gradient clip or the branch norm, for calls that start "
+            "memory_adjoint covers the MLP memory without the branch norm (out_norm), for calls that start "
             "at a chunk boundary (state.offset == 0); use memory_chunk"
         )
     kernels = [kernel and kernel_supports(q, state, chunk_size, backward=b) for b in (False, True)]
@@ -287,6 +290,8 @@ class _Chunk(NamedTuple):
     r: Tensor  # dl/dy of the inner loss at the chunk start
     rW1: Tensor
     back: Tensor  # dl/dz
+    sq: Tensor  # ||G_t||^2 of the token's inner gradient, `[B, H, n]` (the clip's input)
+    cf: Tensor  # the clip factor `c / max(c, ||G_t||)` (ones without the clip)
     e1: Tensor
     e2: Tensor
     zr: Tensor  # W2's reads
@@ -310,13 +315,18 @@ def mlp_chunk(
     r = k + h @ W1.mT - vt if spec.objective == "l2" else -vt
     rW1 = r @ W1
     back = rW1 * dsigma(z)
-    e1, e2 = _rows(-c.eta, r), _rows(-c.eta, back)
+    # the clip (Titans' memories): each token's gradient `G_t = (r hᵀ, back kᵀ)` scaled to at most the max norm,
+    # i.e. its step `-eta_t` times `cf_t` (chunk.py's `_step`; DGD's system keeps eta itself)
+    sq = _rowdot(r, r) * _rowdot(h, h) + _rowdot(back, back) * _rowdot(k, k)
+    cf = clip_factor(sq, spec)
+    e1, e2 = _rows(-c.eta * cf, r), _rows(-c.eta * cf, back)
     zr, W2n, S2n, step2 = matrix_step(W2, S2, k, kh, q, e2, c, spec.dgd, ends)
     hr = sigma(zr)
     hh = normalize(h, spec.norm_eps)
     o1, W1n, S1n, step1 = matrix_step(W1, S1, h, hh, hr, e1, c, spec.dgd, ends)
     end = (W1n, W2n, S1n, S2n) if ends else weights
-    return q + o1, end, _Chunk(vt, z, h, hh, r, rW1, back, e1, e2, zr, hr, step2, step1)  # type: ignore[return-value]
+    f = _Chunk(vt, z, h, hh, r, rW1, back, sq, cf, e1, e2, zr, hr, step2, step1)
+    return q + o1, end, f  # type: ignore[return-value]
 
 
 def mlp_chunk_adjoint(
@@ -336,12 +346,20 @@ def mlp_chunk_adjoint(
     dzr = dHr * dsigma(f.zr)
     dW2, dS2, dK, dKh, dq, dE2 = matrix_step_adjoint(W2, S2, k, kh, q, f.e2, c, f.step2, dzr, dW2n, dS2n, dc)
     dq = dq + do  # the residual of Eq. 89
-    # the frozen surprise: e1 = -eta r, e2 = -eta (r W1 ∘ σ'(z)), r = k + σ(z) W1ᵀ - v_t (L2) or -v_t (dot)
-    dc["eta"] += -_rowdot(dE1, f.r) - _rowdot(dE2, f.back)
-    dback = _rows(-c.eta, dE2)
+    # the frozen surprise: e1 = -eta cf r, e2 = -eta cf (r W1 ∘ σ'(z)), r = k + σ(z) W1ᵀ - v_t (L2) or -v_t (dot)
+    d_step = _rowdot(dE1, f.r) + _rowdot(dE2, f.back)  # the adjoint of -eta cf
+    dc["eta"] += -f.cf * d_step
+    dback = _rows(-c.eta * f.cf, dE2)
+    dr = _rows(-c.eta * f.cf, dE1)
+    if spec.max_grad_norm is not None:  # cf = c / sqrt(max(sq, c²)), sq = |r|² |h|² + |back|² |k|²
+        dsq = torch.where(f.sq > spec.max_grad_norm**2, 0.5 * c.eta * d_step * f.cf / f.sq, 0.0)
+        dback = dback + _rows(2 * dsq * _rowdot(k, k), f.back)
+        dr = dr + _rows(2 * dsq * _rowdot(f.h, f.h), f.r)
+        dH = dH + _rows(2 * dsq * _rowdot(f.r, f.r), f.h)
+        dK = dK + _rows(2 * dsq * _rowdot(f.back, f.back), k)
     ds = dsigma(f.z)
     drW1 = dback * ds
-    dr = _rows(-c.eta, dE1) + drW1 @ W1.mT
+    dr = dr + drW1 @ W1.mT
     dW1 = dW1 + f.r.mT @ drW1
     dz = dback * f.rW1 * _second_derivative(spec.activation, f.z)
     if spec.objective == "l2":
@@ -525,7 +543,7 @@ def _backward_kernel(
     dx, dcoef = [unwritten(t) for t in x], [unwritten(f) for f in coef]
     launch_mlp_backward(x, coef, [s.contiguous() for s in starts], do_c.contiguous(), d_state, anchor, dx, dcoef,
                         eps=spec.norm_eps, dgd=spec.dgd, self_values=spec.self_values, l2=spec.objective == "l2",
-                        act=spec.activation)  # fmt: skip
+                        act=spec.activation, clip=spec.max_grad_norm)  # fmt: skip
     return dx + dcoef, tuple(d_state)
 
 
@@ -542,5 +560,5 @@ def _forward_kernel(
     x = [t.detach().contiguous() for t in (prep.q, prep.k, prep.kh, prep.v)]
     coef = [f.detach().contiguous() for f in prep.coef]
     launch_mlp_forward(x, coef, state, starts, out, eps=spec.norm_eps, dgd=spec.dgd, self_values=spec.self_values,
-                       l2=spec.objective == "l2", act=spec.activation)  # fmt: skip
+                       l2=spec.objective == "l2", act=spec.activation, clip=spec.max_grad_norm)  # fmt: skip
     return out, tuple(state), tuple(starts)

@@ -15,7 +15,8 @@ through `adjoint.py`'s PyTorch loops). `memory_auto` takes it on CUDA from every
 backward 6.4x the chunk form at C = 64 and 32x at C = 16 on the H200 with the kernels, at a third of its memory
 (docs/results/memory_op.md). Each kernel variant (switches, chunk length, head shape) compiles once per
 machine, minutes for a backward (`_mlp_kernels.products`).
-What it is not: the gradient clip or the branch LayerNorm, or a call that finishes a chunk an earlier call opened.
+What it is not: the branch LayerNorm, the linear memory's gradient clip (the MLP memory's is in its kernels), or a
+call that finishes a chunk an earlier call opened.
 """
 
 from __future__ import annotations
