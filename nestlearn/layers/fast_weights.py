@@ -7,6 +7,7 @@ What this is: small modules and helpers. What it is not: a sequence mixer; see `
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from typing import Literal
@@ -24,7 +25,7 @@ Impl = Literal["auto", "adjoint", "chunk", "fused", "lean", "naive"]
 MemoryOp = Callable[..., tuple[Tensor, MemoryState]]
 
 
-def memory_op(impl: Impl) -> MemoryOp:
+def memory_op(impl: Impl, save_every: int = 1) -> MemoryOp:
     """ "auto": the GPU path where it applies on CUDA (the linear memory's affine scan, the MLP memory's kernels), else
     the chunk form (`ops/memory/fused.py`); "chunk": the PyTorch chunk form; "fused": the GPU path (the linear
     memory's scan, the MLP memory's kernels; an error where it cannot apply; a call that finishes an open chunk
@@ -32,11 +33,17 @@ def memory_op(impl: Impl) -> MemoryOp:
     memory, two thirds of the speed, measured on the H200); "adjoint": the MLP memory's hand-derived backward
     (`ops/memory/adjoint.py`: chunk-start states only, no autograd inside the chunk loop; the chunk form where it
     does not apply: the branch norm, the linear memory); "naive": the per-token float64 reference. All
-    compute the same function."""
+    compute the same function. `save_every`: the chunk-start states the MLP memory's written-out backward keeps
+    ("auto", "fused", "adjoint"; `adjoint.memory_adjoint`): every chunk's (1), every n-th, or none (0), the rest
+    recomputed in the backward; the other paths ignore it."""
     ops = {"auto": memory_auto, "adjoint": _adjoint, "chunk": memory_chunk, "fused": _fused, "lean": _lean,
            "naive": memory_naive}  # fmt: skip
     if impl not in ops:
         raise ValueError(f"memory impl must be one of {', '.join(map(repr, ops))}, got {impl!r}")
+    if not isinstance(save_every, int) or isinstance(save_every, bool) or save_every < 0:
+        raise ValueError(f"save_every must be an int >= 0 (1: every chunk's start; 0: none), got {save_every!r}")
+    if impl in ("auto", "fused", "adjoint") and save_every != 1:
+        return functools.partial(ops[impl], save_every=save_every)
     return ops[impl]
 
 
@@ -52,7 +59,9 @@ def _from_chunk_boundary(op: MemoryOp) -> MemoryOp:
     form (the fused and lean paths start at boundaries)."""
 
     def run(*args: object, state: MemoryState, **kwargs: object) -> tuple[Tensor, MemoryState]:
-        return (op if state.offset == 0 else memory_chunk)(*args, state=state, **kwargs)
+        if state.offset == 0:
+            return op(*args, state=state, **kwargs)
+        return memory_chunk(*args, state=state, **_without_save_every(kwargs))
 
     return run
 
@@ -62,8 +71,14 @@ _fused, _lean = _from_chunk_boundary(memory_fused), _from_chunk_boundary(memory_
 
 def _adjoint(*args: object, state: MemoryState, spec: MemorySpec, **kwargs: object) -> tuple[Tensor, MemoryState]:
     """`memory_adjoint` where it applies (`adjoint.supports`), else the chunk form."""
-    op = memory_adjoint if adjoint_supports(spec, state) else memory_chunk
-    return op(*args, state=state, spec=spec, **kwargs)
+    if adjoint_supports(spec, state):
+        return memory_adjoint(*args, state=state, spec=spec, **kwargs)
+    return memory_chunk(*args, state=state, spec=spec, **_without_save_every(kwargs))
+
+
+def _without_save_every(kwargs: dict[str, object]) -> dict[str, object]:
+    """The chunk form's arguments: `save_every` (the written-out backward's) dropped."""
+    return {k: v for k, v in kwargs.items() if k != "save_every"}
 
 
 class MemoryInit(nn.Module):

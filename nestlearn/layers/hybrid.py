@@ -45,7 +45,7 @@ class MAGState(NamedTuple):
 
 class MemoryAsGate(nn.Module):
     """MAG (Titans Eqs. 26-28): sliding-window attention with persistent tokens, gated by the memory's read.
-    `spec`, `chunk_size`, `impl` and `eta_cap` configure the memory (`TitansMemory`)."""
+    `spec`, `chunk_size`, `impl`, `save_every` and `eta_cap` configure the memory (`TitansMemory`)."""
 
     def __init__(
         self,
@@ -60,11 +60,13 @@ class MemoryAsGate(nn.Module):
         rope_base: float = 10000.0,
         rope_scaling: Mapping[str, Any] | None = None,
         eta_cap: bool = True,
+        save_every: int = 1,
     ) -> None:
         super().__init__()
         rope = dict(rope_base=rope_base, rope_scaling=rope_scaling)
         self.attention = Attention(dim, heads, window=window, n_persistent=n_persistent, **rope)
-        self.memory = TitansMemory(dim, heads, spec=spec, chunk_size=chunk_size, impl=impl, eta_cap=eta_cap)
+        self.memory = TitansMemory(dim, heads, spec=spec, chunk_size=chunk_size, impl=impl, eta_cap=eta_cap,
+                                   save_every=save_every)  # fmt: skip
         self.combine = GateCombine(dim)
 
     def init_state(self, batch: int) -> MAGState:
@@ -97,8 +99,8 @@ class MemoryAsContext(nn.Module):
         o = W_o (RMSNorm(y) ⊙ sigmoid(RMSNorm(m)))
 
     A token attends to the retrieved tokens of itself and earlier tokens of its segment only (a causal reading of
-    Eq. 22 for language modelling: `h_j` depends on `x_j`). `spec`, `chunk_size`, `impl` and `eta_cap` configure
-    the memory (`TitansMemory`).
+    Eq. 22 for language modelling: `h_j` depends on `x_j`). `spec`, `chunk_size`, `impl`, `save_every` and `eta_cap`
+    configure the memory (`TitansMemory`).
     """
 
     def __init__(
@@ -114,13 +116,21 @@ class MemoryAsContext(nn.Module):
         rope_base: float = 10000.0,
         rope_scaling: Mapping[str, Any] | None = None,
         eta_cap: bool = True,
+        save_every: int = 1,
     ) -> None:
         super().__init__()
         self.segment = segment
         rope = dict(rope_base=rope_base, rope_scaling=rope_scaling)
         self.attention = Attention(dim, heads, segment=segment, n_persistent=n_persistent, **rope)
         self.memory = TitansMemory(
-            dim, heads, spec=spec, chunk_size=chunk_size, impl=impl, retrieval=True, eta_cap=eta_cap
+            dim,
+            heads,
+            spec=spec,
+            chunk_size=chunk_size,
+            impl=impl,
+            retrieval=True,
+            eta_cap=eta_cap,
+            save_every=save_every,
         )
         self.combine = GateCombine(dim)
 

@@ -76,6 +76,8 @@ class SelfModifyingTitans(nn.Module):
             [0, 1] as in the paper, with `b_eta` set so that eta starts at the same value (`fast_weights.eta_gate`).
         impl: the memory op (`fast_weights.memory_op`: "auto", "adjoint", "chunk", "fused", "lean", "naive";
             one function).
+        save_every: the chunk-start states the written-out backward keeps (`fast_weights.memory_op`; 1: all;
+            the projection memories' one-chunk calls keep none either way).
     """
 
     def __init__(
@@ -93,6 +95,7 @@ class SelfModifyingTitans(nn.Module):
         eta_cap: bool = True,
         conv_width: int = 4,
         impl: Impl = "auto",
+        save_every: int = 1,
     ) -> None:
         super().__init__()
         if dim % heads:
@@ -103,7 +106,7 @@ class SelfModifyingTitans(nn.Module):
         self.heads, self.head_dim = heads, dim // heads
         self.spec = dataclasses.replace(spec, self_values=True)
         self.mem_chunk, self.proj_chunk, self.normalize_v = mem_chunk, proj_chunk, normalize_v
-        self.impl, self.op = impl, memory_op(impl)
+        self.impl, self.op = impl, memory_op(impl, save_every)
         self.names = ["k", "v", "q", "eta", "alpha"] if adaptive_q else ["k", "v", "eta", "alpha"]
         if not self.spec.decay:
             self.names.remove("alpha")  # "w/o weight decay": no retention gate, no memory to make it

@@ -49,6 +49,7 @@ class TitansMemory(nn.Module):
         chunk_size: tokens per chunk of the parallel form (D5).
         impl: the memory op (`fast_weights.memory_op`: "auto", "adjoint", "chunk", "fused", "lean", "naive";
             one function).
+        save_every: the chunk-start states the written-out backward keeps (`fast_weights.memory_op`; 1: all).
         retrieval: add the query projection of `retrieve` (MAC only; unused parameters otherwise).
         eta_cap: eta is `sigmoid(x W + b) / chunk_size` (C1, the default); False: `sigmoid(x W + b)`, spanning
             [0, 1] as in Titans, with the bias set so that it starts at the same value (`fast_weights.eta_gate`).
@@ -65,12 +66,13 @@ class TitansMemory(nn.Module):
         impl: Impl = "auto",
         retrieval: bool = False,
         eta_cap: bool = True,
+        save_every: int = 1,
     ) -> None:
         super().__init__()
         if dim % heads:
             raise ValueError(f"d_model = {dim} is not divisible by n_heads = {heads}; pick a head count dividing it")
         self.dim, self.heads, self.spec, self.chunk_size = dim, heads, spec, chunk_size
-        self.impl, self.op = impl, memory_op(impl)
+        self.impl, self.op = impl, memory_op(impl, save_every)
         self.qkv = nn.Linear(dim, 3 * dim, bias=False)
         self.conv = ShortConv(3 * dim, conv_width)
         start, scale = eta_gate(chunk_size, cap=eta_cap)  # starts at a tenth of the 1 / C cap either way

@@ -30,12 +30,13 @@ CMS_VARIANTS: tuple[str, ...] = ("hope", "hope_attention")
 FULL_ATTENTION: tuple[str, ...] = ("transformer", "hope_attention")
 SLIDING_WINDOW: tuple[str, ...] = ("titans_mag", "titans_mal")  # their attention always has a window
 SWA_WINDOW = 2048  # MAG / MAL's window when none is given
+NO_RESULT_FIELDS = ("impl", "activation_checkpointing", "memory_save_every")  # how a model computes, not what
 
 # The variants each field applies to; fields not listed apply to every variant. The CMS fields apply only when
 # `cms=True` as well.
 APPLIES_TO: dict[str, tuple[str, ...]] = {
     **dict.fromkeys(("memory_kind", "memory_expansion", "memory_activation", "mem_chunk", "memory_momentum",
-                     "memory_decay", "impl", "eta_cap"), RECURRENT),
+                     "memory_decay", "impl", "eta_cap", "memory_save_every"), RECURRENT),
     **dict.fromkeys(("proj_chunk", "dgd", "adaptive_k", "adaptive_v", "adaptive_q", "normalize_v"), ("hope",)),
     **dict.fromkeys(("inner_grad_clip", "titans_paper_memory"), TITANS),
     **dict.fromkeys(("cms", "cms_levels", "cms_variant", "cms_lr", "cms_learn_lr", "cms_meta_grad",
@@ -97,7 +98,11 @@ class ModelConfig:
     scaling of a converted checkpoint as sorted (key, value) pairs, e.g. `(("factor", 8.0), ...,
     ("rope_type", "llama3"))`; None = plain).
     `activation_checkpointing`: recompute each block in the backward pass instead of keeping its activations
-    (same results, about one more forward pass of compute, a fraction of the memory).
+    (same results, about one more forward pass of compute, a fraction of the memory). `memory_save_every` (the
+    recurrent variants): which chunk-start states of a memory the MLP memory's written-out backward keeps ("auto"
+    on CUDA, "fused", "adjoint"; `adjoint.memory_adjoint`): every chunk's (1), every n-th (n > 1; the backward
+    recomputes the others from them: one more forward pass of the memory op), or none (0: recomputed from the
+    layer's input state); same results, the states' memory divided by n.
     """
 
     variant: Variant = "hope"
@@ -143,6 +148,7 @@ class ModelConfig:
     norm_eps: float = 1e-6
     impl: Literal["auto", "adjoint", "chunk", "fused", "lean", "naive"] = "auto"
     activation_checkpointing: bool = False
+    memory_save_every: int = 1
 
     def __post_init__(self) -> None:
         if self.variant not in VARIANTS:
@@ -170,6 +176,13 @@ class ModelConfig:
             raise ValueError(f"head dim d_model / n_heads = {self.d_model // self.n_heads} must be even (RoPE)")
         if self.n_persistent < 0:
             raise ValueError(f"n_persistent must be >= 0, got {self.n_persistent}")
+        if (
+            not isinstance(self.memory_save_every, int)
+            or isinstance(self.memory_save_every, bool)
+            or (self.memory_save_every < 0)
+        ):
+            got = self.memory_save_every
+            raise ValueError(f"memory_save_every must be an int >= 0 (1: every chunk's start; 0: none), got {got!r}")
         if self.inner_grad_clip is not None and not self.inner_grad_clip > 0:
             raise ValueError(f"inner_grad_clip must be > 0 or None (no clipping), got {self.inner_grad_clip!r}")
         self._check_titans_paper_memory()
@@ -275,9 +288,9 @@ class ModelConfig:
         return cls(**d)
 
     def fingerprint(self) -> str:
-        """Identifies the computation a state belongs to (`impl` and `activation_checkpointing` change no
-        result; the `LATER_FIELDS` count only when set away from their defaults)."""
-        d = {k: v for k, v in self.to_dict().items() if k not in ("impl", "activation_checkpointing")}
+        """Identifies the computation a state belongs to (`impl`, `activation_checkpointing` and
+        `memory_save_every` change no result; the `LATER_FIELDS` count only when set away from their defaults)."""
+        d = {k: v for k, v in self.to_dict().items() if k not in NO_RESULT_FIELDS}
         d = {k: v for k, v in d.items() if not (k in LATER_FIELDS and v == _DEFAULTS[k])}
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 

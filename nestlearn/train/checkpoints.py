@@ -28,6 +28,7 @@ from ..data.tokenizer import check_identity
 from ..errors import first_line
 from ..io import join_tree, load_bundle, save_bundle, split_tree
 from ..models import ModelConfig
+from ..models.config import NO_RESULT_FIELDS
 from .config import CHANGEABLE
 from .run import Run
 
@@ -159,9 +160,8 @@ def differences(meta: dict[str, Any], run: Run) -> dict[str, str]:
     }
     old_model = _jsonable(ModelConfig.from_dict(meta["model_config"]).to_dict())  # also under earlier field names
     new_model = _jsonable(run.core.config.to_dict())
-    same_result = ("impl", "activation_checkpointing")  # they change no result (ModelConfig.fingerprint)
     fields = [k for k in sorted(set(old_model) | set(new_model))
-              if k not in same_result and old_model.get(k) != new_model.get(k)]  # fmt: skip
+              if k not in NO_RESULT_FIELDS and old_model.get(k) != new_model.get(k)]  # fmt: skip
     if fields:
         out["model"] = "model " + ", ".join(f"{k} {old_model.get(k)!r} -> {new_model.get(k)!r}" for k in fields)
     old_data, new_data = meta.get("data"), data_identity(run.shards.meta)

@@ -85,13 +85,14 @@ def test_naive_impl_gives_the_same_model(variant: str) -> None:
         torch.testing.assert_close(ref(ids)[0], model(ids)[0], rtol=0, atol=1e-10)
 
 
-@pytest.mark.parametrize("impl", ["lean", "adjoint"])
+@pytest.mark.parametrize(("impl", "save_every"), [("lean", 1), ("adjoint", 1), ("adjoint", 2), ("adjoint", 0)])
 @pytest.mark.parametrize("variant", ["hope", "titans_mac"])
-def test_memory_lean_impl_changes_nothing(variant: str, impl: str) -> None:
-    """impl="lean" (memory-lean backward) and "adjoint" (the hand-derived backward; HOPE's memories have no clip,
-    so they take it) give the chunk form's loss and every gradient, and carry state."""
+def test_memory_lean_impl_changes_nothing(variant: str, impl: str, save_every: int) -> None:
+    """impl="lean" (memory-lean backward) and "adjoint" (the hand-derived backward, which takes HOPE's and the
+    Titans variants' clipped memories), keeping every chunk start, every second or none
+    (`memory_save_every`), give the chunk form's loss and every gradient, and carry state."""
     model = tiny(variant)
-    lean = CausalLM(dataclasses.replace(model.config, impl=impl)).double()
+    lean = CausalLM(dataclasses.replace(model.config, impl=impl, memory_save_every=save_every)).double()
     lean.load_state_dict(model.state_dict())
     ids = torch.randint(0, 64, (2, 13))
     for m in (model, lean):

@@ -1,19 +1,29 @@
 """The MLP memory's hand-derived backward (`memory_adjoint`) equals the chunk form under autograd: in float64 on
 outputs, final states, the anchor of an open chunk and every gradient (q, k, v, the three gates, both initial
 weights and momenta) for every switch it covers (plain GD, no momentum, no decay, the dot objective, the three
-activations, self-generated values) at awkward shapes; one matrix step's adjoint equals autograd through that step
-on its own; float32 on the GPU; what it does not cover is refused with the fix; the op is a `torch.library`
-custom op (opcheck) that `torch.compile(fullgraph=True)` traces as one node with the eager results.
+activations, self-generated values, the gradient clip) at awkward shapes; one matrix step's adjoint equals
+autograd through that step on its own; sparse chunk starts (`save_every`) give the dense results exactly; float32
+on the GPU; what it does not cover is refused with the fix; the op is a `torch.library` custom op (opcheck) that
+`torch.compile(fullgraph=True)` traces as one node with the eager results.
 What this is not: the chunk form's own equivalence with the per-token reference (test_memory.py)."""
 
 from __future__ import annotations
+
+import functools
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from nestlearn.ops.memory import MemorySpec, MemoryState, init_state, memory_chunk
-from nestlearn.ops.memory.adjoint import _Coef, adjoint_memory, matrix_step, matrix_step_adjoint, memory_adjoint
+from nestlearn.ops.memory.adjoint import (
+    _Coef,
+    adjoint_memory,
+    matrix_step,
+    matrix_step_adjoint,
+    memory_adjoint,
+    saved_count,
+)
 from nestlearn.ops.memory.chunk import _coefficients
 from nestlearn.ops.memory.common import spec_args
 
@@ -102,12 +112,13 @@ def test_what_it_does_not_cover_is_refused() -> None:
         memory_adjoint(*xs[:6], state=MemoryState(tuple(xs[6:8]), tuple(xs[8:10])), spec=spec, chunk_size=2)
 
 
-@pytest.mark.parametrize("T", [8, 7, 3])
-def test_custom_op_passes_opcheck(T: int) -> None:
-    """Schema, fake tensors and the autograd registration, with a closed and an open last chunk, and one chunk."""
+@pytest.mark.parametrize(("T", "save_every"), [(8, 1), (7, 1), (3, 1), (15, 2), (7, 0)])
+def test_custom_op_passes_opcheck(T: int, save_every: int) -> None:
+    """Schema, fake tensors and the autograd registration, with a closed and an open last chunk, one chunk, and
+    sparse chunk starts."""
     spec = MemorySpec(kind="mlp", expansion=2)
     xs = [x.requires_grad_() for x in inputs(1, T, 2, 4, spec)]
-    args = (*xs[:6], xs[6:8], xs[8:10], 4, *spec_args(spec), False, False)
+    args = (*xs[:6], xs[6:8], xs[8:10], 4, *spec_args(spec), False, False, save_every)
     tests = ("test_schema", "test_faketensor", "test_autograd_registration")
     torch.library.opcheck(adjoint_memory, args, test_utils=tests)
 
@@ -118,8 +129,32 @@ def test_a_one_chunk_call_keeps_no_copy_of_its_state(T: int) -> None:
     the backward takes the input state (its gradients: the shapes above, e.g. C = 8 with T = 3 and 8)."""
     spec = MemorySpec(kind="mlp", expansion=2)
     xs = inputs(1, T, 2, 4, spec)
-    out = adjoint_memory(*xs[:6], xs[6:8], xs[8:10], 4, *spec_args(spec), False, False)
+    out = adjoint_memory(*xs[:6], xs[6:8], xs[8:10], 4, *spec_args(spec), False, False, 1)
     assert [s.shape[2] for s in out[7:]] == [0 if T <= 4 else 3] * 4
+
+
+@pytest.mark.parametrize("switch", ["default", "clip", "self_values"])
+@pytest.mark.parametrize(("T", "save_every"), [(23, 2), (23, 3), (24, 4), (23, 0), (8, 0), (23, 9)])
+def test_sparse_chunk_starts_give_the_same_gradients(switch: str, T: int, save_every: int) -> None:
+    """Every `save_every`-th chunk start saved (or none), the rest recomputed in the backward: outputs, states and
+    every gradient equal the dense ones exactly (the same arithmetic), with an open last chunk (T = 23, C = 4),
+    a closed one, one segment and a save interval longer than the call; the op saves `saved_count` starts."""
+    spec = MemorySpec(kind="mlp", expansion=2, **SWITCHES[switch])
+    xs = inputs(2, T, 2, 4, spec)
+    sparse = functools.partial(memory_adjoint, save_every=save_every)
+    assert_close(run(sparse, xs, spec, 4), run(memory_adjoint, xs, spec, 4), 0.0)
+    out = adjoint_memory(*xs[:6], xs[6:8], xs[8:10], 4, *spec_args(spec), False, False, save_every)
+    assert [s.shape[2] for s in out[7:]] == [saved_count(-(-T // 4), save_every)] * 4
+    assert saved_count(6, 1) == 6 and saved_count(6, 4) == 2 and saved_count(6, 0) == 0 and saved_count(1, 1) == 0
+
+
+def test_save_every_is_checked() -> None:
+    spec = MemorySpec(kind="mlp", expansion=2)
+    xs = inputs(1, 8, 1, 4, spec)
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="save_every must be an int >= 0"):
+            memory_adjoint(*xs[:6], state=MemoryState(tuple(xs[6:8]), tuple(xs[8:10])), spec=spec, chunk_size=4,
+                           save_every=bad)  # fmt: skip
 
 
 def test_compiled_in_one_graph_equals_eager() -> None:

@@ -64,6 +64,21 @@ def test_kernels_at_64_token_chunks(switch: str, monkeypatch: pytest.MonkeyPatch
     assert sorted(launches) == ["launch_mlp_backward", "launch_mlp_forward"]
 
 
+@pytest.mark.parametrize("save_every", [2, 0])
+def test_sparse_chunk_starts_through_the_kernels(save_every: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Sparse chunk starts with the kernels (T = 56, C = 16: four chunks, the last open): each segment's starts
+    recomputed by the forward kernel, then walked back by the backward kernel; the dense kernels' results
+    exactly."""
+    spec = MemorySpec(kind="mlp", expansion=2)
+    xs = [x.float() for x in inputs(1, 56, 2, 16, spec)]
+    dense = run(functools.partial(memory_adjoint, kernel=True), xs, spec, 16)
+    launches = _count_launches(monkeypatch)
+    sparse = run(functools.partial(memory_adjoint, kernel=True, save_every=save_every), xs, spec, 16)
+    assert_close(sparse, dense, 0.0)
+    segments = 2 if save_every == 2 else 1
+    assert launches.count("launch_mlp_forward") == 1 + segments and launches.count("launch_mlp_backward") == segments
+
+
 def test_state_carried_across_calls_equals_one_call() -> None:
     spec = MemorySpec(kind="mlp", expansion=2)
     q, k, v, eta, alpha, beta, *state = [x.float() for x in inputs(1, 48, 2, 16, spec)]

@@ -89,12 +89,18 @@ def memory_adjoint(
     chunk_size: int,
     check_gates: bool = False,
     kernel: bool = False,
+    save_every: int = 1,
 ) -> tuple[Tensor, MemoryState]:
     """`memory_chunk` for the MLP memory with the hand-derived backward (module docstring); arguments and results
     as `memory_naive`. Shapes: q, k, v `[B, T, H, D]`; gates `[B, T, H]`; W1 `[B, H, D, E]`, W2 `[B, H, E, D]`.
     `kernel`: the forward's chunk loop runs as one Triton program per sequence and head (`_mlp_kernels.py`; on CPU
     in Triton's interpreter), where `kernel_supports` says it can; the backward's likewise, where
-    `kernel_supports(..., backward=True)` says it can."""
+    `kernel_supports(..., backward=True)` says it can. `save_every`: which chunk-start states the forward keeps for
+    the backward: every chunk's (1), every `save_every`-th (the backward recomputes the others, a segment at a
+    time: one more forward pass), or none (0: recomputed from the input state). The saved state memory is
+    `ceil(N / save_every)` states instead of N; the results are the same."""
+    if not isinstance(save_every, int) or isinstance(save_every, bool) or save_every < 0:
+        raise ValueError(f"save_every must be an int >= 0 (1: every chunk's start; 0: none), got {save_every!r}")
     alpha_full, beta_full = check_inputs(q, k, v, eta, alpha, beta, state, spec, chunk_size, check_gates)
     if not supports(spec, state):
         raise ValueError(
@@ -103,7 +109,7 @@ def memory_adjoint(
         )
     kernels = [kernel and kernel_supports(q, state, chunk_size, backward=b) for b in (False, True)]
     outs = adjoint_memory(q, k, v, eta, alpha_full, beta_full, list(state.weights), list(state.momenta), chunk_size,
-                          *spec_args(spec), *kernels)  # fmt: skip
+                          *spec_args(spec), *kernels, save_every)  # fmt: skip
     o, w1, w2, s1, s2, a1, a2 = outs[:7]
     return o, MemoryState((w1, w2), (s1, s2), (a1, a2), q.shape[1] % chunk_size)
 
@@ -388,13 +394,12 @@ def adjoint_memory(
     q: Tensor, k: Tensor, v: Tensor, eta: Tensor, alpha: Tensor, beta: Tensor, weights: list[Tensor],
     momenta: list[Tensor], chunk_size: int, kind: str, objective: str, activation: str, expansion: int, dgd: bool,
     momentum: bool, decay: bool, out_norm: bool, self_values: bool, eps: float, clip: float | None, kernel: bool,
-    kernel_backward: bool,
+    kernel_backward: bool, save_every: int,
 ) -> list[Tensor]:  # fmt: skip
-    """The forward (`kernel`: as one Triton program per sequence and head; `kernel_backward` is the backward's
-    switch, kept for it) -> `[o, W1', W2', S1', S2', anchor W1, anchor W2, *every chunk's start state]` (starts
-    `[B, H, N, ...]`, in the compute dtype, for the backward; empty, `[B, H, 0, ...]`, for a one-chunk call, whose
-    only start is the input state, which the backward takes instead: HOPE's projection memories make one call
-    per chunk, and a copy of each call's whole state was a third of HOPE's saved tensors at 125M)."""
+    """The forward (`kernel`: as one Triton program per sequence and head; `kernel_backward` and `save_every` are
+    the backward's, kept for it) -> `[o, W1', W2', S1', S2', anchor W1, anchor W2, *saved start states]`, the
+    starts in the compute dtype for the backward (`_saved_starts`: every chunk's, `[B, H, N, ...]`, or every
+    `save_every`-th, or none, `[B, H, 0, ...]`, where the backward takes the input state)."""
     spec = spec_from_args(kind, objective, activation, expansion, dgd, momentum, decay, out_norm, self_values, eps,
                           clip)  # fmt: skip
     seq = [q, k, v, eta, alpha, beta]
@@ -406,17 +411,30 @@ def adjoint_memory(
     B, T, H, D = q.shape
     o = o.reshape(B, H, -1, D)[:, :, :T].transpose(1, 2).to(q.dtype)
     anchor = tuple(s[:, :, -1] for s in starts[:2]) if not ends else state[:2]
-    if prep.q.shape[2] == 1:
-        starts = tuple(s.new_empty(*s.shape[:2], 0, *s.shape[3:]) for s in starts)
-    return [o.contiguous(), *fresh(state), *fresh(anchor), *starts]
+    return [o.contiguous(), *fresh(state), *fresh(anchor), *_saved_starts(starts, save_every)]
+
+
+def saved_count(N: int, save_every: int) -> int:
+    """How many chunk-start states a call of N chunks saves: N (`save_every` 1), one per `save_every` chunks
+    (the backward recomputes the others, a segment at a time), or none (0, or a one-chunk call: the backward takes
+    the input state, which autograd keeps anyway; HOPE's projection memories make one call per chunk)."""
+    return 0 if save_every == 0 or N == 1 else -(-N // save_every)
+
+
+def _saved_starts(starts: tuple[Tensor, ...], save_every: int) -> tuple[Tensor, ...]:
+    """The start states the forward saves for the backward (`saved_count`), as fresh tensors."""
+    N = starts[0].shape[2]
+    if saved_count(N, save_every) == 0:
+        return tuple(s.new_empty(*s.shape[:2], 0, *s.shape[3:]) for s in starts)
+    return starts if save_every == 1 else tuple(s[:, :, ::save_every].contiguous() for s in starts)
 
 
 @adjoint_memory.register_fake
 def _(q, k, v, eta, alpha, beta, weights, momenta, chunk_size, *args):  # type: ignore[no-untyped-def]
     dt = compute_dtype(q, k, v, eta, alpha, beta, *weights, *momenta)
-    N = -(-q.shape[1] // chunk_size)
+    saved = saved_count(-(-q.shape[1] // chunk_size), args[-1])
     state = [w.new_empty(w.shape, dtype=dt) for w in (*weights, *momenta)]
-    starts = [w.new_empty(*w.shape[:2], N if N > 1 else 0, *w.shape[2:]) for w in state]
+    starts = [w.new_empty(*w.shape[:2], saved, *w.shape[2:]) for w in state]
     return [q.new_empty(q.shape), *state, *(w.new_empty(w.shape) for w in state[:2]), *starts]
 
 
@@ -425,11 +443,13 @@ def adjoint_memory_backward(
     q: Tensor, k: Tensor, v: Tensor, eta: Tensor, alpha: Tensor, beta: Tensor, starts: list[Tensor],
     grads_out: list[Tensor], chunk_size: int, kind: str, objective: str, activation: str, expansion: int,
     dgd: bool, momentum: bool, decay: bool, out_norm: bool, self_values: bool, eps: float, clip: float | None,
-    kernel: bool,
+    kernel: bool, save_every: int,
 ) -> list[Tensor]:  # fmt: skip
     """Gradients of `adjoint_memory` w.r.t. q, k, v, eta, alpha, beta and the initial (W1, W2, S1, S2), in the
     compute dtype, from `grads_out = [do, dW1', dW2', dS1', dS2', d anchor W1, d anchor W2]` (`kernel`: the chunk
-    loop as one Triton program per sequence and head, else the PyTorch loop below)."""
+    loop as one Triton program per sequence and head, else the PyTorch loop below). `starts`: every chunk's start
+    state, or every `save_every`-th (the input state alone for `save_every` 0), whose segments the backward
+    recomputes (`_backward_segments`)."""
     spec = spec_from_args(kind, objective, activation, expansion, dgd, momentum, decay, out_norm, self_values, eps,
                           clip)  # fmt: skip
     seq, dt = [q, k, v, eta, alpha, beta], starts[0].dtype
@@ -444,8 +464,8 @@ def adjoint_memory_backward(
     ends = T % chunk_size == 0
     if ends:  # the anchor is the final weights
         d_end = (d_end[0] + d_anchor[0], d_end[1] + d_anchor[1], *d_end[2:])
-    run = _backward_kernel if kernel else _backward_loop
-    grads, d_start = run(prep, tuple(starts), do_c, d_end, None if ends else d_anchor, spec)
+    grads, d_start = _backward_segments(prep, tuple(starts), save_every, do_c, d_end, None if ends else d_anchor,
+                                        spec, kernel)  # fmt: skip
     with autograd_inside_op():
         seq_grads = torch.autograd.grad(flat, leaves, grads, allow_unused=True)
     return [g if g is not None else torch.zeros_like(x) for g, x in zip(seq_grads, leaves, strict=True)] + list(d_start)
@@ -460,26 +480,54 @@ def _(q, k, v, eta, alpha, beta, starts, grads_out, *args):  # type: ignore[no-u
 
 
 def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: list[Tensor]) -> None:
-    q, k, v, eta, alpha, beta, weights, momenta, chunk_size, *spec, _, kernel_backward = inputs
-    one_chunk = output[7].shape[2] == 0  # the start is the input state (`adjoint_memory`)
-    ctx.save_for_backward(q, k, v, eta, alpha, beta, *(output[7:] if not one_chunk else (*weights, *momenta)))
-    ctx.args, ctx.one_chunk = (chunk_size, *spec, kernel_backward), one_chunk
+    q, k, v, eta, alpha, beta, weights, momenta, chunk_size, *spec, _, kernel_backward, save_every = inputs
+    no_starts = output[7].shape[2] == 0  # the first start is the input state (`saved_count`)
+    ctx.save_for_backward(q, k, v, eta, alpha, beta, *(output[7:] if not no_starts else (*weights, *momenta)))
+    ctx.args, ctx.no_starts = (chunk_size, *spec, kernel_backward, save_every), no_starts
     ctx.dtypes = [x.dtype for x in (q, k, v, eta, alpha, beta, *weights, *momenta)]
     ctx.compute_dtype = output[7].dtype
 
 
 def _backward(ctx: Any, grads_out: list[Tensor | None]) -> tuple[Any, ...]:
     q, k, v, eta, alpha, beta, *starts = ctx.saved_tensors
-    if ctx.one_chunk:
+    if ctx.no_starts:
         starts = [w.to(ctx.compute_dtype)[:, :, None] for w in starts]
     like = [q, *(s[:, :, 0] for s in starts), *(s[:, :, 0] for s in starts[:2])]
     filled = [g if g is not None else torch.zeros_like(x) for g, x in zip(grads_out[:7], like, strict=True)]
     got = adjoint_memory_backward(q, k, v, eta, alpha, beta, starts, filled, *ctx.args)
     got = [g.to(t) for g, t in zip(got, ctx.dtypes, strict=True)]
-    return (*got[:6], got[6:8], got[8:10], *([None] * 14))
+    return (*got[:6], got[6:8], got[8:10], *([None] * 15))
 
 
 adjoint_memory.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _backward_segments(
+    prep: _Prepared, starts: tuple[Tensor, ...], save_every: int, do_c: Tensor, d_end: tuple[Tensor, ...],
+    d_anchor: tuple[Tensor, ...] | None, spec: MemorySpec, kernel: bool,
+) -> tuple[list[Tensor], tuple[Tensor, ...]]:  # fmt: skip
+    """The backward's chunk loop (`_backward_kernel` or `_backward_loop`) from every chunk's saved start, or, with
+    sparse starts (`saved_count`), segment by segment from the last: each segment's chunk starts recomputed by
+    the forward (kernel or loop) from its saved start, then its chunks walked back with the state's adjoint
+    carried to the segment before. The recompute repeats the forward's arithmetic on the same inputs, so the
+    gradients equal the dense ones exactly; it costs one more forward pass over the chunks and holds one
+    segment's starts at a time."""
+    run, forward = (_backward_kernel, _forward_kernel) if kernel else (_backward_loop, _forward_loop)
+    N = prep.q.shape[2]
+    if starts[0].shape[2] == N:
+        return run(prep, starts, do_c, d_end, d_anchor, spec)
+    K = save_every if save_every > 0 else N
+    parts = []
+    for s in reversed(range(starts[0].shape[2])):
+        lo, hi = s * K, min(s * K + K, N)
+        seg = _Prepared(*(t[:, :, lo:hi] for t in (prep.q, prep.k, prep.kh, prep.v)),
+                        _Coef(*(f[:, :, lo:hi] for f in prep.coef)))  # fmt: skip
+        first = tuple(w[:, :, s] for w in starts)
+        with torch.no_grad():
+            seg_starts = forward(seg, first, spec, True)[2] if hi - lo > 1 else tuple(w[:, :, None] for w in first)
+        grads, d_end = run(seg, seg_starts, do_c[:, :, lo:hi], d_end, d_anchor if hi == N else None, spec)
+        parts.append(grads)
+    return [torch.cat(g[::-1], dim=2) for g in zip(*parts, strict=True)], d_end
 
 
 def _backward_loop(

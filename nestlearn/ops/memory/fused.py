@@ -53,13 +53,15 @@ def memory_fused(
     spec: MemorySpec,
     chunk_size: int,
     check_gates: bool = False,
+    save_every: int = 1,
 ) -> tuple[Tensor, MemoryState]:
     """`memory_chunk` through the GPU path (see `supports`, and the module docstring for the MLP memory); arguments
-    and results as `memory_naive`."""
+    and results as `memory_naive`; `save_every` as `memory_adjoint`'s (the MLP memory's chunk starts kept for the
+    backward; the linear memory's scan ignores it)."""
     check_inputs(q, k, v, eta, alpha, beta, state, spec, chunk_size, check_gates)
     if spec.kind == "mlp" and adjoint.supports(spec, state) and triton_available(q.device, interpret=True):
         return adjoint.memory_adjoint(q, k, v, eta, alpha, beta, state=state, spec=spec, chunk_size=chunk_size,
-                                      kernel=True)  # fmt: skip
+                                      kernel=True, save_every=save_every)  # fmt: skip
     if not supports(spec, state, q, interpret=True):
         raise ValueError(
             "memory_fused covers memories without the gradient clip or the branch LayerNorm, float32 states, calls "
@@ -82,13 +84,15 @@ def memory_auto(
     spec: MemorySpec,
     chunk_size: int,
     check_gates: bool = False,
+    save_every: int = 1,
 ) -> tuple[Tensor, MemoryState]:
     """The GPU path where it applies on CUDA, else `memory_chunk` (the layers' default, `impl="auto"`): the linear
     memory's scan where `supports` says; the MLP memory's written-out backward from a chunk boundary
     (`adjoint.supports`), with its kernels in each direction where `adjoint.kernel_supports` takes the call and its
-    PyTorch loops elsewhere (the loops: 0.95x the chunk form's speed at a third of its memory, H200)."""
+    PyTorch loops elsewhere (the loops: 0.95x the chunk form's speed at a third of its memory, H200), keeping the
+    chunk starts `save_every` says (`memory_adjoint`; the other paths ignore it)."""
     if spec.kind == "mlp" and q.device.type == "cuda" and adjoint.supports(spec, state):
         return adjoint.memory_adjoint(q, k, v, eta, alpha, beta, state=state, spec=spec, chunk_size=chunk_size,
-                                      check_gates=check_gates, kernel=True)  # fmt: skip
+                                      check_gates=check_gates, kernel=True, save_every=save_every)  # fmt: skip
     op = memory_fused if spec.kind != "mlp" and supports(spec, state, q) else memory_chunk
     return op(q, k, v, eta, alpha, beta, state=state, spec=spec, chunk_size=chunk_size, check_gates=check_gates)
