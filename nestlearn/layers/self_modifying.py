@@ -17,7 +17,10 @@ Chunking (D5, Eqs. 90-91): the k/v/eta/alpha memories run in chunks of `C_proj`:
 generated from their state at the end of the previous chunk, then all of them are updated over the chunk at
 once (stacked as extra heads of one memory-op call). The main memory then runs over the whole call in chunks
 of `C_mem`. A state that ends inside a chunk keeps that chunk's start (`MemoryState.anchor`), so one pass,
-pieces and token-by-token decoding agree.
+pieces and token-by-token decoding agree. With `save_every` n != 1 the projection loop runs in segments of n
+chunks (0: one segment) under activation checkpointing: the backward keeps each segment's start state and input
+and recomputes its chunks, instead of keeping every chunk's P memory states and the generation's intermediates
+(the main memory keeps every n-th chunk start: `adjoint.memory_adjoint`).
 Ablations (Table 6): `adaptive_k` / `adaptive_v` False freeze that memory at its meta-learned initial state
 ("moved to the lowest-frequency level"); `adaptive_q` True replaces the static query by a memory `M_q(u_t)`;
 the spec's `dgd` / `momentum` / `decay` switches apply to every memory.
@@ -30,10 +33,12 @@ What it is not: a fused kernel; the loop over `C_proj` chunks runs in Python.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from ..ops.memory import MemorySpec, MemoryState
 from ..ops.memory.common import memory_apply
@@ -106,7 +111,7 @@ class SelfModifyingTitans(nn.Module):
         self.heads, self.head_dim = heads, dim // heads
         self.spec = dataclasses.replace(spec, self_values=True)
         self.mem_chunk, self.proj_chunk, self.normalize_v = mem_chunk, proj_chunk, normalize_v
-        self.impl, self.op = impl, memory_op(impl, save_every)
+        self.impl, self.op, self.save_every = impl, memory_op(impl, save_every), save_every
         self.names = ["k", "v", "q", "eta", "alpha"] if adaptive_q else ["k", "v", "eta", "alpha"]
         if not self.spec.decay:
             self.names.remove("alpha")  # "w/o weight decay": no retention gate, no memory to make it
@@ -144,7 +149,8 @@ class SelfModifyingTitans(nn.Module):
         parts = [state_float(split_heads(t, self.heads)).transpose(1, 2) for t in h.split(x.shape[-1], dim=-1)]
         u = parts[0]  # [B, H, T, d]
         beta = self.beta(x) if self.beta is not None else None
-        gen, proj = self._project(u, beta, state.proj, op)
+        recompute = self.save_every != 1 and torch.is_grad_enabled() and not second_order
+        gen, proj = self._project(u, beta, state.proj, op, self.save_every if recompute else None)
         q = gen["q"] if "q" in gen else parts[1]
         q, k = l2norm(q).transpose(1, 2), gen["k"].transpose(1, 2)  # [B, T, H, d]
         args = dict(state=state.memory, spec=self.spec, chunk_size=self.mem_chunk)
@@ -155,10 +161,32 @@ class SelfModifyingTitans(nn.Module):
     # the projection memories: a sequential loop over C_proj chunks
 
     def _project(
-        self, u: Tensor, beta: Tensor | None, proj: MemoryState, op: MemoryOp
+        self, u: Tensor, beta: Tensor | None, proj: MemoryState, op: MemoryOp, segment: int | None = None
     ) -> tuple[dict[str, Tensor], MemoryState]:
-        """Generated k `[B, H, T, d]` (normalised), v, q (if adaptive) `[B, H, T, d]`, eta, alpha `[B, T, H]`."""
+        """Generated k `[B, H, T, d]` (normalised), v, q (if adaptive) `[B, H, T, d]`, eta, alpha `[B, T, H]`.
+        `segment`: chunks per checkpointed segment (0: all; None: no checkpointing, every chunk's state kept)."""
         static = self._static(u)
+        if segment is None:
+            return self._chunks(u, beta, static, proj, op)
+        ends, t = [], 0  # where each C_proj chunk of the call ends (the first may finish an open chunk)
+        while t < u.shape[2]:
+            t = min(t + self.proj_chunk - (proj.offset if not ends else 0), u.shape[2])
+            ends.append(t)
+        cuts = [0, *ends[segment - 1 :: segment]] if segment else [0]
+        cuts += [] if cuts[-1] == u.shape[2] else [u.shape[2]]
+        pieces = []
+        for lo, hi in itertools.pairwise(cuts):
+            part = (u[:, :, lo:hi], None if beta is None else beta[:, lo:hi],
+                    {name: g[:, :, lo:hi] for name, g in static.items()})  # fmt: skip
+            gen, proj = checkpoint(self._chunks, *part, proj, op, use_reentrant=False)
+            pieces.append(gen)
+        return _cat_time(pieces), proj
+
+    def _chunks(
+        self, u: Tensor, beta: Tensor | None, static: dict[str, Tensor], proj: MemoryState, op: MemoryOp
+    ) -> tuple[dict[str, Tensor], MemoryState]:
+        """The loop over `C_proj` chunks: generate each chunk's projections from the chunk-start state, then
+        update the memories over it."""
         pieces: list[dict[str, Tensor]] = []
         t, T = 0, u.shape[2]
         while t < T:
@@ -168,8 +196,7 @@ class SelfModifyingTitans(nn.Module):
             proj = self._update(gen, None if beta is None else beta[:, t : t + n], proj, op)
             pieces.append(gen)
             t += n
-        time_dim = {name: 2 if g.dim() == 4 else 1 for name, g in pieces[0].items()}  # vectors vs gates
-        return {name: torch.cat([p[name] for p in pieces], dim=dim) for name, dim in time_dim.items()}, proj
+        return _cat_time(pieces), proj
 
     def _static(self, u: Tensor) -> dict[str, Tensor]:
         """Frozen memories read with their meta-learned initial weights, for all tokens at once."""
@@ -204,3 +231,10 @@ class SelfModifyingTitans(nn.Module):
         gates = [g.repeat(1, 1, P) if g is not None else None for g in (gen["eta"], gen.get("alpha"), beta)]
         _, proj = op(k, k, v, *gates, state=proj, spec=self.spec, chunk_size=self.proj_chunk)
         return proj
+
+
+def _cat_time(pieces: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+    """Consecutive pieces of the generated projections joined along time (vectors `[B, H, n, d]` on dim 2, gates
+    `[B, n, H]` on dim 1)."""
+    time_dim = {name: 2 if g.dim() == 4 else 1 for name, g in pieces[0].items()}
+    return {name: torch.cat([p[name] for p in pieces], dim=dim) for name, dim in time_dim.items()}
