@@ -148,6 +148,20 @@ def test_sparse_chunk_starts_give_the_same_gradients(switch: str, T: int, save_e
     assert saved_count(6, 1) == 6 and saved_count(6, 4) == 2 and saved_count(6, 0) == 0 and saved_count(1, 1) == 0
 
 
+@pytest.mark.parametrize("save_every", [1, 2])
+def test_a_callers_autocast_does_not_reach_inside_the_op(save_every: int) -> None:
+    """Under bf16 autocast (the models' training dtype) the op computes in float32 as without it: the gate
+    products' matrix products would otherwise come out in bf16 in the forward and in float32 in the backward's
+    recompute (and the kernels would take bf16 inputs). Outputs and gradients equal, exactly."""
+    spec = MemorySpec(kind="mlp", expansion=2)
+    xs = [x.float() for x in inputs(2, 23, 2, 4, spec)]
+    op = functools.partial(memory_adjoint, save_every=save_every)
+    want = run(op, xs, spec, 4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = run(op, xs, spec, 4)
+    assert_close(got, want, 0.0)
+
+
 def test_save_every_is_checked() -> None:
     spec = MemorySpec(kind="mlp", expansion=2)
     xs = inputs(1, 8, 1, 4, spec)

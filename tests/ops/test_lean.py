@@ -55,6 +55,19 @@ def test_lean_equals_chunk_form(case: str, group_tokens: int, monkeypatch: pytes
         torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
 
 
+def test_a_callers_autocast_does_not_reach_inside_the_op(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under bf16 autocast the op computes in float32 as without it, forward and backward alike (the backward's
+    recompute runs without autocast): the same outputs and gradients, exactly."""
+    monkeypatch.setattr(lean, "GROUP_TOKENS", 8)
+    spec, C, T = CASES["mlp"]
+    xs = [x.float() if isinstance(x, torch.Tensor) else [t.float() for t in x] for x in inputs(spec, T)]
+    want = run(memory_lean, xs, spec, C)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = run(memory_lean, xs, spec, C)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 def test_an_open_chunk_is_refused_with_the_fix() -> None:
     spec = MemorySpec()
     q, k, v, eta, alpha, beta, ws, ms = inputs(spec, 6)

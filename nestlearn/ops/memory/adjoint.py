@@ -42,6 +42,7 @@ from .common import (
     flush_subnormals,
     fresh,
     memory_apply,
+    no_autocast,
     normalize,
     spec_args,
     spec_from_args,
@@ -404,10 +405,11 @@ def adjoint_memory(
                           clip)  # fmt: skip
     seq = [q, k, v, eta, alpha, beta]
     dt = compute_dtype(*seq, *weights, *momenta)
-    prep = _prepare([x.to(dt) for x in seq], chunk_size, spec)
-    ends = q.shape[1] % chunk_size == 0
-    state = tuple(w.to(dt) for w in (*weights, *momenta))
-    o, state, starts = (_forward_kernel if kernel else _forward_loop)(prep, state, spec, ends)
+    with no_autocast(q):  # the gate products and the loops in the compute dtype, as the backward recomputes them
+        prep = _prepare([x.to(dt) for x in seq], chunk_size, spec)
+        ends = q.shape[1] % chunk_size == 0
+        state = tuple(w.to(dt) for w in (*weights, *momenta))
+        o, state, starts = (_forward_kernel if kernel else _forward_loop)(prep, state, spec, ends)
     B, T, H, D = q.shape
     o = o.reshape(B, H, -1, D)[:, :, :T].transpose(1, 2).to(q.dtype)
     anchor = tuple(s[:, :, -1] for s in starts[:2]) if not ends else state[:2]
@@ -453,7 +455,7 @@ def adjoint_memory_backward(
     spec = spec_from_args(kind, objective, activation, expansion, dgd, momentum, decay, out_norm, self_values, eps,
                           clip)  # fmt: skip
     seq, dt = [q, k, v, eta, alpha, beta], starts[0].dtype
-    with autograd_inside_op(), torch.enable_grad():
+    with autograd_inside_op(), torch.enable_grad(), no_autocast(q):
         leaves = [x.detach().to(dt).requires_grad_() for x in seq]
         prep = _prepare(leaves, chunk_size, spec)
     flat, T = prep.flat(), q.shape[1]
@@ -464,9 +466,10 @@ def adjoint_memory_backward(
     ends = T % chunk_size == 0
     if ends:  # the anchor is the final weights
         d_end = (d_end[0] + d_anchor[0], d_end[1] + d_anchor[1], *d_end[2:])
-    grads, d_start = _backward_segments(prep, tuple(starts), save_every, do_c, d_end, None if ends else d_anchor,
-                                        spec, kernel)  # fmt: skip
-    with autograd_inside_op():
+    with no_autocast(q):
+        grads, d_start = _backward_segments(prep, tuple(starts), save_every, do_c, d_end,
+                                            None if ends else d_anchor, spec, kernel)  # fmt: skip
+    with autograd_inside_op(), no_autocast(q):
         seq_grads = torch.autograd.grad(flat, leaves, grads, allow_unused=True)
     return [g if g is not None else torch.zeros_like(x) for g, x in zip(seq_grads, leaves, strict=True)] + list(d_start)
 

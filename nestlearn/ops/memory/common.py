@@ -355,6 +355,15 @@ def _check_state(
 HAVE_TRITON = importlib.util.find_spec("triton") is not None
 
 
+def no_autocast(like: Tensor) -> torch.autocast:
+    """Autocast off on `like`'s device, for the inside of the custom ops whose backward recomputes their forward
+    (`adjoint.py`, `lean.py`): under a caller's bf16 autocast the forward's matrix products (the gate products'
+    included) would come out in bf16 while the backward, on a thread without autocast, recomputes them in float32,
+    i.e. the gradient of another function (and the kernels would take bf16 inputs). Inside, they compute in the
+    compute dtype (D8)."""
+    return torch.autocast(like.device.type, enabled=False)
+
+
 def triton_available(device: torch.device, interpret: bool = False) -> bool:
     """Whether a kernel can run on `device`: Triton installed, and CUDA, or with `interpret` Triton's interpreter
     on CPU tensors (`TRITON_INTERPRET=1` set before Triton compiles the kernel: the tests' way)."""

@@ -19,7 +19,16 @@ import torch
 from torch import Tensor
 
 from .chunk import memory_chunk
-from .common import MemorySpec, MemoryState, autograd_inside_op, check_inputs, fresh, spec_args, spec_from_args
+from .common import (
+    MemorySpec,
+    MemoryState,
+    autograd_inside_op,
+    check_inputs,
+    fresh,
+    no_autocast,
+    spec_args,
+    spec_from_args,
+)
 
 GROUP_TOKENS = 1024  # tokens (whole chunks) between saved states
 
@@ -70,7 +79,8 @@ def lean_memory(
     for lo in range(0, T, group):
         starts.append(st)
         piece = [x[:, lo : lo + group] if x is not None else None for x in (q, k, v, eta, alpha, beta)]
-        o, st = memory_chunk(*piece, state=st, spec=spec, chunk_size=chunk_size)
+        with no_autocast(q):  # as the backward recomputes it
+            o, st = memory_chunk(*piece, state=st, spec=spec, chunk_size=chunk_size)
         outs.append(o)
     if save:
         saved = [torch.stack([s.weights[i] for s in starts], dim=2) for i in range(n)]
@@ -110,7 +120,7 @@ def lean_memory_backward(
     starts = list(range(0, T, group))
     for g in reversed(range(len(starts))):
         lo, hi = starts[g], min(starts[g] + group, T)
-        with autograd_inside_op(), torch.enable_grad():
+        with autograd_inside_op(), torch.enable_grad(), no_autocast(q):
             piece = [x[:, lo:hi].detach().requires_grad_() if x is not None else None for x in seq]
             state = [s[:, :, g].detach().requires_grad_() for s in saved]
             o, new = memory_chunk(*piece, state=MemoryState(tuple(state[:n]), tuple(state[n:])), spec=spec,
