@@ -114,8 +114,8 @@ def test_state_carry_across_calls(device: str) -> None:
 
 def test_auto_falls_back_where_the_kernel_does_not_apply() -> None:
     """CPU (the interpreter is the tests' opt-in, not auto's), float64, the MLP memory: the chunk form. The fused
-    path of the MLP memory at float64 is its written-out backward (the same function); with the clip it is
-    refused."""
+    path of the MLP memory at float64 is its written-out backward (the same function), the gradient clip
+    included; with the branch LayerNorm it is refused."""
     spec = MemorySpec(kind="mlp")
     st = init_state(spec, 1, 2, 8, dtype=torch.float64)
     x = torch.randn(1, 5, 2, 8, dtype=torch.float64)
@@ -126,8 +126,12 @@ def test_auto_falls_back_where_the_kernel_does_not_apply() -> None:
     o3, _ = memory_fused(x, x, x, *gates, state=st, spec=spec, chunk_size=4)
     torch.testing.assert_close(o3, o2, rtol=0, atol=1e-12)
     clipped = dataclasses.replace(spec, max_grad_norm=1.0)
-    with pytest.raises(ValueError, match="memory_fused covers memories without the gradient clip"):
-        memory_fused(x, x, x, *gates, state=st, spec=clipped, chunk_size=4)
+    o4, _ = memory_fused(x, x, x, *gates, state=st, spec=clipped, chunk_size=4)
+    torch.testing.assert_close(o4, memory_chunk(x, x, x, *gates, state=st, spec=clipped, chunk_size=4)[0], rtol=0,
+                               atol=1e-12)  # fmt: skip
+    normed = dataclasses.replace(spec, out_norm=True)
+    with pytest.raises(ValueError, match="memory_fused covers the MLP memory without the branch LayerNorm"):
+        memory_fused(x, x, x, *gates, state=st, spec=normed, chunk_size=4)
 
 
 GPU_SHAPES = [(C, T, H, D) for C in (1, 16, 64) for T, H, D in ((150, 3, 32), (200, 5, 64), (130, 2, 128))]

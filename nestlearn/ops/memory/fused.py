@@ -64,9 +64,9 @@ def memory_fused(
                                       kernel=True, save_every=save_every)  # fmt: skip
     if not supports(spec, state, q, interpret=True):
         raise ValueError(
-            "memory_fused covers memories without the gradient clip or the branch LayerNorm, float32 states, calls "
-            "that start at a chunk boundary, on CUDA (or TRITON_INTERPRET=1); use memory_auto, which falls back to "
-            "memory_chunk"
+            "memory_fused covers the MLP memory without the branch LayerNorm and the linear memory without the "
+            "gradient clip, float32 states, calls that start at a chunk boundary, on CUDA (or TRITON_INTERPRET=1); "
+            "use memory_auto, which falls back to memory_chunk"
         )
     return affine.memory_affine(q, k, v, eta, alpha, beta, state=state, spec=spec, chunk_size=chunk_size,
                                 kernel=True)  # fmt: skip
