@@ -15,6 +15,7 @@ import os
 import platform
 import resource
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -28,25 +29,9 @@ def time_training(
 ) -> dict:
     """Median step time, tokens/s, peak memory (GiB) and the last loss of `steps` timed steps after `warmup`."""
     dev = torch.device(device)
-    torch.manual_seed(0)
-    model = CausalLM(cfg).to(dev)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=dev.type == "cuda")
-    ids = torch.randint(0, cfg.vocab_size, (batch, seq), device=dev)
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    captured = StepGraphs(model) if graphs else None
-
-    def step() -> torch.Tensor:
-        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
-            if captured is not None:
-                loss = next_token_loss(captured.logits(ids)[:, :-1], ids[:, 1:])
-            else:
-                loss, _ = model.loss(ids)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return loss
-
+    step = training_step(cfg, batch=batch, seq=seq, device=dev, graphs=graphs)
     t0 = time.perf_counter()
     for _ in range(max(warmup, 1 if graphs else 0)):
         step()
@@ -73,6 +58,31 @@ def time_training(
         "final_loss": float(loss.detach()),
         **({"capture_s": capture_s} if graphs else {}),
     }
+
+
+def training_step(
+    cfg: ModelConfig, *, batch: int, seq: int, device: torch.device, graphs: bool = False
+) -> Callable[[], torch.Tensor]:
+    """A fresh model of `cfg` (seed 0), fused AdamW on CUDA, one batch of random ids, and the step that trains on
+    it (bf16 autocast on CUDA; `graphs`: the block calls replayed as CUDA graphs) and returns the loss."""
+    torch.manual_seed(0)
+    model = CausalLM(cfg).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+    ids = torch.randint(0, cfg.vocab_size, (batch, seq), device=device)
+    captured = StepGraphs(model) if graphs else None
+
+    def step() -> torch.Tensor:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            if captured is not None:
+                loss = next_token_loss(captured.logits(ids)[:, :-1], ids[:, 1:])
+            else:
+                loss, _ = model.loss(ids)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    return step
 
 
 def sync(device: torch.device) -> None:

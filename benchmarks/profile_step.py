@@ -21,9 +21,7 @@ import time
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from nestlearn.models import CausalLM
-from nestlearn.models.graphs import StepGraphs
-from nestlearn.models.lm import next_token_loss
+from benchmarks.common import training_step
 from nestlearn.models.presets import PRESETS, preset
 
 
@@ -66,22 +64,7 @@ def main(argv: list[str] | None = None) -> dict:
     dev = torch.device(args.device)
     cuda = dev.type == "cuda"
     cfg = preset(args.preset, args.variant, **overrides(args.set))
-    torch.manual_seed(0)
-    model = CausalLM(cfg).to(dev)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=cuda)
-    ids = torch.randint(0, cfg.vocab_size, (args.batch, args.seq), device=dev)
-    graphs = StepGraphs(model) if args.graphs else None
-
-    def step() -> None:
-        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cuda):
-            if graphs is not None:
-                loss = next_token_loss(graphs.logits(ids)[:, :-1], ids[:, 1:])
-            else:
-                loss, _ = model.loss(ids)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
+    step = training_step(cfg, batch=args.batch, seq=args.seq, device=dev, graphs=args.graphs)
     for _ in range(max(args.warmup, 1)):
         step()
     if cuda:

@@ -55,7 +55,7 @@ def test_failures_and_the_time_limit_are_rows() -> None:
         raise ValueError("first line\nsecond line")
 
     assert speed.guarded(oom, "cpu") == {"error": "out of memory"}
-    assert speed.guarded(broken, "cpu") == {"error": "ValueError: first line"}
+    assert speed.guarded(broken, "cpu") == {"error": "ValueError: first line ... second line"}  # the cause's line
     rows = speed.main([*FAST, "--sections", "train,decode", "--max-minutes", "0"])
     assert rows and all(r["error"] == "skipped: --max-minutes reached" for r in rows)
 
