@@ -359,7 +359,8 @@ def mlp_chunk_adjoint(
     dback = _rows(-c.eta * f.cf, dE2)
     dr = _rows(-c.eta * f.cf, dE1)
     if spec.max_grad_norm is not None:  # cf = c / sqrt(max(sq, c²)), sq = |r|² |h|² + |back|² |k|²
-        dsq = torch.where(f.sq > spec.max_grad_norm**2, 0.5 * c.eta * d_step * f.cf / f.sq, 0.0)
+        c2 = spec.max_grad_norm**2
+        dsq = torch.where(f.sq > c2, 0.5 * c.eta * d_step * f.cf / f.sq.clamp_min(c2), 0.0)
         dback = dback + _rows(2 * dsq * _rowdot(k, k), f.back)
         dr = dr + _rows(2 * dsq * _rowdot(f.h, f.h), f.r)
         dH = dH + _rows(2 * dsq * _rowdot(f.r, f.r), f.h)
