@@ -81,8 +81,9 @@ class SelfModifyingTitans(nn.Module):
             [0, 1] as in the paper, with `b_eta` set so that eta starts at the same value (`fast_weights.eta_gate`).
         impl: the memory op (`fast_weights.memory_op`: "auto", "adjoint", "chunk", "fused", "lean", "naive";
             one function).
-        save_every: the chunk-start states the written-out backward keeps (`fast_weights.memory_op`; 1: all;
-            the projection memories' one-chunk calls keep none either way).
+        save_every: what the backward keeps: every chunk's states (1); with n > 1 the main memory's every n-th
+            chunk start (`fast_weights.memory_op`) and the projection loop's state every n chunks, its segments
+            recomputed under checkpointing (any impl); 0: the call's input states only.
     """
 
     def __init__(

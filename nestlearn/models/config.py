@@ -102,7 +102,8 @@ class ModelConfig:
     recurrent variants): which chunk-start states of a memory the MLP memory's written-out backward keeps ("auto"
     on CUDA, "fused", "adjoint"; `adjoint.memory_adjoint`): every chunk's (1), every n-th (n > 1; the backward
     recomputes the others from them: one more forward pass of the memory op), or none (0: recomputed from the
-    layer's input state); same results, the states' memory divided by n.
+    layer's input state); HOPE's projection loop likewise keeps its state every n chunks and recomputes the
+    segments between (activation checkpointing, any impl). Same results, the states' memory divided by n.
     """
 
     variant: Variant = "hope"
