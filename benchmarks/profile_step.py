@@ -51,7 +51,7 @@ def overrides(pairs: list[str]) -> dict:
         try:
             parsed = json.loads(value)
         except json.JSONDecodeError as e:
-            hint = "quote strings: --set act='\"gelu\"'"
+            hint = "quote strings: --set memory_activation='\"gelu\"'"
             raise SystemExit(f"--set {pair!r}: the value is not JSON ({e}); {hint}") from None
         out[field] = tuple(parsed) if isinstance(parsed, list) else parsed
     return out

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from ..ops.memory import MemorySpec, MemoryState, memory_auto, memory_chunk, memory_fused, memory_lean, memory_naive
 from ..ops.memory.adjoint import memory_adjoint
 from ..ops.memory.adjoint import supports as adjoint_supports
+from ..ops.memory.common import check_save_every
 from .basic import RMSNorm
 
 Impl = Literal["auto", "adjoint", "chunk", "fused", "lean", "naive"]
@@ -40,8 +41,7 @@ def memory_op(impl: Impl, save_every: int = 1) -> MemoryOp:
            "naive": memory_naive}  # fmt: skip
     if impl not in ops:
         raise ValueError(f"memory impl must be one of {', '.join(map(repr, ops))}, got {impl!r}")
-    if not isinstance(save_every, int) or isinstance(save_every, bool) or save_every < 0:
-        raise ValueError(f"save_every must be an int >= 0 (1: every chunk's start; 0: none), got {save_every!r}")
+    check_save_every(save_every)
     if impl in ("auto", "fused", "adjoint") and save_every != 1:
         return functools.partial(ops[impl], save_every=save_every)
     return ops[impl]

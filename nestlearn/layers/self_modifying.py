@@ -18,9 +18,10 @@ generated from their state at the end of the previous chunk, then all of them ar
 once (stacked as extra heads of one memory-op call). The main memory then runs over the whole call in chunks
 of `C_mem`. A state that ends inside a chunk keeps that chunk's start (`MemoryState.anchor`), so one pass,
 pieces and token-by-token decoding agree. With `save_every` n != 1 the projection loop runs in segments of n
-chunks (0: one segment) under activation checkpointing: the backward keeps each segment's start state and input
-and recomputes its chunks, instead of keeping every chunk's P memory states and the generation's intermediates
-(the main memory keeps every n-th chunk start: `adjoint.memory_adjoint`).
+chunks (0: one segment) under activation checkpointing when gradients are recorded (first-order only: a
+second-order call keeps everything): the backward keeps each segment's start state and input and recomputes its
+chunks, instead of keeping every chunk's P memory states and the generation's intermediates (the main memory
+keeps every n-th chunk start: `adjoint.memory_adjoint`).
 Ablations (Table 6): `adaptive_k` / `adaptive_v` False freeze that memory at its meta-learned initial state
 ("moved to the lowest-frequency level"); `adaptive_q` True replaces the static query by a memory `M_q(u_t)`;
 the spec's `dgd` / `momentum` / `decay` switches apply to every memory.
@@ -169,10 +170,7 @@ class SelfModifyingTitans(nn.Module):
         static = self._static(u)
         if segment is None:
             return self._chunks(u, beta, static, proj, op)
-        ends, t = [], 0  # where each C_proj chunk of the call ends (the first may finish an open chunk)
-        while t < u.shape[2]:
-            t = min(t + self.proj_chunk - (proj.offset if not ends else 0), u.shape[2])
-            ends.append(t)
+        ends = _chunk_ends(u.shape[2], self.proj_chunk, proj.offset)
         cuts = [0, *ends[segment - 1 :: segment]] if segment else [0]
         cuts += [] if cuts[-1] == u.shape[2] else [u.shape[2]]
         pieces = []
@@ -189,14 +187,10 @@ class SelfModifyingTitans(nn.Module):
         """The loop over `C_proj` chunks: generate each chunk's projections from the chunk-start state, then
         update the memories over it."""
         pieces: list[dict[str, Tensor]] = []
-        t, T = 0, u.shape[2]
-        while t < T:
-            n = min(self.proj_chunk - proj.offset, T - t)
-            seg = u[:, :, t : t + n]
-            gen = self._generate(seg, proj.frozen(), {name: g[:, :, t : t + n] for name, g in static.items()})
-            proj = self._update(gen, None if beta is None else beta[:, t : t + n], proj, op)
+        for lo, hi in itertools.pairwise([0, *_chunk_ends(u.shape[2], self.proj_chunk, proj.offset)]):
+            gen = self._generate(u[:, :, lo:hi], proj.frozen(), {name: g[:, :, lo:hi] for name, g in static.items()})
+            proj = self._update(gen, None if beta is None else beta[:, lo:hi], proj, op)
             pieces.append(gen)
-            t += n
         return _cat_time(pieces), proj
 
     def _static(self, u: Tensor) -> dict[str, Tensor]:
@@ -232,6 +226,16 @@ class SelfModifyingTitans(nn.Module):
         gates = [g.repeat(1, 1, P) if g is not None else None for g in (gen["eta"], gen.get("alpha"), beta)]
         _, proj = op(k, k, v, *gates, state=proj, spec=self.spec, chunk_size=self.proj_chunk)
         return proj
+
+
+def _chunk_ends(T: int, chunk: int, offset: int) -> list[int]:
+    """Where each chunk of a call of T tokens ends, the first finishing an open chunk of which `offset` tokens
+    came before: `_chunk_ends(10, 4, 1) == [3, 7, 10]`."""
+    ends, t = [], 0
+    while t < T:
+        t = min(t + chunk - (offset if not ends else 0), T)
+        ends.append(t)
+    return ends
 
 
 def _cat_time(pieces: list[dict[str, Tensor]]) -> dict[str, Tensor]:

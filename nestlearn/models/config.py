@@ -21,6 +21,7 @@ from ..fields import coerce_fields
 from ..layers.basic import check_rope_scaling
 from ..layers.cms import check_levels
 from ..layers.titans import INNER_GRAD_CLIP
+from ..ops.memory.common import check_save_every
 
 Variant = Literal["hope", "hope_attention", "titans_lmm", "titans_mac", "titans_mag", "titans_mal", "transformer"]
 VARIANTS: tuple[str, ...] = Variant.__args__  # type: ignore[attr-defined]
@@ -177,13 +178,7 @@ class ModelConfig:
             raise ValueError(f"head dim d_model / n_heads = {self.d_model // self.n_heads} must be even (RoPE)")
         if self.n_persistent < 0:
             raise ValueError(f"n_persistent must be >= 0, got {self.n_persistent}")
-        if (
-            not isinstance(self.memory_save_every, int)
-            or isinstance(self.memory_save_every, bool)
-            or (self.memory_save_every < 0)
-        ):
-            got = self.memory_save_every
-            raise ValueError(f"memory_save_every must be an int >= 0 (1: every chunk's start; 0: none), got {got!r}")
+        check_save_every(self.memory_save_every, "memory_save_every")
         if self.inner_grad_clip is not None and not self.inner_grad_clip > 0:
             raise ValueError(f"inner_grad_clip must be > 0 or None (no clipping), got {self.inner_grad_clip!r}")
         self._check_titans_paper_memory()

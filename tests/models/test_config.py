@@ -89,6 +89,15 @@ def test_earlier_mac_and_mag_configs_keep_their_attention() -> None:
     assert ModelConfig.from_dict({**old, "variant": "titans_mal"}).rope_base == 5e5  # MAL's attention always took it
 
 
+def test_memory_save_every_is_checked() -> None:
+    assert ModelConfig(variant="hope", memory_save_every=0).memory_save_every == 0
+    with pytest.raises(ValueError, match="memory_save_every must be an int >= 0"):
+        ModelConfig(variant="hope", memory_save_every=-1)
+    for bad in (True, 2.5, None):
+        with pytest.raises(ValueError, match="memory_save_every: expected an integer"):
+            ModelConfig(variant="hope", memory_save_every=bad)
+
+
 def test_fused_impl_only_where_the_kernels_apply() -> None:
     ModelConfig(variant="titans_lmm", memory_kind="linear", inner_grad_clip=None, impl="fused")
     ModelConfig(variant="titans_lmm", inner_grad_clip=None, impl="fused")  # the MLP memory's kernels

@@ -134,11 +134,12 @@ def test_a_one_chunk_call_keeps_no_copy_of_its_state(T: int) -> None:
 
 
 @pytest.mark.parametrize("switch", ["default", "clip", "self_values"])
-@pytest.mark.parametrize(("T", "save_every"), [(23, 2), (23, 3), (24, 4), (23, 0), (8, 0), (23, 9)])
+@pytest.mark.parametrize(("T", "save_every"), [(23, 2), (23, 3), (24, 4), (23, 0), (8, 0), (23, 9), (23, 5)])
 def test_sparse_chunk_starts_give_the_same_gradients(switch: str, T: int, save_every: int) -> None:
     """Every `save_every`-th chunk start saved (or none), the rest recomputed in the backward: outputs, states and
     every gradient equal the dense ones exactly (the same arithmetic), with an open last chunk (T = 23, C = 4),
-    a closed one, one segment and a save interval longer than the call; the op saves `saved_count` starts."""
+    a closed one, one segment, a last segment of one chunk (23, 5) and a save interval longer than the call; the
+    op saves `saved_count` starts."""
     spec = MemorySpec(kind="mlp", expansion=2, **SWITCHES[switch])
     xs = inputs(2, T, 2, 4, spec)
     sparse = functools.partial(memory_adjoint, save_every=save_every)

@@ -64,12 +64,12 @@ def test_kernels_at_64_token_chunks(switch: str, monkeypatch: pytest.MonkeyPatch
     assert sorted(launches) == ["launch_mlp_backward", "launch_mlp_forward"]
 
 
-@pytest.mark.parametrize("save_every", [2, 0])
-def test_sparse_chunk_starts_through_the_kernels(save_every: int, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize(("switch", "save_every"), [("default", 2), ("default", 0), ("clip", 2)])
+def test_sparse_chunk_starts_through_the_kernels(switch: str, save_every: int, monkeypatch: pytest.MonkeyPatch) -> None:
     """Sparse chunk starts with the kernels (T = 56, C = 16: four chunks, the last open): each segment's starts
     recomputed by the forward kernel, then walked back by the backward kernel; the dense kernels' results
     exactly."""
-    spec = MemorySpec(kind="mlp", expansion=2)
+    spec = MemorySpec(kind="mlp", expansion=2, **SWITCHES[switch])
     xs = [x.float() for x in inputs(1, 56, 2, 16, spec)]
     dense = run(functools.partial(memory_adjoint, kernel=True), xs, spec, 16)
     launches = _count_launches(monkeypatch)

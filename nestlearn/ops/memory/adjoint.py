@@ -13,12 +13,12 @@ DGD system (its transpose solve through the explicit inverse), its right-hand si
 two such steps (W1 reads `σ(W2_t q_t)`) behind the frozen surprise of Eq. 93 (and the self-generated targets of
 Eqs. 84 / 91), each token's step scaled by the gradient clip's factor where the spec clips (the Titans variants'
 memories; the factor is a function of chunk-start quantities, so its adjoint joins the surprise's). Activation
-memory: one state per chunk boundary; the per-chunk work is the recompute plus about three times the forward's
-products, with no autograd bookkeeping. With `kernel=True` each chunk loop runs as one Triton program per sequence
-and head (`_mlp_kernels.py`) where the state fits on chip and the chunk is short enough for that direction's
-kernel (`kernel_supports`). Both directions are `torch.library` custom ops
-(`nestlearn::adjoint_memory`, `nestlearn::adjoint_memory_backward`) with fake implementations, so
-`torch.compile` (full graph), activation checkpointing and FSDP2 see one opaque op per call.
+memory: one state per chunk boundary (or per `save_every` chunks, the rest recomputed); the per-chunk work is
+the recompute plus about three times the forward's products, with no autograd bookkeeping. With `kernel=True`
+each chunk loop runs as one Triton program per sequence and head (`_mlp_kernels.py`) where the state fits on
+chip and the chunk is short enough for that direction's kernel (`kernel_supports`). Both directions are
+`torch.library` custom ops (`nestlearn::adjoint_memory`, `nestlearn::adjoint_memory_backward`) with fake
+implementations, so `torch.compile` (full graph), activation checkpointing and FSDP2 see one opaque op per call.
 What it is not: the linear memory (`affine.py` covers it), Titans' branch LayerNorm (`memory_chunk` computes
 it), a call that finishes a chunk an earlier call opened, or a second-order op.
 """
@@ -37,6 +37,7 @@ from .common import (
     activation,
     autograd_inside_op,
     check_inputs,
+    check_save_every,
     clip_factor,
     compute_dtype,
     flush_subnormals,
@@ -100,8 +101,7 @@ def memory_adjoint(
     the backward: every chunk's (1), every `save_every`-th (the backward recomputes the others, a segment at a
     time: one more forward pass), or none (0: recomputed from the input state). The saved state memory is
     `ceil(N / save_every)` states instead of N; the results are the same."""
-    if not isinstance(save_every, int) or isinstance(save_every, bool) or save_every < 0:
-        raise ValueError(f"save_every must be an int >= 0 (1: every chunk's start; 0: none), got {save_every!r}")
+    check_save_every(save_every)
     alpha_full, beta_full = check_inputs(q, k, v, eta, alpha, beta, state, spec, chunk_size, check_gates)
     if not supports(spec, state):
         raise ValueError(
@@ -297,8 +297,8 @@ class _Chunk(NamedTuple):
     r: Tensor  # dl/dy of the inner loss at the chunk start
     rW1: Tensor
     back: Tensor  # dl/dz
-    sq: Tensor  # ||G_t||^2 of the token's inner gradient, `[B, H, n]` (the clip's input)
-    cf: Tensor  # the clip factor `c / max(c, ||G_t||)` (ones without the clip)
+    sq: Tensor | None  # ||G_t||^2 of the token's inner gradient, `[B, H, n]` (the clip's input; None: no clip)
+    cf: Tensor | None  # the clip factor `c / max(c, ||G_t||)`
     e1: Tensor
     e2: Tensor
     zr: Tensor  # W2's reads
@@ -324,9 +324,13 @@ def mlp_chunk(
     back = rW1 * dsigma(z)
     # the clip (Titans' memories): each token's gradient `G_t = (r hᵀ, back kᵀ)` scaled to at most the max norm,
     # i.e. its step `-eta_t` times `cf_t` (chunk.py's `_step`; DGD's system keeps eta itself)
-    sq = _rowdot(r, r) * _rowdot(h, h) + _rowdot(back, back) * _rowdot(k, k)
-    cf = clip_factor(sq, spec)
-    e1, e2 = _rows(-c.eta * cf, r), _rows(-c.eta * cf, back)
+    sq = cf = None
+    step = -c.eta
+    if spec.max_grad_norm is not None:
+        sq = _rowdot(r, r) * _rowdot(h, h) + _rowdot(back, back) * _rowdot(k, k)
+        cf = clip_factor(sq, spec)
+        step = step * cf
+    e1, e2 = _rows(step, r), _rows(step, back)
     zr, W2n, S2n, step2 = matrix_step(W2, S2, k, kh, q, e2, c, spec.dgd, ends)
     hr = sigma(zr)
     hh = normalize(h, spec.norm_eps)
@@ -355,10 +359,11 @@ def mlp_chunk_adjoint(
     dq = dq + do  # the residual of Eq. 89
     # the frozen surprise: e1 = -eta cf r, e2 = -eta cf (r W1 ∘ σ'(z)), r = k + σ(z) W1ᵀ - v_t (L2) or -v_t (dot)
     d_step = _rowdot(dE1, f.r) + _rowdot(dE2, f.back)  # the adjoint of -eta cf
-    dc["eta"] += -f.cf * d_step
-    dback = _rows(-c.eta * f.cf, dE2)
-    dr = _rows(-c.eta * f.cf, dE1)
+    dc["eta"] += -d_step if f.cf is None else -f.cf * d_step
+    step = -c.eta if f.cf is None else -c.eta * f.cf
+    dback, dr = _rows(step, dE2), _rows(step, dE1)
     if spec.max_grad_norm is not None:  # cf = c / sqrt(max(sq, c²)), sq = |r|² |h|² + |back|² |k|²
+        assert f.sq is not None and f.cf is not None
         c2 = spec.max_grad_norm**2
         dsq = torch.where(f.sq > c2, 0.5 * c.eta * d_step * f.cf / f.sq.clamp_min(c2), 0.0)
         dback = dback + _rows(2 * dsq * _rowdot(k, k), f.back)
@@ -398,8 +403,9 @@ def adjoint_memory(
     momentum: bool, decay: bool, out_norm: bool, self_values: bool, eps: float, clip: float | None, kernel: bool,
     kernel_backward: bool, save_every: int,
 ) -> list[Tensor]:  # fmt: skip
-    """The forward (`kernel`: as one Triton program per sequence and head; `kernel_backward` and `save_every` are
-    the backward's, kept for it) -> `[o, W1', W2', S1', S2', anchor W1, anchor W2, *saved start states]`, the
+    """The forward (`kernel`: as one Triton program per sequence and head; `kernel_backward` is the backward's,
+    kept for it; `save_every`: which starts it returns) -> `[o, W1', W2', S1', S2', anchor W1, anchor W2, *saved
+    start states]`, the
     starts in the compute dtype for the backward (`_saved_starts`: every chunk's, `[B, H, N, ...]`, or every
     `save_every`-th, or none, `[B, H, 0, ...]`, where the backward takes the input state)."""
     spec = spec_from_args(kind, objective, activation, expansion, dgd, momentum, decay, out_norm, self_values, eps,
@@ -446,13 +452,14 @@ def adjoint_memory_backward(
     q: Tensor, k: Tensor, v: Tensor, eta: Tensor, alpha: Tensor, beta: Tensor, starts: list[Tensor],
     grads_out: list[Tensor], chunk_size: int, kind: str, objective: str, activation: str, expansion: int,
     dgd: bool, momentum: bool, decay: bool, out_norm: bool, self_values: bool, eps: float, clip: float | None,
-    kernel: bool, save_every: int,
+    kernel: bool, kernel_forward: bool, save_every: int,
 ) -> list[Tensor]:  # fmt: skip
     """Gradients of `adjoint_memory` w.r.t. q, k, v, eta, alpha, beta and the initial (W1, W2, S1, S2), in the
     compute dtype, from `grads_out = [do, dW1', dW2', dS1', dS2', d anchor W1, d anchor W2]` (`kernel`: the chunk
     loop as one Triton program per sequence and head, else the PyTorch loop below). `starts`: every chunk's start
     state, or every `save_every`-th (the input state alone for `save_every` 0), whose segments the backward
-    recomputes (`_backward_segments`)."""
+    recomputes with the forward's own path (`kernel_forward`: the one that made the saved starts;
+    `_backward_segments`)."""
     spec = spec_from_args(kind, objective, activation, expansion, dgd, momentum, decay, out_norm, self_values, eps,
                           clip)  # fmt: skip
     seq, dt = [q, k, v, eta, alpha, beta], starts[0].dtype
@@ -469,7 +476,7 @@ def adjoint_memory_backward(
         d_end = (d_end[0] + d_anchor[0], d_end[1] + d_anchor[1], *d_end[2:])
     with no_autocast(q):
         grads, d_start = _backward_segments(prep, tuple(starts), save_every, do_c, d_end,
-                                            None if ends else d_anchor, spec, kernel)  # fmt: skip
+                                            None if ends else d_anchor, spec, kernel, kernel_forward)  # fmt: skip
     with autograd_inside_op(), no_autocast(q):
         seq_grads = torch.autograd.grad(flat, leaves, grads, allow_unused=True)
     return [g if g is not None else torch.zeros_like(x) for g, x in zip(seq_grads, leaves, strict=True)] + list(d_start)
@@ -484,10 +491,10 @@ def _(q, k, v, eta, alpha, beta, starts, grads_out, *args):  # type: ignore[no-u
 
 
 def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: list[Tensor]) -> None:
-    q, k, v, eta, alpha, beta, weights, momenta, chunk_size, *spec, _, kernel_backward, save_every = inputs
+    q, k, v, eta, alpha, beta, weights, momenta, chunk_size, *spec, kernel, kernel_backward, save_every = inputs
     no_starts = output[7].shape[2] == 0  # the first start is the input state (`saved_count`)
     ctx.save_for_backward(q, k, v, eta, alpha, beta, *(output[7:] if not no_starts else (*weights, *momenta)))
-    ctx.args, ctx.no_starts = (chunk_size, *spec, kernel_backward, save_every), no_starts
+    ctx.args, ctx.no_starts = (chunk_size, *spec, kernel_backward, kernel, save_every), no_starts
     ctx.dtypes = [x.dtype for x in (q, k, v, eta, alpha, beta, *weights, *momenta)]
     ctx.compute_dtype = output[7].dtype
 
@@ -508,15 +515,16 @@ adjoint_memory.register_autograd(_backward, setup_context=_setup_context)
 
 def _backward_segments(
     prep: _Prepared, starts: tuple[Tensor, ...], save_every: int, do_c: Tensor, d_end: tuple[Tensor, ...],
-    d_anchor: tuple[Tensor, ...] | None, spec: MemorySpec, kernel: bool,
+    d_anchor: tuple[Tensor, ...] | None, spec: MemorySpec, kernel: bool, kernel_forward: bool,
 ) -> tuple[list[Tensor], tuple[Tensor, ...]]:  # fmt: skip
-    """The backward's chunk loop (`_backward_kernel` or `_backward_loop`) from every chunk's saved start, or, with
-    sparse starts (`saved_count`), segment by segment from the last: each segment's chunk starts recomputed by
-    the forward (kernel or loop) from its saved start, then its chunks walked back with the state's adjoint
-    carried to the segment before. The recompute repeats the forward's arithmetic on the same inputs, so the
-    gradients equal the dense ones exactly; it costs one more forward pass over the chunks and holds one
-    segment's starts at a time."""
-    run, forward = (_backward_kernel, _forward_kernel) if kernel else (_backward_loop, _forward_loop)
+    """The backward's chunk loop (`_backward_kernel` or `_backward_loop`: `kernel`) from every chunk's saved start,
+    or, with sparse starts (`saved_count`), segment by segment from the last: each segment's chunk starts
+    recomputed by the path that made the saved ones (`_forward_kernel` or `_forward_loop`: `kernel_forward`) from
+    its saved start, then its chunks walked back with the state's adjoint carried to the segment before. The
+    recompute repeats the forward's arithmetic on the same inputs, so the gradients equal the dense ones exactly;
+    it costs one more forward pass over the chunks and holds one segment's starts at a time."""
+    run = _backward_kernel if kernel else _backward_loop
+    forward = _forward_kernel if kernel_forward else _forward_loop
     N = prep.q.shape[2]
     if starts[0].shape[2] == N:
         return run(prep, starts, do_c, d_end, d_anchor, spec)

@@ -355,6 +355,12 @@ def _check_state(
 HAVE_TRITON = importlib.util.find_spec("triton") is not None
 
 
+def check_save_every(value: object, name: str = "save_every") -> None:
+    """Refuse a `save_every` (which chunk-start states the written-out backward keeps) that is not an int >= 0."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ValueError(f"{name} must be an int >= 0 (1: every chunk's start; n: every n-th; 0: none), got {value!r}")
+
+
 def no_autocast(like: Tensor) -> torch.autocast:
     """Autocast off on `like`'s device, for the inside of the custom ops whose backward recomputes their forward
     (`adjoint.py`, `lean.py`): under a caller's bf16 autocast the forward's matrix products (the gate products'
