@@ -33,12 +33,13 @@ KERNELS = {"forward": K._mlp_forward_kernel, "backward": K._mlp_backward_kernel}
 
 
 def compile_kernel(name: str, n: int, D: int, E: int, arch: int, stages: int) -> tuple[object, float]:
-    """`name`'s kernel for chunks of `n`, default switches (DGD, self-generated values, L2, silu), tf32x3."""
+    """`name`'s kernel for chunks of `n`, default switches (DGD, self-generated values, L2, silu, no clip), tf32x3."""
     fn = KERNELS[name]
-    consts = dict(n=n, LOGN=n.bit_length() - 1, D=D, E=E, DGD=True, SELF_VALUES=True, L2=True, ACT=0, P="tf32x3")
+    consts = dict(n=n, LOGN=n.bit_length() - 1, D=D, E=E, DGD=True, SELF_VALUES=True, L2=True, ACT=0, CLIP=False,
+                  P="tf32x3")  # fmt: skip
     if "ANCHOR" in fn.arg_names:  # the backward: its flag and its scratch slots (`launch_mlp_backward`)
         consts.update(ANCHOR=True, SLOT=n * max(n, E), NS=K.NSLOT)
-    kinds = {"N": "i32", "eps": "fp32"}
+    kinds = {"N": "i32", "eps": "fp32", "clip": "fp32"}
     signature = {a: "constexpr" if a in consts else kinds.get(a, "*fp32") for a in fn.arg_names}
     t0 = time.perf_counter()
     compiled = triton.compile(ASTSource(fn, signature, constexprs=consts), target=GPUTarget("cuda", arch, 32),
