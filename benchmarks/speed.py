@@ -19,6 +19,8 @@ Sections (`--sections`, default all):
   same step with every block call replayed as a CUDA graph (`nestlearn.models.graphs.StepGraphs`; the note gives
   the warm-up's seconds, capture included). `--train-rows REGEX` keeps the rows whose label matches and
   `--no-eager` drops their eager runs (Transformer++'s eager row, the reference, always runs).
+  `--memory-save-every N` sets the recurrent variants' `memory_save_every` (every N-th chunk state kept for the
+  backward, 0 none; the same results).
   **MFU** = model FLOPs per token x tokens/s / the card's dense bf16 peak (`PEAK_BF16`: H100 and H200 989e12,
   A100 312e12; none on CPU or an unknown card). Model FLOPs per token = 6 N (N = all parameters, the tied
   embedding once: the LM head's matmul) + 12 d_model K per attention layer, K the mean number of keys a query
@@ -98,7 +100,7 @@ from benchmarks.common import run_meta, sync, time_training
 from benchmarks.memory_op import header, time_fla, timeit
 from nestlearn.models import CausalLM, ModelConfig, next_token_loss, preset
 from nestlearn.models.block import build_mixers
-from nestlearn.models.config import fields_for
+from nestlearn.models.config import RECURRENT, fields_for
 from nestlearn.models.graphs import DecodeGraphs
 from nestlearn.models.presets import PRESETS
 
@@ -249,7 +251,8 @@ def train_jobs(args: argparse.Namespace, plan: Plan) -> Iterator[Job]:
 
             def run(name: str = name, variant: str = variant, over: dict = over, batch: int = batch, seq: int = seq,
                     graphs: bool = graphs):  # fmt: skip
-                cfg = preset(name, variant, activation_checkpointing=args.checkpoint, **over)
+                fields = {"activation_checkpointing": args.checkpoint, **over, **save_every(variant, args)}
+                cfg = preset(name, variant, **fields)
                 r = time_training(cfg, batch=batch, seq=seq, device=args.device, steps=args.train_steps,
                                   warmup=args.warmup, graphs=graphs)  # fmt: skip
                 flops = model_flops_per_token(cfg, r["params"], seq)
@@ -263,6 +266,11 @@ def train_jobs(args: argparse.Namespace, plan: Plan) -> Iterator[Job]:
                 return r
 
             yield base, run
+
+
+def save_every(variant: str, args: argparse.Namespace) -> dict[str, int]:
+    """`--memory-save-every` as a config field of the variants it applies to (the recurrent ones)."""
+    return {"memory_save_every": args.memory_save_every} if variant in RECURRENT else {}
 
 
 def _train_modes(args: argparse.Namespace) -> Iterator[tuple[tuple[str, str, dict[str, Any]], bool]]:
@@ -622,6 +630,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--contexts", default=None, help="decode contexts, e.g. 1024,8192 (default 1K, 8K, 32K)")
     p.add_argument("--decode-warmup", type=int, default=3, help="decode steps before timing (>= 2: see docstring)")
     p.add_argument("--checkpoint", action="store_true", help="train rows with activation checkpointing")
+    p.add_argument("--memory-save-every", type=int, default=1, metavar="N",
+                   help="train rows of the recurrent variants keep every N-th chunk state (0: none; ModelConfig."
+                        "memory_save_every)")  # fmt: skip
     p.add_argument("--graphs", action="store_true", help="train rows also with CUDA graphs (models/graphs.py)")
     p.add_argument("--train-rows", default="", help="regex: only train rows whose label matches (and transformer)")
     p.add_argument("--decode-rows", default="", help="regex: only decode rows whose label matches (and transformer)")
@@ -656,7 +667,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     head = header(args.device).replace(" threads=", f" triton={_triton()} threads=")
     meta = run_meta(args.device, triton=_triton(), smoke=args.smoke, sections=args.sections,
                     train_steps=args.train_steps, warmup=args.warmup, reps=args.reps, decode_steps=args.decode_steps,
-                    checkpoint=args.checkpoint, graphs=args.graphs, plan=dataclasses.asdict(args.plan))  # fmt: skip
+                    checkpoint=args.checkpoint, memory_save_every=args.memory_save_every, graphs=args.graphs,
+                    plan=dataclasses.asdict(args.plan))  # fmt: skip
     deadline = time.monotonic() + 60 * args.max_minutes if args.max_minutes is not None else float("inf")
     print(head, flush=True)
     rows: list[dict[str, Any]] = []

@@ -79,6 +79,11 @@ def test_train_rows_pick_rows_and_keep_the_reference() -> None:
                      ("hope, static CMS, fused kernels", True)]  # fmt: skip
 
 
+def test_memory_save_every_reaches_the_recurrent_rows_only() -> None:
+    args = speed.parse(["--memory-save-every", "0"])
+    assert speed.save_every("hope", args) == {"memory_save_every": 0} and speed.save_every("transformer", args) == {}
+
+
 def test_graphs_rows_follow_each_row() -> None:
     """`--graphs` adds a CUDA-graph row right after every train row."""
     modes = [(label, graphs) for (label, _, _), graphs in speed._train_modes(speed.parse([*FAST, "--graphs"]))]
