@@ -2,7 +2,8 @@
 equal `adjoint.py`'s PyTorch loops in float32: outputs, final state, anchor (a call ending inside a chunk) and
 every gradient (the backward kernel from the forward kernel's saved chunk starts), with each switch (DGD off,
 momentum off, decay off, the dot objective, self-generated values, gelu and tanh, the gradient clip), chunks of
-16 and 32 tokens, T not a multiple of C; chunks of 64 (the models' default); state carried across calls; HOPE's
+16 and 32 tokens, T not a multiple of C; chunks of 64 (the models' default); bf16 inputs; sparse chunk starts;
+state carried across calls; HOPE's
 mixer through them; `kernel_supports` refuses what they do not hold. On CPU the kernels run in Triton's
 interpreter (tests/conftest.py) at tiny shapes; the `gpu` tests repeat the comparison on CUDA at the 20M
 preset's head shape (d = 32, expansion 4) on inputs that keep that memory finite (`_gentle`). What this is not:
@@ -77,6 +78,21 @@ def test_sparse_chunk_starts_through_the_kernels(switch: str, save_every: int, m
     assert_close(sparse, dense, 0.0)
     segments = 2 if save_every == 2 else 1
     assert launches.count("launch_mlp_forward") == 1 + segments and launches.count("launch_mlp_backward") == segments
+
+
+def test_bf16_inputs() -> None:
+    """bf16 q, k, v and gates with float32 states (the models under autocast): the kernels and the loops both
+    upcast and compute in float32 (D8): the float32 states within 1e-5, the bf16 reads and input gradients within
+    2^-7 relative (one or two bf16 roundings)."""
+    spec = MemorySpec(kind="mlp", expansion=2)
+    xs = inputs(1, 40, 2, 16, spec)
+    xs = [x.to(torch.bfloat16) for x in xs[:6]] + [x.float() for x in xs[6:]]
+    got = run(functools.partial(memory_adjoint, kernel=True), xs, spec, 16)
+    want = run(memory_adjoint, xs, spec, 16)
+    assert got[0].dtype == torch.bfloat16 and got[7].dtype == torch.bfloat16
+    assert_close(got[1:7], want[1:7], FP32_RTOL)
+    assert_close([t.float() for t in got[:1] + got[7:13]], [t.float() for t in want[:1] + want[7:13]], 2**-7)
+    assert_close(got[13:], want[13:], FP32_RTOL)  # the float32 states' gradients
 
 
 def test_state_carried_across_calls_equals_one_call() -> None:
