@@ -3,11 +3,10 @@ equal `adjoint.py`'s PyTorch loops in float32: outputs, final state, anchor (a c
 every gradient (the backward kernel from the forward kernel's saved chunk starts), with each switch (DGD off,
 momentum off, decay off, the dot objective, self-generated values, gelu and tanh, the gradient clip), chunks of
 16 and 32 tokens, T not a multiple of C; chunks of 64 (the models' default); bf16 inputs; sparse chunk starts;
-state carried across calls; HOPE's
-mixer through them; `kernel_supports` refuses what they do not hold. On CPU the kernels run in Triton's
-interpreter (tests/conftest.py) at tiny shapes; the `gpu` tests repeat the comparison on CUDA at the 20M
-preset's head shape (d = 32, expansion 4) on inputs that keep that memory finite (`_gentle`). What this is not:
-the written-out backward's own checks against autograd (test_adjoint.py)."""
+state carried across calls; HOPE's mixer through them; `kernel_supports` refuses what they do not hold. On CPU
+the kernels run in Triton's interpreter (tests/conftest.py) at tiny shapes; the `gpu` tests repeat the
+comparison on CUDA at the 20M preset's head shape (d = 32, expansion 4) on inputs that keep that memory finite
+(`_gentle`). What this is not: the written-out backward's own checks against autograd (test_adjoint.py)."""
 
 from __future__ import annotations
 
