@@ -105,6 +105,21 @@ def test_memory_lean_impl_changes_nothing(variant: str, impl: str, save_every: i
         torch.testing.assert_close(lean(ids[:, 5:], st)[0], model(ids)[0][:, 5:], rtol=0, atol=1e-10)
 
 
+def test_memory_save_every_inside_activation_checkpointing() -> None:
+    """The projection loop's checkpointed segments nested in the block's activation checkpointing: HOPE's
+    gradients as without either."""
+    model = tiny("hope")
+    ids = torch.randint(0, 64, (2, 13))
+    grads = []
+    for extra in ({}, {"memory_save_every": 2, "activation_checkpointing": True}):
+        m = CausalLM(dataclasses.replace(model.config, impl="adjoint", **extra)).double()
+        m.load_state_dict(model.state_dict())
+        m.loss(ids)[0].backward()
+        grads.append([p.grad for p in m.parameters()])
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(b, a, rtol=0, atol=1e-12)
+
+
 def test_memory_lean_impl_takes_full_meta_gradients() -> None:
     """Full meta-gradients differentiate the memories twice: impl="lean" then runs the chunk form there."""
     kw = dict(cms_levels=(None, 4), cms_lr=(0.0, 0.1), cms_meta_grad="full")
