@@ -120,6 +120,24 @@ def test_memory_save_every_inside_activation_checkpointing() -> None:
         torch.testing.assert_close(b, a, rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("variant", ["hope", "titans_mac"])
+def test_compiled_adjoint_impl_gives_the_eager_gradients(variant: str) -> None:
+    """`torch.compile` (aot_eager: the tracing, without a C++ toolchain) of a model whose memories take the
+    written-out backward (impl "adjoint", what "auto" takes on CUDA), static levels: the eager loss and gradients.
+    It raised "view size is not compatible" in the compiled backward while the op's gradients kept their inputs'
+    strides (HOPE's generated eta is a transposed view) where its fake implementation promised contiguous ones."""
+    model = tiny(variant, **({"cms_online_layers": ()} if variant == "hope" else {}))
+    model = CausalLM(dataclasses.replace(model.config, impl="adjoint")).double()
+    ids = torch.randint(0, 64, (2, 13))
+    grads = []
+    for fn in (lambda x: model.loss(x)[0], torch.compile(lambda x: model.loss(x)[0], backend="aot_eager")):
+        model.zero_grad()
+        fn(ids).backward()
+        grads.append([p.grad for p in model.parameters()])
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(b, a, rtol=0, atol=1e-12)
+
+
 def test_memory_lean_impl_takes_full_meta_gradients() -> None:
     """Full meta-gradients differentiate the memories twice: impl="lean" then runs the chunk form there."""
     kw = dict(cms_levels=(None, 4), cms_lr=(0.0, 0.1), cms_meta_grad="full")

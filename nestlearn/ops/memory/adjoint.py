@@ -479,7 +479,10 @@ def adjoint_memory_backward(
                                             None if ends else d_anchor, spec, kernel, kernel_forward)  # fmt: skip
     with autograd_inside_op(), no_autocast(q):
         seq_grads = torch.autograd.grad(flat, leaves, grads, allow_unused=True)
-    return [g if g is not None else torch.zeros_like(x) for g, x in zip(seq_grads, leaves, strict=True)] + list(d_start)
+    grads = [g if g is not None else torch.zeros_like(x) for g, x in zip(seq_grads, leaves, strict=True)]
+    # contiguous, as the fake implementation says: a gradient takes its input's strides (HOPE's generated eta is a
+    # transposed view), and a compiled backward that trusted the fake strides viewed it as contiguous
+    return [g.contiguous() for g in (*grads, *d_start)]
 
 
 @adjoint_memory_backward.register_fake
