@@ -405,9 +405,8 @@ def adjoint_memory(
 ) -> list[Tensor]:  # fmt: skip
     """The forward (`kernel`: as one Triton program per sequence and head; `kernel_backward` is the backward's,
     kept for it; `save_every`: which starts it returns) -> `[o, W1', W2', S1', S2', anchor W1, anchor W2, *saved
-    start states]`, the
-    starts in the compute dtype for the backward (`_saved_starts`: every chunk's, `[B, H, N, ...]`, or every
-    `save_every`-th, or none, `[B, H, 0, ...]`, where the backward takes the input state)."""
+    start states]`, the starts in the compute dtype for the backward (`_saved_starts`: every chunk's, `[B, H, N,
+    ...]`, or every `save_every`-th, or none, `[B, H, 0, ...]`, where the backward takes the input state)."""
     spec = spec_from_args(kind, objective, activation, expansion, dgd, momentum, decay, out_norm, self_values, eps,
                           clip)  # fmt: skip
     seq = [q, k, v, eta, alpha, beta]
