@@ -13,12 +13,14 @@ Sections (`--sections`, default all):
   bf16 autocast on CUDA) at preset 20M (batch 8 x 2,048) and 125M (batch 4 x 4,096) for Transformer++,
   Hope-Attention with a static CMS (`cms_online_layers=()`) and with online CMS levels in every block (the
   default, `cms_online_layers=None`), Titans LMM / MAC / MAG / MAL and HOPE (online CMS, the default, and static;
-  static also with `impl="fused"`, the MLP memory's Triton kernels where the head's state fits on chip):
+  static also with `impl="fused"`, the MLP memory's Triton kernels where the head's state fits on chip, and
+  both with `compile_projection`, the projection step compiled, its compile inside the warm-up):
   tokens/s, ratio to eager Transformer++ of the same preset, model FLOP utilisation and peak CUDA memory
   (`--train-steps` timed steps after `--warmup`). `--graphs` adds, after each row, the
   same step with every block call replayed as a CUDA graph (`nestlearn.models.graphs.StepGraphs`; the note gives
   the warm-up's seconds, capture included). `--train-rows REGEX` keeps the rows whose label matches and
-  `--no-eager` drops their eager runs (Transformer++'s eager row, the reference, always runs).
+  `--no-eager` drops their eager runs (Transformer++'s eager row, the reference, always runs);
+  `--train-presets 20M` keeps one preset.
   `--memory-save-every N` sets the recurrent variants' `memory_save_every` (every N-th chunk state kept for the
   backward, 0 none; the same results).
   **MFU** = model FLOPs per token x tokens/s / the card's dense bf16 peak (`PEAK_BF16`: H100 and H200 989e12,
@@ -117,6 +119,8 @@ TRAIN_ROWS: tuple[tuple[str, str, dict[str, Any]], ...] = (
     ("hope", "hope", {}),
     ("hope, static CMS", "hope", {"cms_online_layers": ()}),
     ("hope, static CMS, fused kernels", "hope", {"cms_online_layers": (), "impl": "fused"}),
+    ("hope, compiled projection", "hope", {"compile_projection": True}),
+    ("hope, static CMS, compiled projection", "hope", {"cms_online_layers": (), "compile_projection": True}),
 )
 GRAPH_WARMUP = 130  # decode steps before timing with DecodeGraphs: twice the chunk offsets' period (64), and 2
 STATIC_PERIOD = 1 << 30  # nested-learning's update period for our static CMS level: no sequence reaches it
@@ -244,6 +248,8 @@ def peak_flops(device: str) -> float | None:
 def train_jobs(args: argparse.Namespace, plan: Plan) -> Iterator[Job]:
     peak = peak_flops(args.device)
     for name, batch, seq in plan.train:
+        if args.train_presets and name not in args.train_presets.split(","):
+            continue
         for (label, variant, over), graphs in _train_modes(args):
             base = {"section": "train", "group": f"train {name}", "name": label + (" + CUDA graphs" if graphs else ""),
                     "shape": f"{name}: {batch} x {seq}", "vs": "transformer",
@@ -635,6 +641,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                         "memory_save_every)")  # fmt: skip
     p.add_argument("--graphs", action="store_true", help="train rows also with CUDA graphs (models/graphs.py)")
     p.add_argument("--train-rows", default="", help="regex: only train rows whose label matches (and transformer)")
+    p.add_argument("--train-presets", default="", help="comma-separated: only these train presets (e.g. 20M)")
     p.add_argument("--decode-rows", default="", help="regex: only decode rows whose label matches (and transformer)")
     p.add_argument("--no-eager", action="store_true", help="train rows only with --graphs (transformer eager too)")
     p.add_argument("--max-minutes", type=float, default=None, help="start no row after this many minutes")

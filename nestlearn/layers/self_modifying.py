@@ -28,21 +28,26 @@ the spec's `dgd` / `momentum` / `decay` switches apply to every memory.
 Values are L2-normalised too (`normalize_v`, default on; docs/decisions.md): the targets `M_□(v_t)` are made
 by the memories themselves, and with an unbounded `v` the loop `v -> M_v -> v` grows without limit (NaN within
 256 random tokens once eta is at half its cap; `test_default_gates_stay_bounded`).
-What it is not: a fused kernel; the loop over `C_proj` chunks runs in Python.
+Compiled step (`compile_step`): each whole chunk's generation and update is one function of tensors
+(`_project_chunk`) that `torch.compile` turns into a few fused kernels each way, the same for every layer.
+What it is not: a fused kernel; the loop over `C_proj` chunks runs in Python (one compiled call per chunk).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
+from torch.utils._pytree import tree_map_only
 from torch.utils.checkpoint import checkpoint
 
-from ..ops.memory import MemorySpec, MemoryState
-from ..ops.memory.common import memory_apply
+from ..ops.memory import MemorySpec, MemoryState, memory_chunk
+from ..ops.memory.common import memory_apply, no_autocast
 from .basic import ShortConv
 from .fast_weights import (
     GatedOutput,
@@ -85,6 +90,9 @@ class SelfModifyingTitans(nn.Module):
         save_every: what the backward keeps: every chunk's states (1); with n > 1 the main memory's every n-th
             chunk start (`fast_weights.memory_op`) and the projection loop's state every n chunks, its segments
             recomputed under checkpointing (any impl); 0: the call's input states only.
+        compile_step: the projection step of every whole chunk runs under `torch.compile` (`_compiled_step`:
+            compiled at its first call, shared by the layers of one configuration; the chunk form with autocast
+            off inside, whatever `impl`); first-order calls only (a `second_order` call runs eagerly).
     """
 
     def __init__(
@@ -103,6 +111,7 @@ class SelfModifyingTitans(nn.Module):
         conv_width: int = 4,
         impl: Impl = "auto",
         save_every: int = 1,
+        compile_step: bool = False,
     ) -> None:
         super().__init__()
         if dim % heads:
@@ -135,6 +144,9 @@ class SelfModifyingTitans(nn.Module):
         self.static_init = MemoryInit(self.spec, len(self.static), heads, d) if self.static else None
         self.mem_init = MemoryInit(self.spec, 1, heads, d)
         self.output = GatedOutput(dim, heads)
+        self.compile_step = compile_step
+        self.plan = _Plan(heads, tuple(self.adaptive), tuple(self.readout), normalize_v, self.eta_scale, self.spec,
+                          proj_chunk)  # fmt: skip
 
     def init_state(self, batch: int) -> SelfModState:
         conv = self.conv.initial_state(batch, self.in_proj.weight)
@@ -152,7 +164,8 @@ class SelfModifyingTitans(nn.Module):
         u = parts[0]  # [B, H, T, d]
         beta = self.beta(x) if self.beta is not None else None
         recompute = self.save_every != 1 and torch.is_grad_enabled() and not second_order
-        gen, proj = self._project(u, beta, state.proj, op, self.save_every if recompute else None)
+        compiled = self.compile_step and not second_order
+        gen, proj = self._project(u, beta, state.proj, op, compiled, self.save_every if recompute else None)
         q = gen["q"] if "q" in gen else parts[1]
         q, k = l2norm(q).transpose(1, 2), gen["k"].transpose(1, 2)  # [B, T, H, d]
         args = dict(state=state.memory, spec=self.spec, chunk_size=self.mem_chunk)
@@ -163,13 +176,20 @@ class SelfModifyingTitans(nn.Module):
     # the projection memories: a sequential loop over C_proj chunks
 
     def _project(
-        self, u: Tensor, beta: Tensor | None, proj: MemoryState, op: MemoryOp, segment: int | None = None
+        self,
+        u: Tensor,
+        beta: Tensor | None,
+        proj: MemoryState,
+        op: MemoryOp,
+        compiled: bool,
+        segment: int | None = None,
     ) -> tuple[dict[str, Tensor], MemoryState]:
         """Generated k `[B, H, T, d]` (normalised), v, q (if adaptive) `[B, H, T, d]`, eta, alpha `[B, T, H]`.
-        `segment`: chunks per checkpointed segment (0: all; None: no checkpointing, every chunk's state kept)."""
+        `compiled`: full chunks take the compiled step (`_compiled_step`). `segment`: chunks per checkpointed
+        segment (0: all; None: no checkpointing, every chunk's state kept)."""
         static = self._static(u)
         if segment is None:
-            return self._chunks(u, beta, static, proj, op)
+            return self._chunks(u, beta, static, proj, op, compiled)
         ends = _chunk_ends(u.shape[2], self.proj_chunk, proj.offset)
         cuts = [0, *ends[segment - 1 :: segment]] if segment else [0]
         cuts += [] if cuts[-1] == u.shape[2] else [u.shape[2]]
@@ -177,19 +197,33 @@ class SelfModifyingTitans(nn.Module):
         for lo, hi in itertools.pairwise(cuts):
             part = (u[:, :, lo:hi], None if beta is None else beta[:, lo:hi],
                     {name: g[:, :, lo:hi] for name, g in static.items()})  # fmt: skip
-            gen, proj = checkpoint(self._chunks, *part, proj, op, use_reentrant=False)
+            gen, proj = checkpoint(self._chunks, *part, proj, op, compiled, use_reentrant=False)
             pieces.append(gen)
         return _cat_time(pieces), proj
 
     def _chunks(
-        self, u: Tensor, beta: Tensor | None, static: dict[str, Tensor], proj: MemoryState, op: MemoryOp
+        self,
+        u: Tensor,
+        beta: Tensor | None,
+        static: dict[str, Tensor],
+        proj: MemoryState,
+        op: MemoryOp,
+        compiled: bool = False,
     ) -> tuple[dict[str, Tensor], MemoryState]:
         """The loop over `C_proj` chunks: generate each chunk's projections from the chunk-start state, then
-        update the memories over it."""
+        update the memories over it (`_project_chunk`). With `compiled`, every chunk that starts at a boundary
+        and is whole takes the compiled step; the others (a call's last short chunk, decoding) run eagerly."""
+        readout = ({name: p for name, p in self.readout.items()}, {name: p for name, p in self.readout_bias.items()})
+        eager = functools.partial(_project_chunk, plan=self.plan, op=op)
         pieces: list[dict[str, Tensor]] = []
         for lo, hi in itertools.pairwise([0, *_chunk_ends(u.shape[2], self.proj_chunk, proj.offset)]):
-            gen = self._generate(u[:, :, lo:hi], proj.frozen(), {name: g[:, :, lo:hi] for name, g in static.items()})
-            proj = self._update(gen, None if beta is None else beta[:, lo:hi], proj, op)
+            part = (u[:, :, lo:hi], None if beta is None else beta[:, lo:hi],
+                    {name: g[:, :, lo:hi] for name, g in static.items()})  # fmt: skip
+            if compiled and proj.offset == 0 and hi - lo == self.proj_chunk:
+                part = tree_map_only(Tensor, Tensor.contiguous, part)  # strides independent of the call's length
+                gen, proj = _compiled_step(self.plan, COMPILE_BACKEND)(*part, _uniform(proj), *readout)
+            else:
+                gen, proj = eager(*part, proj, *readout)
             pieces.append(gen)
         return _cat_time(pieces), proj
 
@@ -203,29 +237,105 @@ class SelfModifyingTitans(nn.Module):
             )
         return out
 
-    def _generate(self, u: Tensor, frozen: tuple[Tensor, ...], static: dict[str, Tensor]) -> dict[str, Tensor]:
-        """Eq. 83 / 90: every projection of the chunk from the chunk-start weights. u `[B, H, n, d]`."""
-        B, H, n, d = u.shape
-        P = len(self.adaptive)
-        out = memory_apply(frozen, u.repeat(1, P, 1, 1), self.spec).view(B, P, H, n, d)
-        gen = {name: out[:, i] for i, name in enumerate(self.adaptive)} | static
-        gen["k"] = l2norm(gen["k"])
-        if self.normalize_v:
-            gen["v"] = l2norm(gen["v"])
-        for name in self.readout:  # per-head scalars squashed into [0, 1] (D6)
-            z = (gen[name] * self.readout[name].to(u.dtype)[None, :, None]).sum(-1)
-            gen[name] = torch.sigmoid(z + self.readout_bias[name].to(u.dtype)[None, :, None]).transpose(1, 2)
-        gen["eta"] = self.eta_scale * gen["eta"]
-        return gen
 
-    def _update(self, gen: dict[str, Tensor], beta: Tensor | None, proj: MemoryState, op: MemoryOp) -> MemoryState:
-        """Eqs. 84-88 for the adaptive projection memories over one chunk, stacked as `P * H` heads."""
-        P = len(self.adaptive)
-        k = gen["k"].transpose(1, 2).repeat(1, 1, P, 1)  # [B, n, P*H, d]; shared key for every memory
-        v = gen["v"].transpose(1, 2).repeat(1, 1, P, 1)  # each memory makes its own target M_□(v) (Eq. 84)
-        gates = [g.repeat(1, 1, P) if g is not None else None for g in (gen["eta"], gen.get("alpha"), beta)]
-        _, proj = op(k, k, v, *gates, state=proj, spec=self.spec, chunk_size=self.proj_chunk)
-        return proj
+# ---------------------------------------------------------------------------------------------
+# one projection chunk, as a pure function of tensors (so that one compiled version serves every layer)
+
+
+class _Plan(NamedTuple):
+    """What a layer's projection step is, besides tensors (hashable: the compiled step's cache key)."""
+
+    heads: int
+    adaptive: tuple[str, ...]  # the memories updated in context, stacked as P * H heads in this order
+    readouts: tuple[str, ...]  # the generated per-head scalars (eta, alpha)
+    normalize_v: bool
+    eta_scale: float
+    spec: MemorySpec
+    chunk: int  # C_proj
+
+
+def _project_chunk(
+    u: Tensor,
+    beta: Tensor | None,
+    static: dict[str, Tensor],
+    proj: MemoryState,
+    readout: dict[str, Tensor],
+    bias: dict[str, Tensor],
+    *,
+    plan: _Plan,
+    op: MemoryOp,
+) -> tuple[dict[str, Tensor], MemoryState]:
+    """One `C_proj` chunk (Eqs. 83-88, 90): every projection from the chunk-start weights, then the adaptive
+    memories' update over the chunk. u `[B, H, n, d]`, beta `[B, n, H]`, static `[B, H, n, d]` each; readout
+    `[H, d]`, bias `[H]` per name. -> the chunk's projections (`_generate`) and the state after it."""
+    gen = _generate(u, proj.frozen(), static, readout, bias, plan)
+    return gen, _update(gen, beta, proj, op, plan)
+
+
+def _generate(
+    u: Tensor,
+    frozen: tuple[Tensor, ...],
+    static: dict[str, Tensor],
+    readout: dict[str, Tensor],
+    bias: dict[str, Tensor],
+    plan: _Plan,
+) -> dict[str, Tensor]:
+    """Eq. 83 / 90: every projection of the chunk from the chunk-start weights. u `[B, H, n, d]`."""
+    B, H, n, d = u.shape
+    P = len(plan.adaptive)
+    out = memory_apply(frozen, u.repeat(1, P, 1, 1), plan.spec).view(B, P, H, n, d)
+    gen = {name: out[:, i] for i, name in enumerate(plan.adaptive)} | static
+    gen["k"] = l2norm(gen["k"])
+    if plan.normalize_v:
+        gen["v"] = l2norm(gen["v"])
+    for name in plan.readouts:  # per-head scalars squashed into [0, 1] (D6)
+        z = (gen[name] * readout[name].to(u.dtype)[None, :, None]).sum(-1)
+        gen[name] = torch.sigmoid(z + bias[name].to(u.dtype)[None, :, None]).transpose(1, 2)
+    gen["eta"] = plan.eta_scale * gen["eta"]
+    return gen
+
+
+def _update(gen: dict[str, Tensor], beta: Tensor | None, proj: MemoryState, op: MemoryOp, plan: _Plan) -> MemoryState:
+    """Eqs. 84-88 for the adaptive projection memories over one chunk, stacked as `P * H` heads."""
+    P = len(plan.adaptive)
+    k = gen["k"].transpose(1, 2).repeat(1, 1, P, 1)  # [B, n, P*H, d]; shared key for every memory
+    v = gen["v"].transpose(1, 2).repeat(1, 1, P, 1)  # each memory makes its own target M_□(v) (Eq. 84)
+    gates = [g.repeat(1, 1, P) if g is not None else None for g in (gen["eta"], gen.get("alpha"), beta)]
+    _, proj = op(k, k, v, *gates, state=proj, spec=plan.spec, chunk_size=plan.chunk)
+    return proj
+
+
+# The compiled step's backend; the tests take "aot_eager" (the same traced graphs, without code generation).
+COMPILE_BACKEND = "inductor"
+
+
+@functools.cache
+def _compiled_step(plan: _Plan, backend: str) -> Callable[..., tuple[dict[str, Tensor], MemoryState]]:
+    """`_project_chunk` of whole chunks from a boundary under `torch.compile`, one per layer configuration (the
+    weights are arguments, so every layer of a model shares it), the update on the chunk form with autocast off
+    (float32 fast weights, as the GPU ops compute them; `_chunk_float`). Static shapes, one graph: the generation,
+    gate products and the chunk's matrix steps fuse into a few kernels each way instead of ~330 launches per
+    chunk and layer (docs/results/speed.md)."""
+    step = functools.partial(_project_chunk, plan=plan, op=_chunk_float)
+    return torch.compile(step, backend=backend, dynamic=False, fullgraph=True)
+
+
+def _chunk_float(*args: Tensor | None, state: MemoryState, **kwargs: object) -> tuple[Tensor, MemoryState]:
+    """`memory_chunk` with autocast off (`common.no_autocast`)."""
+    with no_autocast(state.weights[0]):
+        return memory_chunk(*args, state=state, **kwargs)
+
+
+def _uniform(proj: MemoryState) -> MemoryState:
+    """A boundary state in the one layout the compiled step is traced for, so that a layer's first chunk and
+    the others share one compile: no anchor (at a boundary it is the weights), contiguous tensors (the initial
+    state is its parameters expanded over the batch) and, when any of them records gradients, all of them (the
+    initial momenta are constant zeros: they get an unused gradient)."""
+    tensors = [t.contiguous() for ts in proj[:2] for t in ts]
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        tensors = [t if t.requires_grad else t.detach().requires_grad_() for t in tensors]
+    P = len(proj.weights)
+    return MemoryState(tuple(tensors[:P]), tuple(tensors[P:]), (), 0)
 
 
 def _chunk_ends(T: int, chunk: int, offset: int) -> list[int]:

@@ -22,7 +22,7 @@ OTHER = {
     "cms_meta_grad": "full", "cms_online_layers": (0,), "cms_level_norm": False, "n_kv_heads": 2, "qkv_bias": True,
     "max_seq_len": 1024, "window": 128, "segment": 64, "n_persistent": 8, "rope_base": 5e5,
     "rope_scaling": (("factor", 2.0), ("rope_type", "linear")), "eta_cap": False, "titans_paper_memory": True,
-    "cms_chain": "paper", "memory_save_every": 0,
+    "cms_chain": "paper", "memory_save_every": 0, "compile_projection": True,
 }  # fmt: skip
 
 
