@@ -174,3 +174,32 @@ def test_auto_takes_the_kernels_on_the_gpu(switch: str, monkeypatch: pytest.Monk
     xs = [x.float().cuda() for x in _gentle(inputs(2, 300, 3, 32, spec))]
     assert_close(run(memory_auto, xs, spec, 64), run(memory_chunk, xs, spec, 64), FP32_RTOL)
     assert sorted(launches) == ["launch_mlp_backward", "launch_mlp_forward"]
+
+
+def test_kernel_precision_is_chosen_in_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`NESTLEARN_KERNEL_PRECISION` picks the GPU dots' precision (tf32x3 by default); the interpreter always
+    computes exactly; a value that is not a precision is refused with the choices."""
+    from nestlearn.ops.memory._mlp_kernels import PRECISION_ENV, products
+
+    gpu, cpu = torch.device("cuda"), torch.device("cpu")
+    monkeypatch.delenv(PRECISION_ENV, raising=False)
+    assert (products(gpu), products(cpu)) == ("tf32x3", "ieee")
+    monkeypatch.setenv(PRECISION_ENV, "tf32")
+    assert (products(gpu), products(cpu)) == ("tf32", "ieee")
+    monkeypatch.setenv(PRECISION_ENV, "fp8")
+    with pytest.raises(ValueError, match=r"NESTLEARN_KERNEL_PRECISION='fp8' is not a kernel precision; use one of"):
+        products(gpu)
+
+
+@pytest.mark.gpu
+def test_one_pass_tf32_stays_near_the_float32_results(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With `NESTLEARN_KERNEL_PRECISION=tf32` the kernels (20M head shape, 64-token chunks) stay within 2e-3 of the
+    float32 loops' results, relative to each tensor's largest entry (emulated on CPU, the chunk form with tf32
+    products: ~1.5e-4 on states, ~5e-4 on gradients in norm; docs/decisions.md)."""
+    from nestlearn.ops.memory._mlp_kernels import PRECISION_ENV
+
+    monkeypatch.setenv(PRECISION_ENV, "tf32")
+    spec = MemorySpec(kind="mlp", expansion=4)
+    xs = [x.float().cuda() for x in _gentle(inputs(2, 300, 3, 32, spec))]
+    kernel = functools.partial(memory_adjoint, kernel=True)
+    assert_close(run(kernel, xs, spec, 64), run(memory_adjoint, xs, spec, 64), 2e-3)

@@ -22,6 +22,8 @@ registers, so D and E are powers of two with D, n >= 16 and D * E <= 64 * 128, a
 (`adjoint.kernel_supports`; `benchmarks/kernel_resources.py` prints what each kernel needs of an sm_90 GPU).
 """
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -593,12 +595,27 @@ def _mlp_backward_kernel(
     _store_state(DW1, DW2, DS1, DS2, bh, d1, d2, ds1, ds2, D, E)
 
 
+# The GPU dots' precision: "tf32x3" (default) or, set in the environment, "tf32" (one tensor-core pass per
+# product, a third of the work; emulated on CPU it moves the chunk form's states by ~1.5e-4 and its gradients by
+# ~5e-4 relative to float64 over 4K tokens, against float32's 2e-6: docs/decisions.md) or "ieee" (FMA, slowest).
+PRECISION_ENV = "NESTLEARN_KERNEL_PRECISION"
+GPU_PRECISIONS = ("tf32x3", "tf32", "ieee")
+
+
 def products(device: torch.device) -> str:
-    """The dots' precision on `device`: tf32x3 on a GPU (float32 accuracy from tensor cores), exact float32 in
-    the interpreter. A compiled kernel is cached per precision, switch combination, chunk length and head shape,
-    not per sequence length (`N` is not specialized): a backward at 32 or 64 tokens takes 5 to 9 minutes to
-    compile on a 2-core CPU (docs/results/memory_op.md), once per machine and variant."""
-    return "ieee" if device.type == "cpu" else "tf32x3"
+    """The dots' precision on `device`: tf32x3 on a GPU (float32 accuracy from tensor cores) unless
+    `NESTLEARN_KERNEL_PRECISION` says otherwise, exact float32 in the interpreter. A compiled kernel is cached per
+    precision, switch combination, chunk length and head shape, not per sequence length (`N` is not specialized): a
+    backward at 32 or 64 tokens takes 5 to 9 minutes to compile on a 2-core CPU (docs/results/memory_op.md), once
+    per machine and variant."""
+    if device.type == "cpu":
+        return "ieee"
+    chosen = os.environ.get(PRECISION_ENV, "tf32x3")
+    if chosen not in GPU_PRECISIONS:
+        raise ValueError(
+            f"{PRECISION_ENV}={chosen!r} is not a kernel precision; use one of {', '.join(GPU_PRECISIONS)}"
+        )
+    return chosen
 
 
 def launch_mlp_forward(
