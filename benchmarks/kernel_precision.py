@@ -50,8 +50,9 @@ class RoundedProducts(TorchDispatchMode):
         self.fn = fn
 
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
-        if func in PRODUCTS:
-            args = tuple(self.fn(a) if isinstance(a, torch.Tensor) and a.dtype == torch.float32 else a for a in args)
+        if func in PRODUCTS:  # the two factors: the last two arguments (addmm / baddbmm add the first unrounded)
+            *rest, a, b = args
+            args = (*rest, *(self.fn(t) if t.dtype == torch.float32 else t for t in (a, b)))
         return func(*args, **(kwargs or {}))
 
 

@@ -653,6 +653,10 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     if unknown:
         p.error(f"unknown section(s) {sorted(unknown)}; choose from {', '.join(SECTIONS)}")
     args.plan = SMOKE if args.smoke else FULL
+    presets = [name for name, _, _ in args.plan.train]
+    unknown_presets = set(filter(None, args.train_presets.split(","))) - set(presets)
+    if unknown_presets:
+        p.error(f"--train-presets: no train preset {sorted(unknown_presets)} in this plan; choose from {presets}")
     if args.contexts:
         args.plan = dataclasses.replace(args.plan, contexts=tuple(sorted(int(c) for c in args.contexts.split(","))))
     for name, full, smoke in (("train_steps", 2, 1), ("reps", 2, 1), ("decode_steps", 32, 4)):

@@ -76,7 +76,15 @@ def test_train_rows_pick_rows_and_keep_the_reference() -> None:
     args = speed.parse([*FAST, "--graphs", "--no-eager", "--train-rows", "^hope, static"])
     modes = [(label, graphs) for (label, _, _), graphs in speed._train_modes(args)]
     assert modes == [("transformer", False), ("transformer", True), ("hope, static CMS", True),
-                     ("hope, static CMS, fused kernels", True)]  # fmt: skip
+                     ("hope, static CMS, fused kernels", True),
+                     ("hope, static CMS, compiled projection", True)]  # fmt: skip
+
+
+def test_train_presets_pick_presets_and_refuse_unknown_ones() -> None:
+    args = speed.parse(["--device", "cpu", "--train-presets", "20M", "--train-rows", "^transformer$"])
+    assert [row["shape"] for row, _ in speed.train_jobs(args, args.plan)] == ["20M: 8 x 2048"]
+    with pytest.raises(SystemExit):
+        speed.parse(["--device", "cpu", "--train-presets", "20m"])
 
 
 def test_memory_save_every_reaches_the_recurrent_rows_only() -> None:

@@ -38,6 +38,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import itertools
+import warnings
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -145,8 +146,12 @@ class SelfModifyingTitans(nn.Module):
         self.mem_init = MemoryInit(self.spec, 1, heads, d)
         self.output = GatedOutput(dim, heads)
         self.compile_step = compile_step
-        self.plan = _Plan(heads, tuple(self.adaptive), tuple(self.readout), normalize_v, self.eta_scale, self.spec,
-                          proj_chunk)  # fmt: skip
+
+    @property
+    def plan(self) -> _Plan:
+        """The projection step's constants, read from the layer's attributes at each call."""
+        return _Plan(tuple(self.adaptive), tuple(self.readout), self.normalize_v, self.eta_scale, self.spec,
+                     self.proj_chunk)  # fmt: skip
 
     def init_state(self, batch: int) -> SelfModState:
         conv = self.conv.initial_state(batch, self.in_proj.weight)
@@ -164,7 +169,10 @@ class SelfModifyingTitans(nn.Module):
         u = parts[0]  # [B, H, T, d]
         beta = self.beta(x) if self.beta is not None else None
         recompute = self.save_every != 1 and torch.is_grad_enabled() and not second_order
-        compiled = self.compile_step and not second_order
+        # the compiled step trains: no-grad calls (evaluation, generation) and an outer torch.compile's trace, which
+        # covers the loop itself, run the eager one
+        compiled = self.compile_step and not second_order and torch.is_grad_enabled()
+        compiled = compiled and not torch.compiler.is_compiling()
         gen, proj = self._project(u, beta, state.proj, op, compiled, self.save_every if recompute else None)
         q = gen["q"] if "q" in gen else parts[1]
         q, k = l2norm(q).transpose(1, 2), gen["k"].transpose(1, 2)  # [B, T, H, d]
@@ -214,14 +222,15 @@ class SelfModifyingTitans(nn.Module):
         update the memories over it (`_project_chunk`). With `compiled`, every chunk that starts at a boundary
         and is whole takes the compiled step; the others (a call's last short chunk, decoding) run eagerly."""
         readout = ({name: p for name, p in self.readout.items()}, {name: p for name, p in self.readout_bias.items()})
-        eager = functools.partial(_project_chunk, plan=self.plan, op=op)
+        plan = self.plan
+        eager = functools.partial(_project_chunk, plan=plan, op=op)
         pieces: list[dict[str, Tensor]] = []
-        for lo, hi in itertools.pairwise([0, *_chunk_ends(u.shape[2], self.proj_chunk, proj.offset)]):
+        for lo, hi in itertools.pairwise([0, *_chunk_ends(u.shape[2], plan.chunk, proj.offset)]):
             part = (u[:, :, lo:hi], None if beta is None else beta[:, lo:hi],
                     {name: g[:, :, lo:hi] for name, g in static.items()})  # fmt: skip
-            if compiled and proj.offset == 0 and hi - lo == self.proj_chunk:
+            if compiled and proj.offset == 0 and hi - lo == plan.chunk:
                 part = tree_map_only(Tensor, Tensor.contiguous, part)  # strides independent of the call's length
-                gen, proj = _compiled_step(self.plan, COMPILE_BACKEND)(*part, _uniform(proj), *readout)
+                gen, proj = _run_compiled(plan, (*part, _uniform(proj), *readout), eager)
             else:
                 gen, proj = eager(*part, proj, *readout)
             pieces.append(gen)
@@ -245,7 +254,6 @@ class SelfModifyingTitans(nn.Module):
 class _Plan(NamedTuple):
     """What a layer's projection step is, besides tensors (hashable: the compiled step's cache key)."""
 
-    heads: int
     adaptive: tuple[str, ...]  # the memories updated in context, stacked as P * H heads in this order
     readouts: tuple[str, ...]  # the generated per-head scalars (eta, alpha)
     normalize_v: bool
@@ -313,11 +321,30 @@ COMPILE_BACKEND = "inductor"
 def _compiled_step(plan: _Plan, backend: str) -> Callable[..., tuple[dict[str, Tensor], MemoryState]]:
     """`_project_chunk` of whole chunks from a boundary under `torch.compile`, one per layer configuration (the
     weights are arguments, so every layer of a model shares it), the update on the chunk form with autocast off
-    (float32 fast weights, as the GPU ops compute them; `_chunk_float`). Static shapes, one graph: the generation,
-    gate products and the chunk's matrix steps fuse into a few kernels each way instead of ~330 launches per
-    chunk and layer (docs/results/speed.md)."""
+    (float32 fast weights, as the GPU ops compute them; `_chunk_float`). One graph (`fullgraph`), static shapes
+    until a call changes one (another batch size: then that dimension is traced dynamic, torch's default): the
+    generation, gate products and the chunk's matrix steps come out as about 60 kernels forward and 90 backward
+    (counted in Inductor's code on CPU, at the 20M shapes) instead of ~330 launches per chunk and layer."""
     step = functools.partial(_project_chunk, plan=plan, op=_chunk_float)
-    return torch.compile(step, backend=backend, dynamic=False, fullgraph=True)
+    return torch.compile(step, backend=backend, fullgraph=True)
+
+
+_EAGER_PLANS: set[_Plan] = set()  # configurations whose compiles hit torch's recompile limit: eager from then on
+
+
+def _run_compiled(plan: _Plan, args: tuple, eager: Callable[..., tuple[dict[str, Tensor], MemoryState]]) -> tuple:
+    """The compiled step, or, once torch refuses another compile (its per-function limit, 8 by default, shared by
+    every configuration: autocast on / off, batch sizes, several models in one process), the eager step with a
+    warning."""
+    if plan not in _EAGER_PLANS:
+        try:
+            return _compiled_step(plan, COMPILE_BACKEND)(*args)
+        except torch._dynamo.exc.FailOnRecompileLimitHit:
+            _EAGER_PLANS.add(plan)
+            warnings.warn("compile_projection: torch.compile's recompile limit reached (torch._dynamo.config."
+                          "recompile_limit); this configuration's projection step runs eagerly from now on: the same "
+                          "results, slower", stacklevel=2)  # fmt: skip
+    return eager(*args)
 
 
 def _chunk_float(*args: Tensor | None, state: MemoryState, **kwargs: object) -> tuple[Tensor, MemoryState]:

@@ -312,23 +312,38 @@ def test_compiled_step_gives_the_eager_results(
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
 
 
-def test_compiled_step_without_gradients_and_second_order(
-    fresh_compiles: None, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Without gradients (evaluation) the compiled step gives the eager outputs; a `second_order` call runs the
-    eager loop (its outer gradient of a gradient, which a compiled backward cannot take)."""
+def test_compiled_step_only_where_it_trains(fresh_compiles: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No compile without gradients (evaluation, generation), for a `second_order` call (its gradient of a gradient,
+    which a compiled backward cannot take) or inside an outer `torch.compile` (whose trace covers the loop: one graph,
+    no break); the eager loop's results in each."""
     monkeypatch.setattr(self_modifying, "COMPILE_BACKEND", "aot_eager")
     x = torch.randn(2, 12, 16, dtype=torch.float64)
     eager, compiled = build({}, mem_chunk=4, proj_chunk=4), build({}, mem_chunk=4, proj_chunk=4, compile_step=True)
     with torch.no_grad():
-        torch.testing.assert_close(compiled(x)[0], eager(x)[0], rtol=0, atol=1e-12)
-    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+        torch.testing.assert_close(compiled(x)[0], eager(x)[0], rtol=0, atol=0)
     xg = x.clone().requires_grad_()
     (g,) = torch.autograd.grad(compiled(xg, second_order=True)[0].square().sum(), xg, create_graph=True)
     (gg,) = torch.autograd.grad(g.square().sum(), compiled.readout["eta"])
     (g0,) = torch.autograd.grad(eager(xg, second_order=True)[0].square().sum(), xg, create_graph=True)
     torch.testing.assert_close(gg, torch.autograd.grad(g0.square().sum(), eager.readout["eta"])[0], rtol=0, atol=0)
-    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 0
+    explained = torch._dynamo.explain(lambda t: compiled(t)[0])(xg)
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0)
+
+
+def test_recompile_limit_falls_back_to_eager(fresh_compiles: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Once torch refuses another compile (here its limit set to 1, then a second batch size), the step runs eagerly
+    with a warning, with the eager results."""
+    monkeypatch.setattr(self_modifying, "COMPILE_BACKEND", "aot_eager")
+    monkeypatch.setattr(self_modifying, "_EAGER_PLANS", set())
+    eager, compiled = build({}, mem_chunk=4, proj_chunk=4), build({}, mem_chunk=4, proj_chunk=4, compile_step=True)
+    x = torch.randn(3, 12, 16, dtype=torch.float64)
+    with torch._dynamo.config.patch(recompile_limit=1):
+        torch.testing.assert_close(compiled(x[:2])[0], eager(x[:2])[0], rtol=0, atol=1e-12)
+        with pytest.warns(UserWarning, match="recompile limit reached"):
+            y = compiled(x)[0]
+    torch.testing.assert_close(y, eager(x)[0], rtol=0, atol=1e-12)
+    assert compiled.plan in self_modifying._EAGER_PLANS
 
 
 @pytest.mark.parametrize("backend", ["aot_eager", pytest.param("inductor", marks=pytest.mark.slow)])

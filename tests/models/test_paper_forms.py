@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from nestlearn.layers import self_modifying
 from nestlearn.layers.cms import CMS
 from nestlearn.layers.titans import INNER_GRAD_CLIP, TitansMemory
 from nestlearn.models import CausalLM, ModelConfig
@@ -93,7 +94,7 @@ def test_hope_eta_with_and_without_cap(cap: bool) -> None:
     B, H, d, n = 2, 2, 8, 3  # one C_proj chunk
     u = 3 * torch.randn(B, H, n, d, dtype=torch.float64)
     frozen = layer.proj_init.state(B).weights
-    gen = layer._generate(u, frozen, {})
+    gen = self_modifying._generate(u, frozen, {}, dict(layer.readout), dict(layer.readout_bias), layer.plan)
     i = layer.adaptive.index("eta")
     w1, w2 = (w[None, :, None] for w in layer.proj_init.select(i, H))  # [1, H, 1, ...]
     z = (silu_mlp(w1, w2, u) * layer.readout["eta"][None, :, None]).sum(-1) + layer.readout_bias["eta"][None, :, None]
