@@ -77,7 +77,8 @@ def test_train_rows_pick_rows_and_keep_the_reference() -> None:
     modes = [(label, graphs) for (label, _, _), graphs in speed._train_modes(args)]
     assert modes == [("transformer", False), ("transformer", True), ("hope, static CMS", True),
                      ("hope, static CMS, fused kernels", True),
-                     ("hope, static CMS, compiled projection", True)]  # fmt: skip
+                     ("hope, static CMS, compiled projection", True),
+                     ("hope, static CMS, compiled projection, budget 0.05", True)]  # fmt: skip
 
 
 def test_train_presets_pick_presets_and_refuse_unknown_ones() -> None:

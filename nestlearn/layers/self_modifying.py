@@ -43,6 +43,7 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
+import torch._functorch.config
 from torch import Tensor, nn
 from torch.utils._pytree import tree_map_only
 from torch.utils.checkpoint import checkpoint
@@ -94,6 +95,8 @@ class SelfModifyingTitans(nn.Module):
         compile_step: the projection step of every whole chunk runs under `torch.compile` (`_compiled_step`:
             compiled at its first call, shared by the layers of one configuration; the chunk form with autocast
             off inside, whatever `impl`); first-order calls only (a `second_order` call runs eagerly).
+        compile_budget: torch's `activation_memory_budget` for that compile (1: its default; lower keeps less for
+            the backward and recomputes the rest there).
     """
 
     def __init__(
@@ -113,6 +116,7 @@ class SelfModifyingTitans(nn.Module):
         impl: Impl = "auto",
         save_every: int = 1,
         compile_step: bool = False,
+        compile_budget: float = 1.0,
     ) -> None:
         super().__init__()
         if dim % heads:
@@ -145,13 +149,13 @@ class SelfModifyingTitans(nn.Module):
         self.static_init = MemoryInit(self.spec, len(self.static), heads, d) if self.static else None
         self.mem_init = MemoryInit(self.spec, 1, heads, d)
         self.output = GatedOutput(dim, heads)
-        self.compile_step = compile_step
+        self.compile_step, self.compile_budget = compile_step, compile_budget
 
     @property
     def plan(self) -> _Plan:
         """The projection step's constants, read from the layer's attributes at each call."""
         return _Plan(tuple(self.adaptive), tuple(self.readout), self.normalize_v, self.eta_scale, self.spec,
-                     self.proj_chunk)  # fmt: skip
+                     self.proj_chunk, self.compile_budget)  # fmt: skip
 
     def init_state(self, batch: int) -> SelfModState:
         conv = self.conv.initial_state(batch, self.in_proj.weight)
@@ -252,7 +256,8 @@ class SelfModifyingTitans(nn.Module):
 
 
 class _Plan(NamedTuple):
-    """What a layer's projection step is, besides tensors (hashable: the compiled step's cache key)."""
+    """What a layer's projection step is, besides tensors, and how it compiles (hashable: the compiled step's
+    cache key; its values are constants of the traced function, so that another plan is another compile)."""
 
     adaptive: tuple[str, ...]  # the memories updated in context, stacked as P * H heads in this order
     readouts: tuple[str, ...]  # the generated per-head scalars (eta, alpha)
@@ -260,6 +265,7 @@ class _Plan(NamedTuple):
     eta_scale: float
     spec: MemorySpec
     chunk: int  # C_proj
+    budget: float  # AOTAutograd's activation memory budget for the compile (`compile_budget`)
 
 
 def _project_chunk(
@@ -324,9 +330,23 @@ def _compiled_step(plan: _Plan, backend: str) -> Callable[..., tuple[dict[str, T
     (float32 fast weights, as the GPU ops compute them; `_chunk_float`). One graph (`fullgraph`), static shapes
     until a call changes one (another batch size: then that dimension is traced dynamic, torch's default): the
     generation, gate products and the chunk's matrix steps come out as about 60 kernels forward and 90 backward
-    (counted in Inductor's code on CPU, at the 20M shapes) instead of ~330 launches per chunk and layer."""
-    step = functools.partial(_project_chunk, plan=plan, op=_chunk_float)
-    return torch.compile(step, backend=backend, fullgraph=True)
+    (counted in Inductor's code on CPU, at the 20M shapes) instead of ~330 launches per chunk and layer.
+    `plan.budget`: AOTAutograd's activation memory budget, set around every call (the compile happens inside the
+    first; dynamo does not guard on it, so it travels in the plan)."""
+
+    def traced(*args: object) -> tuple[dict[str, Tensor], MemoryState]:
+        # the budget shapes the compiled code but no traced value: read here, so that dynamo guards on it and
+        # another budget is another compile
+        torch._check(0 < plan.budget <= 1)
+        return _project_chunk(*args, plan=plan, op=_chunk_float)
+
+    step = torch.compile(traced, backend=backend, fullgraph=True)
+
+    def run(*args: object) -> tuple[dict[str, Tensor], MemoryState]:
+        with torch._functorch.config.patch(activation_memory_budget=plan.budget):
+            return step(*args)
+
+    return run
 
 
 _EAGER_PLANS: set[_Plan] = set()  # configurations whose compiles hit torch's recompile limit: eager from then on

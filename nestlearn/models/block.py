@@ -130,7 +130,7 @@ def build_mixers(cfg: ModelConfig) -> list[nn.Module]:
                 D, H, spec=memory_spec(cfg, titans=False), mem_chunk=cfg.mem_chunk, proj_chunk=cfg.proj_chunk,
                 adaptive_k=cfg.adaptive_k, adaptive_v=cfg.adaptive_v, adaptive_q=cfg.adaptive_q,
                 normalize_v=cfg.normalize_v, eta_cap=cfg.eta_cap, impl=cfg.impl, save_every=cfg.memory_save_every,
-                compile_step=cfg.compile_projection,
+                compile_step=cfg.compile_projection, compile_budget=cfg.compile_projection_budget,
             )
         ]  # fmt: skip
     memory = dict(spec=memory_spec(cfg, titans=True), chunk_size=cfg.mem_chunk, impl=cfg.impl, eta_cap=cfg.eta_cap,

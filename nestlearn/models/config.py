@@ -32,7 +32,13 @@ FULL_ATTENTION: tuple[str, ...] = ("transformer", "hope_attention")
 SLIDING_WINDOW: tuple[str, ...] = ("titans_mag", "titans_mal")  # their attention always has a window
 SWA_WINDOW = 2048  # MAG / MAL's window when none is given
 # how a model computes, not what
-NO_RESULT_FIELDS = ("impl", "activation_checkpointing", "memory_save_every", "compile_projection")
+NO_RESULT_FIELDS = (
+    "impl",
+    "activation_checkpointing",
+    "memory_save_every",
+    "compile_projection",
+    "compile_projection_budget",
+)
 
 # The variants each field applies to; fields not listed apply to every variant. The CMS fields apply only when
 # `cms=True` as well.
@@ -40,7 +46,7 @@ APPLIES_TO: dict[str, tuple[str, ...]] = {
     **dict.fromkeys(("memory_kind", "memory_expansion", "memory_activation", "mem_chunk", "memory_momentum",
                      "memory_decay", "impl", "eta_cap", "memory_save_every"), RECURRENT),
     **dict.fromkeys(("proj_chunk", "dgd", "adaptive_k", "adaptive_v", "adaptive_q", "normalize_v",
-                     "compile_projection"), ("hope",)),
+                     "compile_projection", "compile_projection_budget"), ("hope",)),
     **dict.fromkeys(("inner_grad_clip", "titans_paper_memory"), TITANS),
     **dict.fromkeys(("cms", "cms_levels", "cms_variant", "cms_lr", "cms_learn_lr", "cms_meta_grad",
                      "cms_online_layers", "cms_level_norm", "cms_chain"), CMS_VARIANTS),
@@ -112,7 +118,10 @@ class ModelConfig:
     training call: minutes, about 370 s on the H200's host together with the main memory's kernels): ~150 kernels
     per chunk instead of ~330 launches; training calls only. The same results to float32 rounding as the
     autocast-free memory ops ("auto" on CUDA, "adjoint", "lean": its update runs with autocast off; under bf16
-    autocast the "chunk" impl's update runs in bf16 and differs by that rounding).
+    autocast the "chunk" impl's update runs in bf16 and differs by that rounding). `compile_projection_budget`
+    (0 < b <= 1, torch's `activation_memory_budget` for that compile): what the compiled step keeps for its
+    backward, the rest recomputed there; 1 (default) keeps what is fastest to reuse (4.7x the written-out
+    backward's saved bytes, measured on CPU), 0.05 keeps 0.63x of them (docs/decisions.md).
     """
 
     variant: Variant = "hope"
@@ -160,6 +169,7 @@ class ModelConfig:
     activation_checkpointing: bool = False
     memory_save_every: int = 1
     compile_projection: bool = False
+    compile_projection_budget: float = 1.0
 
     def __post_init__(self) -> None:
         if self.variant not in VARIANTS:
@@ -188,6 +198,8 @@ class ModelConfig:
         if self.n_persistent < 0:
             raise ValueError(f"n_persistent must be >= 0, got {self.n_persistent}")
         check_save_every(self.memory_save_every, "memory_save_every")
+        if not 0 < self.compile_projection_budget <= 1:
+            raise ValueError(f"compile_projection_budget must be in (0, 1], got {self.compile_projection_budget!r}")
         if self.inner_grad_clip is not None and not self.inner_grad_clip > 0:
             raise ValueError(f"inner_grad_clip must be > 0 or None (no clipping), got {self.inner_grad_clip!r}")
         self._check_titans_paper_memory()

@@ -23,6 +23,7 @@ OTHER = {
     "max_seq_len": 1024, "window": 128, "segment": 64, "n_persistent": 8, "rope_base": 5e5,
     "rope_scaling": (("factor", 2.0), ("rope_type", "linear")), "eta_cap": False, "titans_paper_memory": True,
     "cms_chain": "paper", "memory_save_every": 0, "compile_projection": True,
+    "compile_projection_budget": 0.5,
 }  # fmt: skip
 
 
@@ -87,6 +88,13 @@ def test_earlier_mac_and_mag_configs_keep_their_attention() -> None:
     old = {"variant": "titans_mag", "weight_decay": True, "window": 512, "attn_window": None, "rope_base": 5e5}
     assert ModelConfig.from_dict(old).rope_base == DEFAULTS["rope_base"]
     assert ModelConfig.from_dict({**old, "variant": "titans_mal"}).rope_base == 5e5  # MAL's attention always took it
+
+
+def test_compile_projection_budget_is_checked() -> None:
+    assert ModelConfig(variant="hope", compile_projection_budget=0.05).compile_projection_budget == 0.05
+    for bad in (0.0, 1.5, -1.0):
+        with pytest.raises(ValueError, match=r"compile_projection_budget must be in \(0, 1\]"):
+            ModelConfig(variant="hope", compile_projection_budget=bad)
 
 
 def test_memory_save_every_is_checked() -> None:
