@@ -120,8 +120,8 @@ class ModelConfig:
     autocast-free memory ops ("auto" on CUDA, "adjoint", "lean": its update runs with autocast off; under bf16
     autocast the "chunk" impl's update runs in bf16 and differs by that rounding). `compile_projection_budget`
     (0 < b <= 1, torch's `activation_memory_budget` for that compile): what the compiled step keeps for its
-    backward, the rest recomputed there; 1 (default) keeps what is fastest to reuse (4.7x the written-out
-    backward's saved bytes, measured on CPU), 0.05 keeps 0.63x of them (docs/decisions.md).
+    backward, the rest recomputed there; 1 (default) keeps what torch's partitioner keeps by default (4.7x the
+    written-out backward's saved bytes, measured on CPU), 0.05 keeps 0.63x of them (docs/decisions.md).
     """
 
     variant: Variant = "hope"
