@@ -332,7 +332,7 @@ def _compiled_step(plan: _Plan, backend: str) -> Callable[..., tuple[dict[str, T
     generation, gate products and the chunk's matrix steps come out as about 60 kernels forward and 90 backward
     (counted in Inductor's code on CPU, at the 20M shapes) instead of ~330 launches per chunk and layer.
     `plan.budget`: AOTAutograd's activation memory budget, set around every call (the compile happens inside the
-    first; dynamo does not guard on it, so it travels in the plan)."""
+    first) and read inside the trace, so that dynamo guards on it."""
 
     def traced(*args: object) -> tuple[dict[str, Tensor], MemoryState]:
         # the budget shapes the compiled code but no traced value: read here, so that dynamo guards on it and
