@@ -225,6 +225,8 @@ class SelfModifyingTitans(nn.Module):
         """The loop over `C_proj` chunks: generate each chunk's projections from the chunk-start state, then
         update the memories over it (`_project_chunk`). With `compiled`, every chunk that starts at a boundary
         and is whole takes the compiled step; the others (a call's last short chunk, decoding) run eagerly."""
+        # comprehensions, not dict(ParameterDict): dynamo traces these, and dict() of a ParameterDict broke an outer
+        # torch.compile's graph nine times (`test_compiled_step_only_where_it_trains`)
         readout = ({name: p for name, p in self.readout.items()}, {name: p for name, p in self.readout_bias.items()})
         plan = self.plan
         eager = functools.partial(_project_chunk, plan=plan, op=op)
