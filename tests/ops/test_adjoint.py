@@ -118,7 +118,7 @@ def test_custom_op_passes_opcheck(T: int, save_every: int) -> None:
     sparse chunk starts."""
     spec = MemorySpec(kind="mlp", expansion=2)
     xs = [x.requires_grad_() for x in inputs(1, T, 2, 4, spec)]
-    args = (*xs[:6], xs[6:8], xs[8:10], 4, *spec_args(spec), False, False, save_every)
+    args = (*xs[:6], xs[6:8], xs[8:10], 4, *spec_args(spec), False, False, save_every, False)
     tests = ("test_schema", "test_faketensor", "test_autograd_registration")
     torch.library.opcheck(adjoint_memory, args, test_utils=tests)
 
@@ -129,7 +129,7 @@ def test_a_one_chunk_call_keeps_no_copy_of_its_state(T: int) -> None:
     the backward takes the input state (its gradients: the shapes above, e.g. C = 8 with T = 3 and 8)."""
     spec = MemorySpec(kind="mlp", expansion=2)
     xs = inputs(1, T, 2, 4, spec)
-    out = adjoint_memory(*xs[:6], xs[6:8], xs[8:10], 4, *spec_args(spec), False, False, 1)
+    out = adjoint_memory(*xs[:6], xs[6:8], xs[8:10], 4, *spec_args(spec), False, False, 1, False)
     assert [s.shape[2] for s in out[7:]] == [0 if T <= 4 else 3] * 4
 
 
@@ -144,7 +144,7 @@ def test_sparse_chunk_starts_give_the_same_gradients(switch: str, T: int, save_e
     xs = inputs(2, T, 2, 4, spec)
     sparse = functools.partial(memory_adjoint, save_every=save_every)
     assert_close(run(sparse, xs, spec, 4), run(memory_adjoint, xs, spec, 4), 0.0)
-    out = adjoint_memory(*xs[:6], xs[6:8], xs[8:10], 4, *spec_args(spec), False, False, save_every)
+    out = adjoint_memory(*xs[:6], xs[6:8], xs[8:10], 4, *spec_args(spec), False, False, save_every, False)
     assert [s.shape[2] for s in out[7:]] == [saved_count(-(-T // 4), save_every)] * 4
     assert saved_count(6, 1) == 6 and saved_count(6, 4) == 2 and saved_count(6, 0) == 0 and saved_count(1, 1) == 0
 

@@ -177,18 +177,42 @@ def test_auto_takes_the_kernels_on_the_gpu(switch: str, monkeypatch: pytest.Monk
 
 
 def test_kernel_precision_is_chosen_in_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    """`NESTLEARN_KERNEL_PRECISION` picks the GPU dots' precision (tf32x3 by default); the interpreter always
-    computes exactly; a value that is not a precision is refused with the choices."""
+    """`NESTLEARN_KERNEL_PRECISION` picks the GPU dots' precision: "auto" when unset (one-pass tf32 for a call under
+    bf16 / float16 autocast, tf32x3 otherwise), or the one it names for every call; the interpreter always computes
+    exactly; a value that is not a precision is refused with the choices."""
     from nestlearn.ops.memory._mlp_kernels import PRECISION_ENV, products
 
     gpu, cpu = torch.device("cuda"), torch.device("cpu")
     monkeypatch.delenv(PRECISION_ENV, raising=False)
-    assert (products(gpu), products(cpu)) == ("tf32x3", "ieee")
-    monkeypatch.setenv(PRECISION_ENV, "tf32")
-    assert (products(gpu), products(cpu)) == ("tf32", "ieee")
+    assert [products(gpu), products(gpu, mixed=True), products(cpu, mixed=True)] == ["tf32x3", "tf32", "ieee"]
+    for chosen in ("tf32x3", "tf32", "ieee"):
+        monkeypatch.setenv(PRECISION_ENV, chosen)
+        assert [products(gpu), products(gpu, mixed=True), products(cpu)] == [chosen, chosen, "ieee"]
     monkeypatch.setenv(PRECISION_ENV, "fp8")
     with pytest.raises(ValueError, match=r"NESTLEARN_KERNEL_PRECISION='fp8' is not a kernel precision; use one of"):
         products(gpu)
+
+
+@pytest.mark.parametrize("autocast", [False, True], ids=["float32", "bf16-autocast"])
+def test_the_kernels_hear_whether_the_call_runs_under_autocast(autocast: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Both launches hear whether the caller runs under bf16 autocast (what `products` needs for "auto"): the
+    forward from the caller's autocast state, the backward, which runs where autocast is off, from the forward's
+    record; the results do not change (the interpreter computes exactly either way)."""
+    from nestlearn.ops.memory import _mlp_kernels
+
+    heard: list[tuple[str, bool]] = []
+    for name in ("launch_mlp_forward", "launch_mlp_backward"):
+        launch = getattr(_mlp_kernels, name)
+        monkeypatch.setattr(
+            _mlp_kernels, name, lambda *a, _l=launch, _n=name, **kw: heard.append((_n, kw["mixed"])) or _l(*a, **kw)
+        )
+    spec = MemorySpec(kind="mlp", expansion=2)
+    xs = [x.float().to(DEVICE) for x in inputs(1, 32, 2, 16, spec)]
+    kernel = functools.partial(memory_adjoint, kernel=True)
+    with torch.autocast(DEVICE, dtype=torch.bfloat16, enabled=autocast):
+        got = run(kernel, xs, spec, 16)
+    assert heard == [("launch_mlp_forward", autocast), ("launch_mlp_backward", autocast)]
+    assert_close(got, run(memory_adjoint, xs, spec, 16), FP32_RTOL)
 
 
 @pytest.mark.gpu

@@ -595,39 +595,44 @@ def _mlp_backward_kernel(
     _store_state(DW1, DW2, DS1, DS2, bh, d1, d2, ds1, ds2, D, E)
 
 
-# The GPU dots' precision: "tf32x3" (default) or, set in the environment, "tf32" (one tensor-core pass per
-# product, a third of the work; emulated on CPU it moves the chunk form's states by ~1.5e-4 and its gradients by
-# ~5e-4 relative to float64 over 4K tokens, against float32's 2e-6: docs/decisions.md) or "ieee" (FMA, slowest).
+# The GPU dots' precision, set in the environment: "auto" (default: "tf32" for a call under bf16 or float16
+# autocast, where the model's own products keep 8 or 11 significant bits, "tf32x3" otherwise), "tf32x3" (float32
+# accuracy from three tensor-core passes per product), "tf32" (one pass, a third of the work; emulated on CPU it
+# moves the chunk form's states by ~1.5e-4 and its gradients by ~5e-4 relative to float64 over 4K tokens, against
+# float32's 2e-6 and bf16 products' 1.2e-3 / 3.4e-3: docs/decisions.md) or "ieee" (FMA, slowest).
 PRECISION_ENV = "NESTLEARN_KERNEL_PRECISION"
-GPU_PRECISIONS = ("tf32x3", "tf32", "ieee")
+GPU_PRECISIONS = ("auto", "tf32x3", "tf32", "ieee")
 
 
-def products(device: torch.device) -> str:
-    """The dots' precision on `device`: tf32x3 on a GPU (float32 accuracy from tensor cores) unless
-    `NESTLEARN_KERNEL_PRECISION` says otherwise, exact float32 in the interpreter. A compiled kernel is cached per
-    precision, switch combination, chunk length and head shape, not per sequence length (`N` is not specialized): a
-    backward at 32 or 64 tokens takes 5 to 9 minutes to compile on a 2-core CPU (docs/results/memory_op.md), once
-    per machine and variant."""
+def products(device: torch.device, mixed: bool = False) -> str:
+    """The dots' precision on `device` for a call under bf16 / float16 autocast (`mixed`) or not:
+    `NESTLEARN_KERNEL_PRECISION` ("auto" when unset: tf32 under autocast, tf32x3 otherwise), exact float32 in the
+    interpreter. A compiled kernel is cached per precision, switch combination, chunk length and head shape, not
+    per sequence length (`N` is not specialized): a backward at 32 or 64 tokens takes 5 to 9 minutes to compile on
+    a 2-core CPU (docs/results/memory_op.md), once per machine and variant."""
     if device.type == "cpu":
         return "ieee"
-    chosen = os.environ.get(PRECISION_ENV, "tf32x3")
+    chosen = os.environ.get(PRECISION_ENV, "auto")
     if chosen not in GPU_PRECISIONS:
         raise ValueError(
             f"{PRECISION_ENV}={chosen!r} is not a kernel precision; use one of {', '.join(GPU_PRECISIONS)}"
         )
+    if chosen == "auto":
+        return "tf32" if mixed else "tf32x3"
     return chosen
 
 
 def launch_mlp_forward(
     x: list[Tensor], coef: list[Tensor], state: list[Tensor], starts: list[Tensor], out: Tensor, *,
-    eps: float, dgd: bool, self_values: bool, l2: bool, act: str, clip: float | None,
+    eps: float, dgd: bool, self_values: bool, l2: bool, act: str, clip: float | None, mixed: bool = False,
 ) -> None:  # fmt: skip
     """Run `_mlp_forward_kernel`: `x = (q, k, k̂, v)` `[B, H, N, n, D]`, `coef` the 15 `_Coef` fields, `state =
     (W1, W2, S1, S2)` contiguous float32 (overwritten with the final state), `starts` the four `[B, H, N, ...]`
-    start-state buffers, `out [B, H, N, n, D]`; `clip` the gradient clip's norm (None: no clip)."""
+    start-state buffers, `out [B, H, N, n, D]`; `clip` the gradient clip's norm (None: no clip); `mixed`: the call
+    runs under bf16 / float16 autocast (`products`)."""
     B, H, N, n, D = x[0].shape
     E = state[0].shape[-1]
-    precision = products(out.device)
+    precision = products(out.device, mixed)
     _mlp_forward_kernel[(B * H,)](
         *x, *coef, *state, *starts, out, N, eps, 1.0 if clip is None else clip, n=n, LOGN=n.bit_length() - 1,
         D=D, E=E, DGD=dgd, SELF_VALUES=self_values, L2=l2, ACT=ACTIVATIONS[act], CLIP=clip is not None,
@@ -638,7 +643,7 @@ def launch_mlp_forward(
 def launch_mlp_backward(
     x: list[Tensor], coef: list[Tensor], starts: list[Tensor], dout: Tensor, d_state: list[Tensor],
     d_anchor: list[Tensor] | None, dx: list[Tensor], dcoef: list[Tensor], *,
-    eps: float, dgd: bool, self_values: bool, l2: bool, act: str, clip: float | None,
+    eps: float, dgd: bool, self_values: bool, l2: bool, act: str, clip: float | None, mixed: bool = False,
 ) -> None:  # fmt: skip
     """Run `_mlp_backward_kernel`: `x`, `coef`, `starts` as the forward's; `dout [B, H, N, n, D]`; `d_state` the
     final state's adjoint (contiguous float32, overwritten with the initial state's); `d_anchor` the anchor's
@@ -647,7 +652,7 @@ def launch_mlp_backward(
     H = 8, n = 64, E = 128: 27 MiB)."""
     B, H, N, n, D = x[0].shape
     E = d_state[0].shape[-1]
-    precision = products(dout.device)
+    precision = products(dout.device, mixed)
     anchor = d_anchor if d_anchor is not None else d_state[:2]
     slot = n * max(n, E)
     scratch = dout.new_empty(B * H * NSLOT * slot)

@@ -110,7 +110,7 @@ def memory_adjoint(
         )
     kernels = [kernel and kernel_supports(q, state, chunk_size, backward=b) for b in (False, True)]
     outs = adjoint_memory(q, k, v, eta, alpha_full, beta_full, list(state.weights), list(state.momenta), chunk_size,
-                          *spec_args(spec), *kernels, save_every)  # fmt: skip
+                          *spec_args(spec), *kernels, save_every, mixed_precision(q))  # fmt: skip
     o, w1, w2, s1, s2, a1, a2 = outs[:7]
     return o, MemoryState((w1, w2), (s1, s2), (a1, a2), q.shape[1] % chunk_size)
 
@@ -125,16 +125,24 @@ class _Prepared(NamedTuple):
     kh: Tensor  # normalised keys (the W2 step's projector input)
     v: Tensor
     coef: _Coef  # fields [B, H, N, ...]
+    mixed: bool  # the call runs under bf16 / float16 autocast (the kernels' dots: `_mlp_kernels.products`)
 
     def flat(self) -> list[Tensor]:
         return [self.q, self.k, self.kh, self.v, *self.coef]
 
 
-def _prepare(seq: list[Tensor], C: int, spec: MemorySpec) -> _Prepared:
+def _prepare(seq: list[Tensor], C: int, spec: MemorySpec, mixed: bool) -> _Prepared:
     """Chunk layout (inert padding) and gate products of `seq = (q, k, v, eta, alpha, beta)` (`chunk_layout`), with
-    the keys' normalisation."""
+    the keys' normalisation; `mixed`: the call runs under bf16 / float16 autocast."""
     q, k, v, coef = chunk_layout(seq, C)
-    return _Prepared(q, k, normalize(k, spec.norm_eps), v, coef)
+    return _Prepared(q, k, normalize(k, spec.norm_eps), v, coef, mixed)
+
+
+def mixed_precision(q: Tensor) -> bool:
+    """Whether the caller runs under autocast to bf16 or float16 on `q`'s device (the model's own products round
+    to 8 or 11 significant bits; the kernels then take one-pass tf32 dots: `_mlp_kernels.products`)."""
+    kind = q.device.type
+    return torch.is_autocast_enabled(kind) and torch.get_autocast_dtype(kind) in (torch.bfloat16, torch.float16)
 
 
 def _chunk_coef(coef: _Coef, j: int) -> _Coef:
@@ -401,7 +409,7 @@ def adjoint_memory(
     q: Tensor, k: Tensor, v: Tensor, eta: Tensor, alpha: Tensor, beta: Tensor, weights: list[Tensor],
     momenta: list[Tensor], chunk_size: int, kind: str, objective: str, activation: str, expansion: int, dgd: bool,
     momentum: bool, decay: bool, out_norm: bool, self_values: bool, eps: float, clip: float | None, kernel: bool,
-    kernel_backward: bool, save_every: int,
+    kernel_backward: bool, save_every: int, mixed: bool,
 ) -> list[Tensor]:  # fmt: skip
     """The forward (`kernel`: as one Triton program per sequence and head; `kernel_backward` is the backward's,
     kept for it; `save_every`: which starts it returns) -> `[o, W1', W2', S1', S2', anchor W1, anchor W2, *saved
@@ -412,7 +420,7 @@ def adjoint_memory(
     seq = [q, k, v, eta, alpha, beta]
     dt = compute_dtype(*seq, *weights, *momenta)
     with no_autocast(q):  # the gate products and the loops in the compute dtype, as the backward recomputes them
-        prep = _prepare([x.to(dt) for x in seq], chunk_size, spec)
+        prep = _prepare([x.to(dt) for x in seq], chunk_size, spec, mixed)
         ends = q.shape[1] % chunk_size == 0
         state = tuple(w.to(dt) for w in (*weights, *momenta))
         o, state, starts = (_forward_kernel if kernel else _forward_loop)(prep, state, spec, ends)
@@ -440,7 +448,7 @@ def _saved_starts(starts: tuple[Tensor, ...], save_every: int) -> tuple[Tensor, 
 @adjoint_memory.register_fake
 def _(q, k, v, eta, alpha, beta, weights, momenta, chunk_size, *args):  # type: ignore[no-untyped-def]
     dt = compute_dtype(q, k, v, eta, alpha, beta, *weights, *momenta)
-    saved = saved_count(-(-q.shape[1] // chunk_size), args[-1])
+    saved = saved_count(-(-q.shape[1] // chunk_size), args[-2])  # args: ..., save_every, mixed
     state = [w.new_empty(w.shape, dtype=dt) for w in (*weights, *momenta)]
     starts = [w.new_empty(*w.shape[:2], saved, *w.shape[2:]) for w in state]
     return [q.new_empty(q.shape), *state, *(w.new_empty(w.shape) for w in state[:2]), *starts]
@@ -451,7 +459,7 @@ def adjoint_memory_backward(
     q: Tensor, k: Tensor, v: Tensor, eta: Tensor, alpha: Tensor, beta: Tensor, starts: list[Tensor],
     grads_out: list[Tensor], chunk_size: int, kind: str, objective: str, activation: str, expansion: int,
     dgd: bool, momentum: bool, decay: bool, out_norm: bool, self_values: bool, eps: float, clip: float | None,
-    kernel: bool, kernel_forward: bool, save_every: int,
+    kernel: bool, kernel_forward: bool, save_every: int, mixed: bool,
 ) -> list[Tensor]:  # fmt: skip
     """Gradients of `adjoint_memory` w.r.t. q, k, v, eta, alpha, beta and the initial (W1, W2, S1, S2), in the
     compute dtype, from `grads_out = [do, dW1', dW2', dS1', dS2', d anchor W1, d anchor W2]` (`kernel`: the chunk
@@ -464,7 +472,7 @@ def adjoint_memory_backward(
     seq, dt = [q, k, v, eta, alpha, beta], starts[0].dtype
     with autograd_inside_op(), torch.enable_grad(), no_autocast(q):
         leaves = [x.detach().to(dt).requires_grad_() for x in seq]
-        prep = _prepare(leaves, chunk_size, spec)
+        prep = _prepare(leaves, chunk_size, spec, mixed)
     flat, T = prep.flat(), q.shape[1]
     N, n = prep.q.shape[2:4]
     do_c = _vector_chunks(grads_out[0].to(dt), n, N * n - T)
@@ -493,10 +501,10 @@ def _(q, k, v, eta, alpha, beta, starts, grads_out, *args):  # type: ignore[no-u
 
 
 def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: list[Tensor]) -> None:
-    q, k, v, eta, alpha, beta, weights, momenta, chunk_size, *spec, kernel, kernel_backward, save_every = inputs
+    q, k, v, eta, alpha, beta, weights, momenta, chunk_size, *spec, kernel, kernel_backward, save_every, mixed = inputs
     no_starts = output[7].shape[2] == 0  # the first start is the input state (`saved_count`)
     ctx.save_for_backward(q, k, v, eta, alpha, beta, *(output[7:] if not no_starts else (*weights, *momenta)))
-    ctx.args, ctx.no_starts = (chunk_size, *spec, kernel_backward, kernel, save_every), no_starts
+    ctx.args, ctx.no_starts = (chunk_size, *spec, kernel_backward, kernel, save_every, mixed), no_starts
     ctx.dtypes = [x.dtype for x in (q, k, v, eta, alpha, beta, *weights, *momenta)]
     ctx.compute_dtype = output[7].dtype
 
@@ -509,7 +517,7 @@ def _backward(ctx: Any, grads_out: list[Tensor | None]) -> tuple[Any, ...]:
     filled = [g if g is not None else torch.zeros_like(x) for g, x in zip(grads_out[:7], like, strict=True)]
     got = adjoint_memory_backward(q, k, v, eta, alpha, beta, starts, filled, *ctx.args)
     got = [g.to(t) for g, t in zip(got, ctx.dtypes, strict=True)]
-    return (*got[:6], got[6:8], got[8:10], *([None] * 15))
+    return (*got[:6], got[6:8], got[8:10], *([None] * 16))
 
 
 adjoint_memory.register_autograd(_backward, setup_context=_setup_context)
@@ -535,7 +543,7 @@ def _backward_segments(
     for s in reversed(range(starts[0].shape[2])):
         lo, hi = s * K, min(s * K + K, N)
         seg = _Prepared(*(t[:, :, lo:hi] for t in (prep.q, prep.k, prep.kh, prep.v)),
-                        _Coef(*(f[:, :, lo:hi] for f in prep.coef)))  # fmt: skip
+                        _Coef(*(f[:, :, lo:hi] for f in prep.coef)), prep.mixed)  # fmt: skip
         first = tuple(w[:, :, s] for w in starts)
         with torch.no_grad():
             seg_starts = forward(seg, first, spec, True)[2] if hi - lo > 1 else tuple(w[:, :, None] for w in first)
@@ -605,7 +613,7 @@ def _backward_kernel(
     dx, dcoef = [unwritten(t) for t in x], [unwritten(f) for f in coef]
     launch_mlp_backward(x, coef, [s.contiguous() for s in starts], do_c.contiguous(), d_state, anchor, dx, dcoef,
                         eps=spec.norm_eps, dgd=spec.dgd, self_values=spec.self_values, l2=spec.objective == "l2",
-                        act=spec.activation, clip=spec.max_grad_norm)  # fmt: skip
+                        act=spec.activation, clip=spec.max_grad_norm, mixed=prep.mixed)  # fmt: skip
     return dx + dcoef, tuple(d_state)
 
 
@@ -622,5 +630,6 @@ def _forward_kernel(
     x = [t.detach().contiguous() for t in (prep.q, prep.k, prep.kh, prep.v)]
     coef = [f.detach().contiguous() for f in prep.coef]
     launch_mlp_forward(x, coef, state, starts, out, eps=spec.norm_eps, dgd=spec.dgd, self_values=spec.self_values,
-                       l2=spec.objective == "l2", act=spec.activation, clip=spec.max_grad_norm)  # fmt: skip
+                       l2=spec.objective == "l2", act=spec.activation, clip=spec.max_grad_norm,
+                       mixed=prep.mixed)  # fmt: skip
     return out, tuple(state), tuple(starts)
