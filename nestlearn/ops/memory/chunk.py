@@ -359,10 +359,11 @@ class _SegmentProducts(torch.autograd.Function):
         n = g.shape[-1]
         g1 = torch.cat([torch.ones_like(g[..., :1]), g], dim=-1)  # [..., n+1]; index 0 unused
         idx = torch.arange(n + 1, device=g.device)
-        after = idx[None, :] > idx[:, None]  # [s, t]: t > s
-        factors = torch.where(after, g1[..., None, :], torch.ones_like(g1[..., None, :]))
-        prods = torch.cumprod(factors, dim=-1).transpose(-1, -2)  # [t, s]
-        out = prods.masked_fill(after, 0)  # in [t, s] layout `after` marks s > t
+        after = idx[:, None] > idx[None, :]  # [t, s]: t > s
+        factors = torch.where(after, g1[..., :, None], torch.ones_like(g1[..., :, None]))  # [t, s]
+        # the running product down t, not along the last dim: CUDA's scan over an outer dim runs one thread per
+        # column, its scan over the innermost dim one block-scan per 65-long row (H200, Titans 20M: 0.78 ms a call)
+        out = torch.cumprod(factors, dim=-2).masked_fill(after.mT, 0)  # 0 where s > t
         ctx.save_for_backward(out)
         return out
 
