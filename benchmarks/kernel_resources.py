@@ -11,11 +11,13 @@ minutes on a 2-core CPU.
 
     python -m benchmarks.kernel_resources                    # D = 32, E = 128 (the 20M preset's heads), n = 16, 32, 64
     python -m benchmarks.kernel_resources --kernels forward --chunks 64 --stages 3
+    python -m benchmarks.kernel_resources --chunks 64 --precisions tf32x3,tf32 --warps 8,16
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import re
 import subprocess
@@ -32,18 +34,21 @@ SHARED_LIMIT = {90: 232_448, 80: 166_912}  # bytes a block may use (sm_90: 227 K
 KERNELS = {"forward": K._mlp_forward_kernel, "backward": K._mlp_backward_kernel}
 
 
-def compile_kernel(name: str, n: int, D: int, E: int, arch: int, stages: int) -> tuple[object, float]:
-    """`name`'s kernel for chunks of `n`, default switches (DGD, self-generated values, L2, silu, no clip), tf32x3."""
+def compile_kernel(
+    name: str, n: int, D: int, E: int, arch: int, stages: int, precision: str = "tf32x3", warps: int = K.NUM_WARPS
+) -> tuple[object, float]:
+    """`name`'s kernel for chunks of `n`, default switches (DGD, self-generated values, L2, silu, no clip), the dots
+    at `precision` (`_mlp_kernels.products`), `warps` warps a program."""
     fn = KERNELS[name]
     consts = dict(n=n, LOGN=n.bit_length() - 1, D=D, E=E, DGD=True, SELF_VALUES=True, L2=True, ACT=0, CLIP=False,
-                  P="tf32x3")  # fmt: skip
+                  P=precision)  # fmt: skip
     if "ANCHOR" in fn.arg_names:  # the backward: its flag and its scratch slots (`launch_mlp_backward`)
         consts.update(ANCHOR=True, SLOT=n * max(n, E), NS=K.NSLOT)
     kinds = {"N": "i32", "eps": "fp32", "clip": "fp32"}
     signature = {a: "constexpr" if a in consts else kinds.get(a, "*fp32") for a in fn.arg_names}
     t0 = time.perf_counter()
     compiled = triton.compile(ASTSource(fn, signature, constexprs=consts), target=GPUTarget("cuda", arch, 32),
-                              options={"num_warps": K.NUM_WARPS, "num_stages": stages})  # fmt: skip
+                              options={"num_warps": warps, "num_stages": stages})  # fmt: skip
     return compiled, time.perf_counter() - t0
 
 
@@ -70,22 +75,28 @@ def main() -> None:
     p.add_argument("--E", type=int, default=128)
     p.add_argument("--arch", type=int, default=90, choices=sorted(SHARED_LIMIT))
     p.add_argument("--stages", type=int, default=K.NUM_STAGES, help="num_stages (the launchers' by default)")
+    p.add_argument("--precisions", default="tf32x3", help=f"dot precisions, of {', '.join(K.GPU_PRECISIONS[1:])}")
+    p.add_argument("--warps", default=str(K.NUM_WARPS), help="num_warps values (the launchers' by default)")
     args = p.parse_args()
+    precisions, warps = args.precisions.split(","), [int(w) for w in args.warps.split(",")]
+    if set(precisions) - set(K.GPU_PRECISIONS[1:]):
+        p.error(f"--precisions takes {', '.join(K.GPU_PRECISIONS[1:])}, not {args.precisions!r}")
     limit = SHARED_LIMIT[args.arch]
-    print(f"triton {triton.__version__}, sm_{args.arch}, D={args.D}, E={args.E}, num_warps={K.NUM_WARPS}, "
-          f"num_stages={args.stages}, shared memory limit {limit / 1024:.0f} KiB", flush=True)  # fmt: skip
+    print(f"triton {triton.__version__}, sm_{args.arch}, D={args.D}, E={args.E}, num_stages={args.stages}, shared "
+          f"memory limit {limit / 1024:.0f} KiB", flush=True)  # fmt: skip
     rows = []
-    for name in args.kernels.split(","):
-        for n in (int(c) for c in args.chunks.split(",")):
-            compiled, secs = compile_kernel(name, n, args.D, args.E, args.arch, args.stages)
-            regs, spill = ptxas_report(compiled, args.arch)
-            shared = compiled.metadata.shared
-            rows.append((name, n, shared, "yes" if shared <= limit else "NO", regs, spill, secs))
-            print(rows[-1], flush=True)
-    print("\n| kernel | n | shared KiB | fits | registers | spill stores (B) | compile s |")
-    print("|---|---|---|---|---|---|---|")
-    for name, n, shared, fits, regs, spill, secs in rows:
-        print(f"| {name} | {n} | {shared / 1024:.0f} | {fits} | {regs} | {spill} | {secs:.0f} |")
+    for name, n, precision, w in itertools.product(
+        args.kernels.split(","), (int(c) for c in args.chunks.split(",")), precisions, warps
+    ):
+        compiled, secs = compile_kernel(name, n, args.D, args.E, args.arch, args.stages, precision, w)
+        regs, spill = ptxas_report(compiled, args.arch)
+        shared = compiled.metadata.shared
+        rows.append((name, n, precision, w, shared, "yes" if shared <= limit else "NO", regs, spill, secs))
+        print(rows[-1], flush=True)
+    print("\n| kernel | n | precision | warps | shared KiB | fits | registers | spill stores (B) | compile s |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for name, n, precision, w, shared, fits, regs, spill, secs in rows:
+        print(f"| {name} | {n} | {precision} | {w} | {shared / 1024:.0f} | {fits} | {regs} | {spill} | {secs:.0f} |")
 
 
 if __name__ == "__main__":

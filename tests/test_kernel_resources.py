@@ -14,16 +14,25 @@ import pytest
 pytest.importorskip("triton")
 
 
-def _row(stages: int) -> list[str]:
+def _row(stages: int, *extra: str) -> list[str]:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     cmd = [sys.executable, "-m", "benchmarks.kernel_resources", "--kernels", "forward", "--chunks", "16", "--D", "16",
-           "--E", "32", "--stages", str(stages)]  # fmt: skip
+           "--E", "32", "--stages", str(stages), *extra]  # fmt: skip
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True, timeout=300).stdout
     return [c.strip() for c in out.strip().splitlines()[-1].strip("|").split("|")]
 
 
 def test_compiles_for_hopper_without_a_gpu_and_reports_its_resources() -> None:
-    name, n, shared, fits, regs, spill, _ = _row(1)
-    assert (name, n, fits) == ("forward", "16", "yes")
+    name, n, precision, warps, shared, fits, regs, spill, _ = _row(1)
+    assert (name, n, precision, warps, fits) == ("forward", "16", "tf32x3", "8", "yes")
     assert 0 < int(regs) <= 255 and int(spill) >= 0
-    assert 0 < int(shared) < int(_row(3)[2])
+    assert 0 < int(shared) < int(_row(3)[4])
+
+
+def test_takes_the_precision_and_warps_it_is_given() -> None:
+    """One-pass tf32 keeps one copy of each dot operand where tf32x3 keeps two (high and low parts): less shared
+    memory at the same shape."""
+    assert _row(1, "--warps", "4")[2:4] == ["tf32x3", "4"]
+    row = _row(1, "--precisions", "tf32")
+    assert row[2:4] == ["tf32", "8"]
+    assert int(row[4]) < int(_row(1)[4])
