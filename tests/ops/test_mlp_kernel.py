@@ -197,7 +197,8 @@ def test_kernel_precision_is_chosen_in_the_environment(monkeypatch: pytest.Monke
 def test_the_kernels_hear_whether_the_call_runs_under_autocast(autocast: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     """Both launches hear whether the caller runs under bf16 autocast (what `products` needs for "auto"): the
     forward from the caller's autocast state, the backward, which runs where autocast is off, from the forward's
-    record; the results do not change (the interpreter computes exactly either way)."""
+    record. The results: the float32 loops' to 1e-5 in the interpreter (exact products either way); on a GPU under
+    autocast the one-pass tf32 products' 2e-3 (`test_one_pass_tf32_stays_near_the_float32_results`)."""
     from nestlearn.ops.memory import _mlp_kernels
 
     heard: list[tuple[str, bool]] = []
@@ -212,7 +213,7 @@ def test_the_kernels_hear_whether_the_call_runs_under_autocast(autocast: bool, m
     with torch.autocast(DEVICE, dtype=torch.bfloat16, enabled=autocast):
         got = run(kernel, xs, spec, 16)
     assert heard == [("launch_mlp_forward", autocast), ("launch_mlp_backward", autocast)]
-    assert_close(got, run(memory_adjoint, xs, spec, 16), FP32_RTOL)
+    assert_close(got, run(memory_adjoint, xs, spec, 16), 2e-3 if autocast and DEVICE == "cuda" else FP32_RTOL)
 
 
 @pytest.mark.gpu

@@ -607,9 +607,10 @@ GPU_PRECISIONS = ("auto", "tf32x3", "tf32", "ieee")
 def products(device: torch.device, mixed: bool = False) -> str:
     """The dots' precision on `device` for a call under bf16 / float16 autocast (`mixed`) or not:
     `NESTLEARN_KERNEL_PRECISION` ("auto" when unset: tf32 under autocast, tf32x3 otherwise), exact float32 in the
-    interpreter. A compiled kernel is cached per precision, switch combination, chunk length and head shape, not
-    per sequence length (`N` is not specialized): a backward at 32 or 64 tokens takes 5 to 9 minutes to compile on
-    a 2-core CPU (docs/results/memory_op.md), once per machine and variant."""
+    interpreter. A compiled kernel is cached per precision (so a process that trains under autocast and evaluates
+    in float32 compiles both), switch combination, chunk length and head shape, not per sequence length (`N` is
+    not specialized): a tf32x3 backward at 32 or 64 tokens takes 5 to 11 minutes to compile on a 2-core CPU, a
+    tf32 one about 3 (docs/results/kernel_resources_sm90.md), once per machine and variant."""
     if device.type == "cpu":
         return "ieee"
     chosen = os.environ.get(PRECISION_ENV, "auto")

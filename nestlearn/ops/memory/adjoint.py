@@ -142,6 +142,8 @@ def mixed_precision(q: Tensor) -> bool:
     """Whether the caller runs under autocast to bf16 or float16 on `q`'s device (the model's own products round
     to 8 or 11 significant bits; the kernels then take one-pass tf32 dots: `_mlp_kernels.products`)."""
     kind = q.device.type
+    if not torch.amp.is_autocast_available(kind):  # e.g. meta tensors
+        return False
     return torch.is_autocast_enabled(kind) and torch.get_autocast_dtype(kind) in (torch.bfloat16, torch.float16)
 
 
