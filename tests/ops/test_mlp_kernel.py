@@ -11,6 +11,7 @@ comparison on CUDA at the 20M preset's head shape (d = 32, expansion 4) on input
 from __future__ import annotations
 
 import functools
+import warnings
 
 import pytest
 import torch
@@ -174,6 +175,36 @@ def test_auto_takes_the_kernels_on_the_gpu(switch: str, monkeypatch: pytest.Monk
     xs = [x.float().cuda() for x in _gentle(inputs(2, 300, 3, 32, spec))]
     assert_close(run(memory_auto, xs, spec, 64), run(memory_chunk, xs, spec, 64), FP32_RTOL)
     assert sorted(launches) == ["launch_mlp_backward", "launch_mlp_forward"]
+
+
+@pytest.mark.parametrize("direction", ["forward", "backward"])
+def test_a_kernel_the_gpu_cannot_launch_runs_the_loop(direction: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A kernel variant that needs more shared memory than the card has (Triton's `OutOfResources`, raised at its
+    first launch, before any work) runs that direction's PyTorch loop with the loop's results, warns once, and is
+    not tried again in the process."""
+    from triton.runtime.errors import OutOfResources
+
+    from nestlearn.ops.memory import _mlp_kernels, adjoint
+
+    monkeypatch.setattr(adjoint, "_UNLAUNCHABLE", set())
+    tried: list[str] = []
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        tried.append(direction)
+        raise OutOfResources(327680, 232448, "shared memory")
+
+    monkeypatch.setattr(_mlp_kernels, f"launch_mlp_{direction}", refuse)
+    spec = MemorySpec(kind="mlp", expansion=2)
+    xs = [x.float().to(DEVICE) for x in inputs(1, 40, 2, 16, spec)]
+    kernel = functools.partial(memory_adjoint, kernel=True)
+    with pytest.warns(UserWarning, match=rf"{direction} kernel does not fit this GPU at 16-token chunks, head dim 16"):
+        got = run(kernel, xs, spec, 16)
+    assert_close(got, run(memory_adjoint, xs, spec, 16), FP32_RTOL)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        again = run(kernel, xs, spec, 16)
+    assert not [w for w in caught if "does not fit" in str(w.message)]
+    assert tried == [direction] and all(torch.equal(a, b) for a, b in zip(got, again, strict=True))
 
 
 def test_kernel_precision_is_chosen_in_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -25,6 +25,8 @@ it), a call that finishes a chunk an earlier call opened, or a second-order op.
 
 from __future__ import annotations
 
+import functools
+import warnings
 from typing import Any, NamedTuple
 
 import torch
@@ -597,12 +599,46 @@ def _forward_loop(
     return torch.stack(outs, dim=2), weights, tuple(torch.stack(s, dim=2) for s in zip(*starts, strict=True))
 
 
+# The kernel variants this process's GPU could not launch (more shared memory than it has: which variants fit
+# depends on the card, the dots' precision and the head shape, e.g. d = 64, E = 128 at 64-token chunks needs 320
+# KiB with tf32x3 and 224 with tf32 against Hopper's 227; docs/results/kernel_resources_sm90.md): those calls run
+# the PyTorch loops, with one warning per variant.
+_UNLAUNCHABLE: set[tuple[Any, ...]] = set()
+
+
+def _launch_key(direction: str, prep: _Prepared, E: int, spec: MemorySpec) -> tuple[Any, ...]:
+    from ._mlp_kernels import products
+
+    n, D = prep.q.shape[-2:]
+    return direction, str(prep.q.device), n, D, E, spec, products(prep.q.device, prep.mixed)
+
+
+def _launched(key: tuple[Any, ...], launch: Any) -> bool:
+    """Run `launch()` unless `key`'s variant failed to launch before; False (with a warning the first time) where
+    the GPU has too little shared memory or registers for it, before any work is done."""
+    from triton.runtime.errors import OutOfResources
+
+    if key in _UNLAUNCHABLE:
+        return False
+    try:
+        launch()
+    except OutOfResources as err:
+        _UNLAUNCHABLE.add(key)
+        direction, _, n, D, E, _, precision = key
+        warnings.warn(f"the MLP memory's {direction} kernel does not fit this GPU at {n}-token chunks, head dim "
+                      f"{D}, hidden {E}, {precision} dots ({err}); those calls run the PyTorch loop (slower). "
+                      "Shorter chunks (mem_chunk) or bf16 autocast (one-pass tf32 dots) need less shared memory",
+                      stacklevel=2)  # fmt: skip
+        return False
+    return True
+
+
 def _backward_kernel(
     prep: _Prepared, starts: tuple[Tensor, ...], do_c: Tensor, d_end: tuple[Tensor, ...],
     d_anchor: tuple[Tensor, ...] | None, spec: MemorySpec,
 ) -> tuple[list[Tensor], tuple[Tensor, ...]]:  # fmt: skip
     """The backward's chunk loop as one Triton program per sequence and head (`_mlp_kernels.py`): -> the adjoints
-    of `prep.flat()` and the initial state's adjoint."""
+    of `prep.flat()` and the initial state's adjoint (`_backward_loop`'s where the GPU cannot launch it)."""
     from ._mlp_kernels import launch_mlp_backward
 
     def unwritten(t: Tensor) -> Tensor:
@@ -613,16 +649,21 @@ def _backward_kernel(
     d_state = [g.detach().contiguous().clone() for g in d_end]
     anchor = [a.detach().contiguous() for a in d_anchor] if d_anchor is not None else None
     dx, dcoef = [unwritten(t) for t in x], [unwritten(f) for f in coef]
-    launch_mlp_backward(x, coef, [s.contiguous() for s in starts], do_c.contiguous(), d_state, anchor, dx, dcoef,
-                        eps=spec.norm_eps, dgd=spec.dgd, self_values=spec.self_values, l2=spec.objective == "l2",
-                        act=spec.activation, clip=spec.max_grad_norm, mixed=prep.mixed)  # fmt: skip
+    launch = functools.partial(
+        launch_mlp_backward, x, coef, [s.contiguous() for s in starts], do_c.contiguous(), d_state, anchor, dx, dcoef,
+        eps=spec.norm_eps, dgd=spec.dgd, self_values=spec.self_values, l2=spec.objective == "l2",
+        act=spec.activation, clip=spec.max_grad_norm, mixed=prep.mixed,
+    )  # fmt: skip
+    if not _launched(_launch_key("backward", prep, d_end[0].shape[-1], spec), launch):
+        return _backward_loop(prep, starts, do_c, d_end, d_anchor, spec)
     return dx + dcoef, tuple(d_state)
 
 
 def _forward_kernel(
     prep: _Prepared, weights: tuple[Tensor, ...], spec: MemorySpec, ends: bool
 ) -> tuple[Tensor, tuple[Tensor, ...], tuple[Tensor, ...]]:
-    """`_forward_loop` as one Triton program per sequence and head (`_mlp_kernels.py`)."""
+    """`_forward_loop` as one Triton program per sequence and head (`_mlp_kernels.py`; the loop itself where the
+    GPU cannot launch it)."""
     from ._mlp_kernels import launch_mlp_forward
 
     B, H, N = prep.q.shape[:3]
@@ -631,7 +672,11 @@ def _forward_kernel(
     out = torch.empty(prep.q.shape, device=prep.q.device, dtype=prep.q.dtype)  # contiguous, as the kernel writes
     x = [t.detach().contiguous() for t in (prep.q, prep.k, prep.kh, prep.v)]
     coef = [f.detach().contiguous() for f in prep.coef]
-    launch_mlp_forward(x, coef, state, starts, out, eps=spec.norm_eps, dgd=spec.dgd, self_values=spec.self_values,
-                       l2=spec.objective == "l2", act=spec.activation, clip=spec.max_grad_norm,
-                       mixed=prep.mixed)  # fmt: skip
+    launch = functools.partial(
+        launch_mlp_forward, x, coef, state, starts, out, eps=spec.norm_eps, dgd=spec.dgd,
+        self_values=spec.self_values, l2=spec.objective == "l2", act=spec.activation, clip=spec.max_grad_norm,
+        mixed=prep.mixed,
+    )  # fmt: skip
+    if not _launched(_launch_key("forward", prep, state[0].shape[-1], spec), launch):
+        return _forward_loop(prep, weights, spec, ends)
     return out, tuple(state), tuple(starts)
