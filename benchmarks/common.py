@@ -25,15 +25,18 @@ from nestlearn.models.lm import next_token_loss
 
 
 def time_training(
-    cfg: ModelConfig, *, batch: int, seq: int, device: str, steps: int, warmup: int, graphs: bool = False
-) -> dict:
-    """Median step time, tokens/s, peak memory (GiB) and the last loss of `steps` timed steps after `warmup`."""
+    cfg: ModelConfig, *, batch: int, seq: int, device: str, steps: int, warmup: int, graphs: bool = False,
+    compile: bool = False,
+) -> dict:  # fmt: skip
+    """Median step time, tokens/s, peak memory (GiB) and the last loss of `steps` timed steps after `warmup`
+    (`graphs` / `compile`: at least one warm-up step, which captures or compiles; `capture_s` is the warm-up's
+    time)."""
     dev = torch.device(device)
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    step = training_step(cfg, batch=batch, seq=seq, device=dev, graphs=graphs)
+    step = training_step(cfg, batch=batch, seq=seq, device=dev, graphs=graphs, compile=compile)
     t0 = time.perf_counter()
-    for _ in range(max(warmup, 1 if graphs else 0)):
+    for _ in range(max(warmup, 1 if graphs or compile else 0)):
         step()
     sync(dev)
     capture_s = time.perf_counter() - t0  # with graphs: the warm-up steps capture every block call
@@ -56,17 +59,23 @@ def time_training(
         "peak_gib": peak,
         "reserved_gib": reserved,
         "final_loss": float(loss.detach()),
-        **({"capture_s": capture_s} if graphs else {}),
+        **({"capture_s": capture_s} if graphs or compile else {}),
     }
 
 
 def training_step(
-    cfg: ModelConfig, *, batch: int, seq: int, device: torch.device, graphs: bool = False
+    cfg: ModelConfig, *, batch: int, seq: int, device: torch.device, graphs: bool = False, compile: bool = False
 ) -> Callable[[], torch.Tensor]:
     """A fresh model of `cfg` (seed 0), fused AdamW on CUDA, one batch of random ids, and the step that trains on
-    it (bf16 autocast on CUDA; `graphs`: the block calls replayed as CUDA graphs) and returns the loss."""
+    it (bf16 autocast on CUDA; `graphs`: the block calls replayed as CUDA graphs; `compile`: the model under
+    `torch.compile`, as `nestlearn train compile=true` runs it) and returns the loss."""
+    if graphs and compile:
+        raise ValueError("graphs and compile exclude each other (as cuda_graphs and compile do in nestlearn train)")
     torch.manual_seed(0)
     model = CausalLM(cfg).to(device)
+    if compile and model.online_segment is not None:
+        raise ValueError("torch.compile cannot take online CMS levels (nestlearn train compile=true refuses them)")
+    forward = torch.compile(model) if compile else model
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
     ids = torch.randint(0, cfg.vocab_size, (batch, seq), device=device)
     captured = StepGraphs(model) if graphs else None
@@ -76,7 +85,7 @@ def training_step(
             if captured is not None:
                 loss = next_token_loss(captured.logits(ids)[:, :-1], ids[:, 1:])
             else:
-                loss, _ = model.loss(ids)
+                loss = next_token_loss(forward(ids)[0][:, :-1], ids[:, 1:])
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

@@ -19,7 +19,9 @@ Sections (`--sections`, default all):
   tokens/s, ratio to eager Transformer++ of the same preset, model FLOP utilisation and peak CUDA memory
   (`--train-steps` timed steps after `--warmup`). `--graphs` adds, after each row, the
   same step with every block call replayed as a CUDA graph (`nestlearn.models.graphs.StepGraphs`; the note gives
-  the warm-up's seconds, capture included). `--train-rows REGEX` keeps the rows whose label matches and
+  the warm-up's seconds, capture included); `--compile` adds each row under `torch.compile` as `nestlearn train
+  compile=true` runs it (the warm-up, compile included, in the note; rows with online CMS levels record the
+  refusal). `--train-rows REGEX` keeps the rows whose label matches and
   `--no-eager` drops their eager runs (Transformer++'s eager row, the reference, always runs);
   `--train-presets 20M` keeps one preset.
   `--memory-save-every N` sets the recurrent variants' `memory_save_every` (every N-th chunk state kept for the
@@ -253,25 +255,25 @@ def train_jobs(args: argparse.Namespace, plan: Plan) -> Iterator[Job]:
     for name, batch, seq in plan.train:
         if args.train_presets and name not in args.train_presets.split(","):
             continue
-        for (label, variant, over), graphs in _train_modes(args):
-            base = {"section": "train", "group": f"train {name}", "name": label + (" + CUDA graphs" if graphs else ""),
+        for (label, variant, over), mode in _train_modes(args):
+            base = {"section": "train", "group": f"train {name}", "name": label + MODE_SUFFIX[mode],
                     "shape": f"{name}: {batch} x {seq}", "vs": "transformer",
-                    "ref": variant == "transformer" and not graphs}  # fmt: skip
+                    "ref": variant == "transformer" and mode == "eager"}  # fmt: skip
 
             def run(name: str = name, variant: str = variant, over: dict = over, batch: int = batch, seq: int = seq,
-                    graphs: bool = graphs):  # fmt: skip
+                    mode: str = mode):  # fmt: skip
                 fields = {"activation_checkpointing": args.checkpoint, **over, **save_every(variant, args)}
                 cfg = preset(name, variant, **fields)
                 r = time_training(cfg, batch=batch, seq=seq, device=args.device, steps=args.train_steps,
-                                  warmup=args.warmup, graphs=graphs)  # fmt: skip
+                                  warmup=args.warmup, graphs=mode == "graphs", compile=mode == "compile")  # fmt: skip
                 flops = model_flops_per_token(cfg, r["params"], seq)
                 r["flops_per_token"] = flops
                 r["mfu"] = flops * r["tokens_per_s"] / peak if peak else None
                 if args.device != "cuda":
                     r["peak_gib"] = r["reserved_gib"] = None  # the process's peak RSS so far, not this row's
                 r["note"] = f"{r['params'] / 1e6:.1f}M params, step {r['step_s']:.3f} s, loss {r['final_loss']:.2f}"
-                if graphs:
-                    r["note"] += f", warm-up with capture {r['capture_s']:.1f} s"
+                if mode != "eager":
+                    r["note"] += f", warm-up with {'capture' if mode == 'graphs' else 'compile'} {r['capture_s']:.1f} s"
                 return r
 
             yield base, run
@@ -282,18 +284,23 @@ def save_every(variant: str, args: argparse.Namespace) -> dict[str, int]:
     return {"memory_save_every": args.memory_save_every} if variant in RECURRENT else {}
 
 
-def _train_modes(args: argparse.Namespace) -> Iterator[tuple[tuple[str, str, dict[str, Any]], bool]]:
-    """Each train row whose label `--train-rows` matches, eagerly unless `--no-eager`, and with `--graphs` right
-    after it with CUDA graphs (`nestlearn.models.graphs`). Transformer++'s eager row always runs: the ratios'
-    reference."""
+MODE_SUFFIX = {"eager": "", "graphs": " + CUDA graphs", "compile": " + torch.compile"}
+
+
+def _train_modes(args: argparse.Namespace) -> Iterator[tuple[tuple[str, str, dict[str, Any]], str]]:
+    """Each train row whose label `--train-rows` matches, eagerly unless `--no-eager`, then with `--graphs` with
+    CUDA graphs (`nestlearn.models.graphs`) and with `--compile` under `torch.compile` (a row with online CMS
+    levels records the refusal). Transformer++'s eager row always runs: the ratios' reference."""
     for row in TRAIN_ROWS:
         label, variant, _ = row
         if not re.search(args.train_rows, label) and variant != "transformer":
             continue
         if not args.no_eager or variant == "transformer":
-            yield row, False
+            yield row, "eager"
         if args.graphs:
-            yield row, True
+            yield row, "graphs"
+        if args.compile:
+            yield row, "compile"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -643,10 +650,13 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                    help="train rows of the recurrent variants keep every N-th chunk state (0: none; ModelConfig."
                         "memory_save_every)")  # fmt: skip
     p.add_argument("--graphs", action="store_true", help="train rows also with CUDA graphs (models/graphs.py)")
+    p.add_argument("--compile", action="store_true", help="train rows also under torch.compile (static CMS only)")
     p.add_argument("--train-rows", default="", help="regex: only train rows whose label matches (and transformer)")
     p.add_argument("--train-presets", default="", help="comma-separated: only these train presets (e.g. 20M)")
     p.add_argument("--decode-rows", default="", help="regex: only decode rows whose label matches (and transformer)")
-    p.add_argument("--no-eager", action="store_true", help="train rows only with --graphs (transformer eager too)")
+    p.add_argument(
+        "--no-eager", action="store_true", help="train rows only with --graphs / --compile (transformer eager too)"
+    )
     p.add_argument("--max-minutes", type=float, default=None, help="start no row after this many minutes")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--json", default=None, help="write the header, run settings and raw rows here")
@@ -682,7 +692,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     meta = run_meta(args.device, triton=_triton(), smoke=args.smoke, sections=args.sections,
                     train_steps=args.train_steps, warmup=args.warmup, reps=args.reps, decode_steps=args.decode_steps,
                     checkpoint=args.checkpoint, memory_save_every=args.memory_save_every, graphs=args.graphs,
-                    plan=dataclasses.asdict(args.plan))  # fmt: skip
+                    compile=args.compile, plan=dataclasses.asdict(args.plan))  # fmt: skip
     deadline = time.monotonic() + 60 * args.max_minutes if args.max_minutes is not None else float("inf")
     print(head, flush=True)
     rows: list[dict[str, Any]] = []
