@@ -111,11 +111,11 @@ def test_model_flops_follow_the_formula() -> None:
 
 def test_train_rows_pick_rows_and_keep_the_reference() -> None:
     args = speed.parse([*FAST, "--graphs", "--no-eager", "--train-rows", "^hope, static"])
-    modes = [(label, graphs) for (label, _, _), graphs in speed._train_modes(args)]
-    assert modes == [("transformer", False), ("transformer", True), ("hope, static CMS", True),
-                     ("hope, static CMS, fused kernels", True),
-                     ("hope, static CMS, compiled projection", True),
-                     ("hope, static CMS, compiled projection, budget 0.05", True)]  # fmt: skip
+    modes = [(label, mode) for (label, _, _), mode in speed._train_modes(args)]
+    assert modes == [("transformer", "eager"), ("transformer", "graphs"), ("hope, static CMS", "graphs"),
+                     ("hope, static CMS, fused kernels", "graphs"),
+                     ("hope, static CMS, compiled projection", "graphs"),
+                     ("hope, static CMS, compiled projection, budget 0.05", "graphs")]  # fmt: skip
 
 
 def test_train_presets_pick_presets_and_refuse_unknown_ones() -> None:
@@ -130,11 +130,9 @@ def test_memory_save_every_reaches_the_recurrent_rows_only() -> None:
     assert speed.save_every("hope", args) == {"memory_save_every": 0} and speed.save_every("transformer", args) == {}
 
 
-def test_graphs_rows_follow_each_row() -> None:
-    """`--graphs` adds a CUDA-graph row right after every train row."""
-    modes = [(label, graphs) for (label, _, _), graphs in speed._train_modes(speed.parse([*FAST, "--graphs"]))]
-    graphed = [label for label, graphs in modes if graphs]
-    assert graphed == [label for label, _, _ in speed.TRAIN_ROWS]
-    assert [label for label, graphs in modes if not graphs] == [label for label, _, _ in speed.TRAIN_ROWS]
-    assert all(modes[modes.index((label, True)) - 1] == (label, False) for label in graphed)
-    assert not any(graphs for _, graphs in speed._train_modes(speed.parse(FAST)))
+def test_graphs_and_compile_rows_follow_each_row() -> None:
+    """`--graphs` adds a CUDA-graph row right after every train row, `--compile` a compiled one after that."""
+    modes = [(label, mode) for (label, _, _), mode in speed._train_modes(speed.parse([*FAST, "--graphs", "--compile"]))]
+    labels = [label for label, _, _ in speed.TRAIN_ROWS]
+    assert modes == [(label, mode) for label in labels for mode in ("eager", "graphs", "compile")]
+    assert {mode for _, mode in speed._train_modes(speed.parse(FAST))} == {"eager"}
