@@ -615,7 +615,8 @@ def _launch_key(direction: str, prep: _Prepared, E: int, spec: MemorySpec) -> tu
 
 def _launched(key: tuple[Any, ...], launch: Any) -> bool:
     """Run `launch()` unless `key`'s variant failed to launch before; False (with a warning the first time) where
-    the GPU has too little shared memory or registers for it, before any work is done."""
+    the GPU lacks a resource the compiled kernel needs (Triton checks its shared memory at the first launch,
+    before any work is done)."""
     from triton.runtime.errors import OutOfResources
 
     if key in _UNLAUNCHABLE:
