@@ -87,7 +87,7 @@ def _setup(cfg: TrainConfig, stop: Stop) -> Run:
         _check_fsdp(cfg)
         _shard(core)
     if cfg.compile:
-        _check_compile(core)
+        check_compile(core)
         model = torch.compile(model)
     opt = route(core, cfg.optimizer, lr=cfg.matrix_lr, adamw_lr=cfg.lr, weight_decay=cfg.weight_decay,
                 adamw_kwargs={"betas": (0.9, 0.95)})  # fmt: skip
@@ -182,7 +182,7 @@ def _check_graphs(cfg: TrainConfig, mode: str) -> None:
         raise ValueError("cuda_graphs=true and compile=true exclude each other: set one of them false")
 
 
-def _check_compile(core: CausalLM) -> None:
+def check_compile(core: CausalLM) -> None:
     """`torch.compile` (torch 2.13) cannot take the online CMS's inner gradient: the compiled backward refuses the
     second call that the inner `torch.autograd.grad` and the outer backward make (donated buffers), and with donation
     off the outer gradients of the CMS levels come out wrong (up to 108 % of their size at the debug Hope-Attention,
