@@ -75,12 +75,13 @@ def main() -> None:
     p.add_argument("--E", type=int, default=128)
     p.add_argument("--arch", type=int, default=90, choices=sorted(SHARED_LIMIT))
     p.add_argument("--stages", type=int, default=K.NUM_STAGES, help="num_stages (the launchers' by default)")
-    p.add_argument("--precisions", default="tf32x3", help=f"dot precisions, of {', '.join(K.GPU_PRECISIONS[1:])}")
+    choices = [x for x in K.GPU_PRECISIONS if x != "auto"]  # "auto" picks one of these per call
+    p.add_argument("--precisions", default="tf32x3", help=f"dot precisions, of {', '.join(choices)}")
     p.add_argument("--warps", default=str(K.NUM_WARPS), help="num_warps values (the launchers' by default)")
     args = p.parse_args()
     precisions, warps = args.precisions.split(","), [int(w) for w in args.warps.split(",")]
-    if set(precisions) - set(K.GPU_PRECISIONS[1:]):
-        p.error(f"--precisions takes {', '.join(K.GPU_PRECISIONS[1:])}, not {args.precisions!r}")
+    if set(precisions) - set(choices):
+        p.error(f"--precisions takes {', '.join(choices)}, not {args.precisions!r}")
     limit = SHARED_LIMIT[args.arch]
     print(f"triton {triton.__version__}, sm_{args.arch}, D={args.D}, E={args.E}, num_stages={args.stages}, shared "
           f"memory limit {limit / 1024:.0f} KiB", flush=True)  # fmt: skip
