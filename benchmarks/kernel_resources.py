@@ -12,6 +12,7 @@ minutes on a 2-core CPU.
     python -m benchmarks.kernel_resources                    # D = 32, E = 128 (the 20M preset's heads), n = 16, 32, 64
     python -m benchmarks.kernel_resources --kernels forward --chunks 64 --stages 3
     python -m benchmarks.kernel_resources --chunks 64 --precisions tf32x3,tf32 --warps 8,16
+    python -m benchmarks.kernel_resources --chunks 64 --precisions tf32 --variant titans   # Titans' switches
 """
 
 from __future__ import annotations
@@ -31,19 +32,32 @@ from triton.compiler import ASTSource
 from nestlearn.ops.memory import _mlp_kernels as K
 
 SHARED_LIMIT = {90: 232_448, 80: 166_912}  # bytes a block may use (sm_90: 227 KiB, sm_80: 163 KiB)
+# the kernels' compile-time switches of the two memory families: HOPE's (DGD, self-generated values; the default)
+# and the Titans variants' (plain GD, the keys' own values, each token's gradient clipped: `titans.titans_spec`)
+SWITCHES = {
+    "hope": dict(DGD=True, SELF_VALUES=True, L2=True, ACT=0, CLIP=False),
+    "titans": dict(DGD=False, SELF_VALUES=False, L2=True, ACT=0, CLIP=True),
+}
 KERNELS = {"forward": K._mlp_forward_kernel, "backward": K._mlp_backward_kernel}
 
 
 def compile_kernel(
-    name: str, n: int, D: int, E: int, arch: int, stages: int, precision: str = "tf32x3", warps: int = K.NUM_WARPS
+    name: str,
+    n: int,
+    D: int,
+    E: int,
+    arch: int,
+    stages: int,
+    precision: str = "tf32x3",
+    warps: int = K.NUM_WARPS,
+    variant: str = "hope",
 ) -> tuple[object, float]:
-    """`name`'s kernel for chunks of `n`, default switches (DGD, self-generated values, L2, silu, no clip), the dots
-    at `precision` (`_mlp_kernels.products`), `warps` warps a program."""
+    """`name`'s kernel for chunks of `n`, the `variant`'s switches (`SWITCHES`), the dots at `precision`
+    (`_mlp_kernels.products`), `warps` warps a program."""
     fn = KERNELS[name]
-    consts = dict(n=n, LOGN=n.bit_length() - 1, D=D, E=E, DGD=True, SELF_VALUES=True, L2=True, ACT=0, CLIP=False,
-                  P=precision)  # fmt: skip
+    consts = dict(n=n, LOGN=n.bit_length() - 1, D=D, E=E, **SWITCHES[variant], P=precision)
     if "ANCHOR" in fn.arg_names:  # the backward: its flag and its scratch slots (`launch_mlp_backward`)
-        consts.update(ANCHOR=True, SLOT=n * max(n, E), NS=K.NSLOT)
+        consts.update(ANCHOR=True, SLOT=max(n * max(n, E), D * E), NS=K.NSLOT)
     kinds = {"N": "i32", "eps": "fp32", "clip": "fp32"}
     signature = {a: "constexpr" if a in consts else kinds.get(a, "*fp32") for a in fn.arg_names}
     t0 = time.perf_counter()
@@ -78,18 +92,20 @@ def main() -> None:
     choices = [x for x in K.GPU_PRECISIONS if x != "auto"]  # "auto" picks one of these per call
     p.add_argument("--precisions", default="tf32x3", help=f"dot precisions, of {', '.join(choices)}")
     p.add_argument("--warps", default=str(K.NUM_WARPS), help="num_warps values (the launchers' by default)")
+    p.add_argument("--variant", default="hope", choices=sorted(SWITCHES), help="the compile-time switches")
     args = p.parse_args()
     precisions, warps = args.precisions.split(","), [int(w) for w in args.warps.split(",")]
     if set(precisions) - set(choices):
         p.error(f"--precisions takes {', '.join(choices)}, not {args.precisions!r}")
     limit = SHARED_LIMIT[args.arch]
-    print(f"triton {triton.__version__}, sm_{args.arch}, D={args.D}, E={args.E}, num_stages={args.stages}, shared "
+    print(f"triton {triton.__version__}, sm_{args.arch}, {args.variant} switches, D={args.D}, E={args.E}, "
+          f"num_stages={args.stages}, shared "
           f"memory limit {limit / 1024:.0f} KiB", flush=True)  # fmt: skip
     rows = []
     for name, n, precision, w in itertools.product(
         args.kernels.split(","), (int(c) for c in args.chunks.split(",")), precisions, warps
     ):
-        compiled, secs = compile_kernel(name, n, args.D, args.E, args.arch, args.stages, precision, w)
+        compiled, secs = compile_kernel(name, n, args.D, args.E, args.arch, args.stages, precision, w, args.variant)
         regs, spill = ptxas_report(compiled, args.arch)
         shared = compiled.metadata.shared
         rows.append((name, n, precision, w, shared, "yes" if shared <= limit else "NO", regs, spill, secs))
