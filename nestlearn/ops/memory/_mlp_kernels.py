@@ -10,11 +10,13 @@ system `T = I + diag(eta)(R_prev ∘ X̂X̂ᵀ)` inverted as `(I - L)(I + L²)(I
 product of log2(n) factors is exact). It writes every chunk's outputs, every chunk-start state and the final
 state. `_mlp_backward_kernel` walks the chunks back: it recomputes each chunk from its saved start and applies
 `adjoint.mlp_chunk_adjoint` (the two matrix steps' adjoints, the MLP's chain, the frozen surprise), carrying the
-state's adjoint on chip; it writes the adjoints of every chunk's q, k, k̂, v and gate products (which autograd
+state's adjoint in its scratch buffer (below); it writes the adjoints of every chunk's q, k, k̂, v and gate products (which autograd
 then takes back through the chunk layout, as `adjoint.py` does) and of the initial state. Its shared memory is
 kept down by a per-program scratch buffer in global memory (`NSLOT` slots): every tensor a dot takes is stashed
 there (or read from its input) and read back fresh just before its dots (section comment below), so that each
 on-chip copy lives only around its own dots; without that the backward at 64-token chunks needed 640 KiB. The
+adjoints it builds up (the state's, carried from chunk to chunk, and each matrix step's of its inputs) are
+accumulated there too, term by term, instead of in registers (docs/decisions.md: 7 % off Titans' step). The
 gate products (decay and momentum, `_Coef`) come in precomputed, so the decay and momentum switches are in the
 data; DGD, self-generated values, the objective and the activation are compile-time switches.
 What it is not: the branch LayerNorm, or a kernel for large states: the forward's state lives in
@@ -346,48 +348,53 @@ def _acc_store(ptr, x, R: tl.constexpr, C: tl.constexpr, ACC: tl.constexpr):
 
 
 @triton.jit
-def _step_adjoint(Wp, Sp, Xp, Xhp, Qp, Errp, SV, dOp, dWn, dSn,
+def _step_adjoint(Wp, Sp, Xp, Xhp, Qp, Errp, SV, dOp, DWN, DSN, GW, GS, GX, GXH, GQ, GE,
                   eta, gam, gam_p, m, m_p, RMp, RPp, DMp, DPp, gam_e, m_e, b_e, R_e, D_e, Lb_e,
                   CRMp, CRPp, CDMp, CDPp, ACC: tl.constexpr,
                   n: tl.constexpr, O_: tl.constexpr, I_: tl.constexpr, SLOT: tl.constexpr, DGD: tl.constexpr,
                   P: tl.constexpr):  # fmt: skip
-    """`adjoint.matrix_step_adjoint` from `_step_stash`'s stash SV (dO `[n, O_]` read at dOp): -> dW, dS, dX,
-    dX̂, dQ, dE and the gate products' vector adjoints (eta, gam, gam_prev, m, m_prev, gam_e, m_e, b_e, R_e, D_e,
-    Lb_e); the [n, n] ones (R, R_prev, D, D_prev) are stored at CRMp, CRPp, CDMp, CDPp (ACC: added to what is
-    there)."""
+    """`adjoint.matrix_step_adjoint` from `_step_stash`'s stash SV, dO `[n, O_]` at dOp and the chunk-end state's
+    adjoint dW', dS' `[O_, I_]` at DWN, DSN: the adjoints dW, dS, dX, dX̂, dQ, dE are stored at GW, GS, GX, GXH,
+    GQ, GE (accumulated there term by term, so that none of them is held whole on chip across the dots), the gate
+    products' vector adjoints (eta, gam, gam_prev, m, m_prev, gam_e, m_e, b_e, R_e, D_e, Lb_e) returned; the
+    [n, n] ones (R, R_prev, D, D_prev) are stored at CRMp, CRPp, CDMp, CDPp (ACC: added to what is there)."""
     # chunk-end momentum S' and weight W'
-    dS = b_e * dSn + m_e * dWn
-    dW = gam_e * dWn
     S = _get(Sp, O_, I_)
+    dSn = _get(DSN, O_, I_)
+    dWn = _get(DWN, O_, I_)
     c_be = tl.sum(tl.sum(dSn * S, axis=1), axis=0)
-    c_game = tl.sum(tl.sum(dWn * _get(Wp, O_, I_), axis=1), axis=0)
     c_me = tl.sum(tl.sum(dWn * S, axis=1), axis=0)
-    Err = _get(Errp, n, O_)
-    EdS = _mm(Err, dSn, P)
-    EdW = _mm(Err, dWn, P)
+    _put(GS, b_e * dSn + m_e * dWn, O_, I_)
+    c_game = tl.sum(tl.sum(_get(DWN, O_, I_) * _get(Wp, O_, I_), axis=1), axis=0)
+    _put(GW, gam_e * _get(DWN, O_, I_), O_, I_)
+    EdS = _mm(_get(Errp, n, O_), _get(DSN, O_, I_), P)
+    EdW = _mm(_get(Errp, n, O_), _get(DWN, O_, I_), P)
     X = _get(Xp, n, I_)
-    dE = Lb_e[:, None] * _mm(X, tl.trans(dSn), P) + D_e[:, None] * _mm(X, tl.trans(dWn), P)
-    dX = Lb_e[:, None] * EdS + D_e[:, None] * EdW
     c_Lbe = _rowdot(EdS, X)
     c_De = _rowdot(EdW, X)
-    dXh = tl.zeros((n, I_), tl.float32)
+    _put(GX, Lb_e[:, None] * EdS + D_e[:, None] * EdW, n, I_)
+    X = _get(Xp, n, I_)
+    _put(GE, Lb_e[:, None] * _mm(X, tl.trans(_get(DSN, O_, I_)), P) + D_e[:, None] * _mm(
+        X, tl.trans(_get(DWN, O_, I_)), P), n, O_)  # fmt: skip
     c_Re = tl.zeros_like(eta)
-    UdW = tl.zeros((n, I_), tl.float32)
-    XhdW = tl.zeros((n, O_), tl.float32)
-    if DGD:  # the rest of the chunk-end terms while dWn's copies are live
-        UdW = _mm(_get(SV + 6 * SLOT, n, O_), dWn, P)
+    if DGD:  # the rest of the chunk-end terms; X̂ dW'ᵀ waits in slot 7 (dY's, later) for dU
+        UdW = _mm(_get(SV + 6 * SLOT, n, O_), _get(DWN, O_, I_), P)
         Xh = _get(Xhp, n, I_)
-        XhdW = _mm(Xh, tl.trans(dWn), P)
         c_Re = _rowdot(UdW, Xh)
+        _put(GXH, R_e[:, None] * UdW, n, I_)
+        _put(SV + 7 * SLOT, _mm(_get(Xhp, n, I_), tl.trans(_get(DWN, O_, I_)), P), n, O_)
+    else:
+        _put(GXH, tl.zeros((n, I_), tl.float32), n, I_)
     # reads: O = Γ ⊙ Q Wᵀ + m ⊙ Q Sᵀ + (R ∘ Q X̂ᵀ) U + (D ∘ Q Xᵀ) E
     gW, gS, dQ, c_gam, c_m = _state_term_adjoint(Wp, Sp, Qp, gam, m, _get(dOp, n, O_), O_, I_, n, P)
-    dW += gW
-    dS += gS
+    _acc_store(GW, gW, O_, I_, True)
+    _acc_store(GS, gS, O_, I_, True)
+    _put(GQ, dQ, n, I_)
     gE, c_D, G2 = _masked_adjoint(_get(DMp, n, n), _get(SV, n, n), _get(Errp, n, O_), _get(dOp, n, O_), P)
     _acc_store(CDMp, c_D, n, n, ACC)
-    dE += gE
-    dQ += _mm(G2, _get(Xp, n, I_), P)
-    dX += _mm(tl.trans(G2), _get(Qp, n, I_), P)
+    _acc_store(GE, gE, n, O_, True)
+    _acc_store(GQ, _mm(G2, _get(Xp, n, I_), P), n, I_, True)
+    _acc_store(GX, _mm(tl.trans(G2), _get(Qp, n, I_), P), n, I_, True)
     c_eta = tl.zeros_like(eta)
     c_gp = tl.zeros_like(eta)
     c_mp = tl.zeros_like(eta)
@@ -395,9 +402,9 @@ def _step_adjoint(Wp, Sp, Xp, Xhp, Qp, Errp, SV, dOp, dWn, dSn,
         gU, c_R, G1 = _masked_adjoint(_get(RMp, n, n), _get(SV + SLOT, n, n), _get(SV + 6 * SLOT, n, O_),
                                       _get(dOp, n, O_), P)  # fmt: skip
         _acc_store(CRMp, c_R, n, n, ACC)
-        dU = R_e[:, None] * XhdW + gU
-        dXh = R_e[:, None] * UdW + _mm(tl.trans(G1), _get(Qp, n, I_), P)
-        dQ += _mm(G1, _get(Xhp, n, I_), P)
+        dU = R_e[:, None] * _get(SV + 7 * SLOT, n, O_) + gU
+        _acc_store(GXH, _mm(tl.trans(G1), _get(Qp, n, I_), P), n, I_, True)
+        _acc_store(GQ, _mm(G1, _get(Xhp, n, I_), P), n, I_, True)
         # the DGD system: U = T⁻¹ rhs, rhs = -eta ⊙ Y, Y = Γp ⊙ X̂ Wᵀ + mp ⊙ X̂ Sᵀ + (Dp ∘ X̂ Xᵀ) E
         drhs = _mm(tl.trans(_get(SV + 5 * SLOT, n, n)), dU, P)
         a = tl.arange(0, n)
@@ -410,27 +417,29 @@ def _step_adjoint(Wp, Sp, Xp, Xhp, Qp, Errp, SV, dOp, dWn, dSn,
         _put(SV + 7 * SLOT, -eta[:, None] * drhs, n, O_)  # dY, fresh for each of its two uses
         gW, gS, gXh, c_gp, c_mp = _state_term_adjoint(Wp, Sp, Xhp, gam_p, m_p, _get(SV + 7 * SLOT, n, O_), O_, I_,
                                                       n, P)  # fmt: skip
-        dW += gW
-        dS += gS
-        dXh += gXh
+        _acc_store(GW, gW, O_, I_, True)
+        _acc_store(GS, gS, O_, I_, True)
+        _acc_store(GXH, gXh, n, I_, True)
         gE, c_Dp, dXX = _masked_adjoint(_get(DPp, n, n), _get(SV + 3 * SLOT, n, n), _get(Errp, n, O_),
                                         _get(SV + 7 * SLOT, n, O_), P)  # fmt: skip
         _acc_store(CDPp, c_Dp, n, n, ACC)
-        dE += gE
-        dXh += _mm(dXX, _get(Xp, n, I_), P)
-        dX += _mm(tl.trans(dXX), _get(Xhp, n, I_), P)
+        _acc_store(GE, gE, n, O_, True)
+        _acc_store(GXH, _mm(dXX, _get(Xp, n, I_), P), n, I_, True)
+        _acc_store(GX, _mm(tl.trans(dXX), _get(Xhp, n, I_), P), n, I_, True)
         # T = I + diag(eta)(Rp ∘ X̂ X̂ᵀ)
-        dXh += _mm(dA + tl.trans(dA), _get(Xhp, n, I_), P)
+        _acc_store(GXH, _mm(dA + tl.trans(dA), _get(Xhp, n, I_), P), n, I_, True)
     else:
         _acc_store(CRMp, tl.zeros((n, n), tl.float32), n, n, ACC)
         _acc_store(CRPp, tl.zeros((n, n), tl.float32), n, n, ACC)
         _acc_store(CDPp, tl.zeros((n, n), tl.float32), n, n, ACC)
-    return (dW, dS, dX, dXh, dQ, dE, c_eta, c_gam, c_gp, c_m, c_mp, c_game, c_me, c_be, c_Re, c_De, c_Lbe)
+    return (c_eta, c_gam, c_gp, c_m, c_mp, c_game, c_me, c_be, c_Re, c_De, c_Lbe)
 
 
-# scratch slots of `_mlp_backward_kernel` (each n * max(n, E) floats): the two steps' stashes, then the surprise's
-# tensors, the W1 step's inputs and the adjoint carried from the W1 step's to the surprise's
-NSLOT = 27
+# scratch slots of `_mlp_backward_kernel` (each max(n max(n, E), D E) floats): the two steps' stashes, then the surprise's
+# tensors, the W1 step's inputs, the W1 step's adjoints of its inputs and errors (the first carried to the
+# surprise's), the W2 step's adjoint of its errors, and two sets of four for the state's adjoint (the one coming in
+# from the chunk after, the one going out to the chunk before; they swap roles every chunk)
+NSLOT = 39
 
 
 @triton.jit(do_not_specialize=["N"])
@@ -465,9 +474,17 @@ def _mlp_backward_kernel(
     SHR = SC + 24 * SLOT
     SZR = SC + 25 * SLOT
     SDH = SC + 26 * SLOT
+    SDHH = SC + 27 * SLOT
+    SDHR = SC + 28 * SLOT
+    SDE1 = SC + 29 * SLOT
+    SDE2 = SC + 30 * SLOT
+    # the state's adjoint (W1, W2, S1, S2) lives in scratch: one set in slots 31-34, the other in 35-38
     d1, d2, ds1, ds2 = _load_state(DW1, DW2, DS1, DS2, bh, D, E)
+    _store_state(SC + 31 * SLOT, SC + 32 * SLOT, SC + 33 * SLOT, SC + 34 * SLOT, 0, d1, d2, ds1, ds2, D, E)
     for jj in range(N):
         j = N - 1 - jj
+        IN = SC + (31 + 4 * (jj % 2)) * SLOT  # the chunk-end state's adjoint
+        OUT = SC + (35 - 4 * (jj % 2)) * SLOT  # the chunk-start state's, built up below
         c = bh * N + j
         W1p, W2p, S1p, S2p = _state_ptrs(STARTS1, STARTS2, STARTT1, STARTT2, c, D, E)
         Qp, Kp, KHp, Vp = _chunk_ptrs(Q, K, KH, V, c, n, D)
@@ -520,29 +537,33 @@ def _mlp_backward_kernel(
         _put(SHH, h / nrm[:, None], n, E)
         _ = _step_stash(W1p, S1p, SH, SHH, SHR, SE1, SV1, eta, gam, gam_p, m, m_p, RMp, RPp, DMp, DPp, n, LOGN, D,
                         E, SLOT, DGD, P)  # fmt: skip
-        # W1 reads σ(W2's reads): its adjoint first, then W2's with the chained read adjoint
-        (g1, gs1, dH, dHh, dHr, dE1, c_eta, c_gam, c_gp, c_m, c_mp, c_game, c_me, c_be, c_Re, c_De,
-         c_Lbe) = _step_adjoint(W1p, S1p, SH, SHH, SHR, SE1, SV1, DOp, d1, ds1, eta, gam, gam_p, m, m_p, RMp,
-                                RPp, DMp, DPp, gam_e, m_e, b_e, R_e, D_e, Lb_e, CRMp, CRPp, CDMp, CDPp, False, n, D,
-                                E, SLOT, DGD, P)  # fmt: skip
-        hh = _get(SHH, n, E)
-        dH += (dHh - _rowdot(dHh, hh)[:, None] * hh) / nrm[:, None]  # through h_hat = h / |h|
-        _put(SDH, dH, n, E)
-        _put(SZR, dHr * _dsigma(_get(SZR, n, E), ACT), n, E)  # zr's slot now holds dzr
-        (g2, gs2, dK, dKh, dq, dE2, c_eta2, c_gam2, c_gp2, c_m2, c_mp2, c_game2, c_me2, c_be2, c_Re2, c_De2,
-         c_Lbe2) = _step_adjoint(W2p, S2p, Kp, KHp, Qp, SE2, SV2, SZR, d2, ds2, eta, gam, gam_p, m, m_p, RMp, RPp,
-                                 DMp, DPp, gam_e, m_e, b_e, R_e, D_e, Lb_e, CRMp, CRPp, CDMp, CDPp, True, n, E, D,
-                                 SLOT, DGD, P)  # fmt: skip
-        dq += _get(DOp, n, D)  # the residual of Eq. 89
+        # W1 reads σ(W2's reads): its adjoint first, then W2's with the chained read adjoint; W2's adjoints of its
+        # inputs go straight to the chunk's dk, dk̂, dq
+        dqp, dkp, dkhp, dvp = _chunk_ptrs(DQ, DK, DKH, DV, c, n, D)
+        (c_eta, c_gam, c_gp, c_m, c_mp, c_game, c_me, c_be, c_Re, c_De, c_Lbe) = _step_adjoint(
+            W1p, S1p, SH, SHH, SHR, SE1, SV1, DOp, IN, IN + 2 * SLOT, OUT, OUT + 2 * SLOT, SDH, SDHH, SDHR, SDE1,
+            eta, gam, gam_p, m, m_p, RMp, RPp, DMp, DPp, gam_e, m_e, b_e, R_e, D_e, Lb_e, CRMp, CRPp, CDMp, CDPp,
+            False, n, D, E, SLOT, DGD, P)  # fmt: skip
+        if DGD:  # through h_hat = h / |h|
+            hh = _get(SHH, n, E)
+            dHh = _get(SDHH, n, E)
+            _acc_store(SDH, (dHh - _rowdot(dHh, hh)[:, None] * hh) / nrm[:, None], n, E, True)
+        _put(SZR, _get(SDHR, n, E) * _dsigma(_get(SZR, n, E), ACT), n, E)  # zr's slot now holds dzr
+        (c_eta2, c_gam2, c_gp2, c_m2, c_mp2, c_game2, c_me2, c_be2, c_Re2, c_De2, c_Lbe2) = _step_adjoint(
+            W2p, S2p, Kp, KHp, Qp, SE2, SV2, SZR, IN + SLOT, IN + 3 * SLOT, OUT + SLOT, OUT + 3 * SLOT, dkp, dkhp,
+            dqp, SDE2, eta, gam, gam_p, m, m_p, RMp, RPp, DMp, DPp, gam_e, m_e, b_e, R_e, D_e, Lb_e, CRMp, CRPp,
+            CDMp, CDPp, True, n, E, D, SLOT, DGD, P)  # fmt: skip
+        _acc_store(dqp, _get(DOp, n, D), n, D, True)  # the residual of Eq. 89
         # the frozen surprise: e1 = -eta cf r, e2 = -eta cf (r W1 ∘ σ'(z)), r = k + σ(z) W1ᵀ - v_t (L2) or -v_t
         # (dot), cf the clip factor (1 without CLIP)
-        d_step = _rowdot(dE1, _get(SR, n, D)) + _rowdot(dE2, _get(SBACK, n, E))  # the adjoint of -eta cf
+        d_step = _rowdot(_get(SDE1, n, D), _get(SR, n, D)) + _rowdot(_get(SDE2, n, E), _get(SBACK, n, E))
         cf = tl.full((n,), 1.0, tl.float32)
-        dH = _get(SDH, n, E)
+        dK = tl.zeros((n, D), tl.float32)  # added to the W2 step's at the end
         if CLIP:  # cf = c / sqrt(max(sq, c²)): its adjoint through sq = |r|² |h|² + |back|² |k|²
             cf, sq = _clip_factor(_get(SR, n, D), _get(SH, n, E), _get(SBACK, n, E), _get(Kp, n, D), clip)
             dsq = tl.where(sq > clip * clip, 0.5 * eta * d_step * cf / tl.maximum(sq, clip * clip), 0.0)
-            dH += (2.0 * dsq * _rowdot(_get(SR, n, D), _get(SR, n, D)))[:, None] * _get(SH, n, E)
+            _acc_store(SDH, (2.0 * dsq * _rowdot(_get(SR, n, D), _get(SR, n, D)))[:, None] * _get(SH, n, E), n, E,
+                       True)  # fmt: skip
             dK += (2.0 * dsq * _rowdot(_get(SBACK, n, E), _get(SBACK, n, E)))[:, None] * _get(Kp, n, D)
             dback = (2.0 * dsq * _rowdot(_get(Kp, n, D), _get(Kp, n, D)))[:, None] * _get(SBACK, n, E)
             dr = (2.0 * dsq * _rowdot(_get(SH, n, E), _get(SH, n, E)))[:, None] * _get(SR, n, D)
@@ -550,36 +571,31 @@ def _mlp_backward_kernel(
             dback = tl.zeros((n, E), tl.float32)
             dr = tl.zeros((n, D), tl.float32)
         c_eta += c_eta2 - cf * d_step
-        dback += -(eta * cf)[:, None] * dE2
+        dback += -(eta * cf)[:, None] * _get(SDE2, n, E)
         z = _get(SZ, n, E)
-        dsz = _dsigma(z, ACT)
-        drW1 = dback * dsz
-        dr += -(eta * cf)[:, None] * dE1 + _mm(drW1, tl.trans(_get(W1p, D, E)), P)
-        g1 += _mm(tl.trans(_get(SR, n, D)), drW1, P)
+        drW1 = dback * _dsigma(z, ACT)
         dz = dback * _get(SRW1, n, E) * _d2sigma(z, ACT)
+        dr += -(eta * cf)[:, None] * _get(SDE1, n, D) + _mm(drW1, tl.trans(_get(W1p, D, E)), P)
+        _acc_store(OUT, _mm(tl.trans(_get(SR, n, D)), drW1, P), D, E, True)
         if L2:
             dK += dr
-            dH += _mm(dr, _get(W1p, D, E), P)
-            g1 += _mm(tl.trans(dr), _get(SH, n, E), P)
-        dz += dH * dsz
+            _acc_store(SDH, _mm(dr, _get(W1p, D, E), P), n, E, True)
+            _acc_store(OUT, _mm(tl.trans(dr), _get(SH, n, E), P), D, E, True)
+        dz += _get(SDH, n, E) * _dsigma(_get(SZ, n, E), ACT)
         dK += _mm(dz, _get(W2p, E, D), P)
-        g2 += _mm(tl.trans(dz), _get(Kp, n, D), P)
+        _acc_store(OUT + SLOT, _mm(tl.trans(dz), _get(Kp, n, D), P), E, D, True)
         dv = -dr
         if SELF_VALUES:  # v_t = v + W1 σ(W2 v) at the chunk start
             zv = _mm(_get(Vp, n, D), tl.trans(_get(W2p, E, D)), P)
-            g1 -= _mm(tl.trans(dr), _sigma(zv, ACT), P)
+            _acc_store(OUT, -_mm(tl.trans(dr), _sigma(zv, ACT), P), D, E, True)
             dzv = -_mm(dr, _get(W1p, D, E), P) * _dsigma(zv, ACT)
-            g2 += _mm(tl.trans(dzv), _get(Vp, n, D), P)
+            _acc_store(OUT + SLOT, _mm(tl.trans(dzv), _get(Vp, n, D), P), E, D, True)
             dv += _mm(dzv, _get(W2p, E, D), P)
         if ANCHOR:  # noqa: SIM102 (compile-time switch around a run-time test): the last (open) chunk's start
             if j == N - 1:
-                g1 += _load2(DA1 + bh * D * E, D, E)
-                g2 += _load2(DA2 + bh * E * D, E, D)
-        d1, d2, ds1, ds2 = g1, g2, gs1, gs2
-        dqp, dkp, dkhp, dvp = _chunk_ptrs(DQ, DK, DKH, DV, c, n, D)
-        _store2(dqp, dq, n, D)
-        _store2(dkp, dK, n, D)
-        _store2(dkhp, dKh, n, D)
+                _acc_store(OUT, _load2(DA1 + bh * D * E, D, E), D, E, True)
+                _acc_store(OUT + SLOT, _load2(DA2 + bh * E * D, E, D), E, D, True)
+        _acc_store(dkp, dK, n, D, True)
         _store2(dvp, dv, n, D)
         tl.store(CETA + c * n + an, c_eta)
         tl.store(CGAM + c * n + an, c_gam + c_gam2)
@@ -592,6 +608,11 @@ def _mlp_backward_kernel(
         tl.store(CRE + c * n + an, c_Re + c_Re2)
         tl.store(CDE + c * n + an, c_De + c_De2)
         tl.store(CLBE + c * n + an, c_Lbe + c_Lbe2)
+    FIN = SC + (35 - 4 * ((N - 1) % 2)) * SLOT  # the last chunk's OUT: the initial state's adjoint
+    d1 = _get(FIN, D, E)
+    d2 = _get(FIN + SLOT, E, D)
+    ds1 = _get(FIN + 2 * SLOT, D, E)
+    ds2 = _get(FIN + 3 * SLOT, E, D)
     _store_state(DW1, DW2, DS1, DS2, bh, d1, d2, ds1, ds2, D, E)
 
 
@@ -649,13 +670,13 @@ def launch_mlp_backward(
     """Run `_mlp_backward_kernel`: `x`, `coef`, `starts` as the forward's; `dout [B, H, N, n, D]`; `d_state` the
     final state's adjoint (contiguous float32, overwritten with the initial state's); `d_anchor` the anchor's
     adjoint (W1, W2) when the call ends inside its last chunk, else None; `dx = (dq, dk, dk̂, dv)` and `dcoef` (the
-    15 `_Coef` fields' shapes) are filled. Allocates the kernel's scratch: `B H NSLOT n max(n, E)` floats (at B = 4,
-    H = 8, n = 64, E = 128: 27 MiB)."""
+    15 `_Coef` fields' shapes) are filled. Allocates the kernel's scratch: `B H NSLOT max(n max(n, E), D E)` floats
+    (at B = 4, H = 8, n = 64, D = 32, E = 128: 39 MiB)."""
     B, H, N, n, D = x[0].shape
     E = d_state[0].shape[-1]
     precision = products(dout.device, mixed)
     anchor = d_anchor if d_anchor is not None else d_state[:2]
-    slot = n * max(n, E)
+    slot = max(n * max(n, E), D * E)  # a dot operand [n, n] or [n, E], or a state adjoint [D, E]
     scratch = dout.new_empty(B * H * NSLOT * slot)
     _mlp_backward_kernel[(B * H,)](
         *x, *coef, *starts, dout, *d_state, *anchor, *dx, *dcoef, scratch, N, eps, 1.0 if clip is None else clip,
