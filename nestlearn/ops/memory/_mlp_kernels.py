@@ -10,8 +10,9 @@ system `T = I + diag(eta)(R_prev ∘ X̂X̂ᵀ)` inverted as `(I - L)(I + L²)(I
 product of log2(n) factors is exact). It writes every chunk's outputs, every chunk-start state and the final
 state. `_mlp_backward_kernel` walks the chunks back: it recomputes each chunk from its saved start and applies
 `adjoint.mlp_chunk_adjoint` (the two matrix steps' adjoints, the MLP's chain, the frozen surprise), carrying the
-state's adjoint in its scratch buffer (below); it writes the adjoints of every chunk's q, k, k̂, v and gate products (which autograd
-then takes back through the chunk layout, as `adjoint.py` does) and of the initial state. Its shared memory is
+state's adjoint in its scratch buffer (below); it writes the adjoints of every chunk's q, k, k̂, v and gate
+products (which autograd then takes back through the chunk layout, as `adjoint.py` does) and of the initial
+state. Its shared memory is
 kept down by a per-program scratch buffer in global memory (`NSLOT` slots): every tensor a dot takes is stashed
 there (or read from its input) and read back fresh just before its dots (section comment below), so that each
 on-chip copy lives only around its own dots; without that the backward at 64-token chunks needed 640 KiB. The
@@ -435,8 +436,8 @@ def _step_adjoint(Wp, Sp, Xp, Xhp, Qp, Errp, SV, dOp, DWN, DSN, GW, GS, GX, GXH,
     return (c_eta, c_gam, c_gp, c_m, c_mp, c_game, c_me, c_be, c_Re, c_De, c_Lbe)
 
 
-# scratch slots of `_mlp_backward_kernel` (each max(n max(n, E), D E) floats): the two steps' stashes, then the surprise's
-# tensors, the W1 step's inputs, the W1 step's adjoints of its inputs and errors (the first carried to the
+# scratch slots of `_mlp_backward_kernel` (each max(n max(n, E), D E) floats): the two steps' stashes, then the
+# surprise's tensors, the W1 step's inputs, the W1 step's adjoints of its inputs and errors (the first carried to the
 # surprise's), the W2 step's adjoint of its errors, and two sets of four for the state's adjoint (the one coming in
 # from the chunk after, the one going out to the chunk before; they swap roles every chunk)
 NSLOT = 39
