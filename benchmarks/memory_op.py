@@ -13,6 +13,11 @@ float32 (D8); SDPA runs in bf16 on CUDA (the dtype attention is trained in) and 
 
     python -m benchmarks.memory_op                      # CPU defaults (2-core CI machine: T = 1024)
     python -m benchmarks.memory_op --device cuda        # GPU defaults (T = 4096 and more)
+    # one model's memory per chunk: Titans LMM 20M's layer (plain GD, clip) and HOPE's projection memories'
+    # one-chunk calls (self-generated values, 4 memories x 8 heads stacked), the kernels and the chunk form only
+    NESTLEARN_KERNEL_PRECISION=tf32 python -m benchmarks.memory_op --kinds mlp --switches titans \
+        --cases 8,2048,64,8,32 --paths chunk,adjoint_kernel
+    python -m benchmarks.memory_op --kinds mlp --switches self_values --cases 8,64,64,32,32 --paths adjoint_kernel
 """
 
 from __future__ import annotations
@@ -37,6 +42,11 @@ from nestlearn.ops.memory.affine import memory_affine
 from nestlearn.ops.memory.affine import supports as affine_supports
 from nestlearn.ops.memory.fused import supports
 from nestlearn.ops.memory.lean import memory_lean
+
+# the memory's switches besides `kind` (`--switches`): MemorySpec's defaults, the Titans variants' memory
+# (`titans.titans_spec`: plain GD, each token's gradient clipped) and HOPE's projection memories' (self-generated
+# values, Eq. 84)
+SWITCHES = {"default": {}, "titans": {"dgd": False, "max_grad_norm": 3.0}, "self_values": {"self_values": True}}
 
 # (B, T, C, H, d)
 CPU_CASES = [(1, 1024, 16, 4, 64), (1, 1024, 64, 4, 64), (2, 1024, 64, 8, 64)]
@@ -112,11 +122,14 @@ def sdpa_call(B: int, T: int, H: int, d: int, device: str, backward: bool) -> Ca
     return call
 
 
-def paths(spec: MemorySpec, x: dict, C: int, device: str) -> dict[str, Callable[..., object]]:
+def paths(
+    spec: MemorySpec, x: dict, C: int, device: str, keep: set[str] | None = None
+) -> dict[str, Callable[..., object]]:
     """The memory ops timed for this spec: `chunk` always; on CUDA the memory-lean path, for the MLP memory the
     hand-derived backward (`ops/memory/adjoint.py`; with its forward kernel where the state fits on chip), and for
     the linear memory the affine form with its scan as a
-    PyTorch loop (`affine`) and as the Triton kernel (`fused`) where they apply."""
+    PyTorch loop (`affine`) and as the Triton kernel (`fused`) where they apply; only those named in `keep`, if
+    given."""
     ops: dict[str, Callable[..., object]] = {"chunk": memory_chunk}
     state = MemoryState(tuple(x["weights"]), tuple(x["momenta"]))
     if device == "cuda":
@@ -129,26 +142,28 @@ def paths(spec: MemorySpec, x: dict, C: int, device: str) -> dict[str, Callable[
         ops["affine"] = memory_affine
     if supports(spec, state, x["q"]):
         ops["fused"] = memory_fused
-    return ops
+    return {name: op for name, op in ops.items() if keep is None or name in keep}
 
 
 def bench_case(case: tuple[int, ...], kind: str, device: str, args: argparse.Namespace) -> dict:
     B, T, C, H, d = case
-    spec = MemorySpec(kind=kind)
+    spec = MemorySpec(kind=kind, **(SWITCHES[args.switches] if kind == "mlp" else {}))
+    keep = set(args.paths.split(",")) if args.paths else None
     x = memory_inputs(B, T, H, d, spec, device)
     # the naive loop is linear in T: time it on at most --naive-tokens and report tokens/s
     Tn = min(T, args.naive_tokens)
     xn = memory_inputs(B, Tn, H, d, spec, device)
-    row: dict = {"B": B, "T": T, "C": C, "H": H, "d": d, "kind": kind}
+    row: dict = {"B": B, "T": T, "C": C, "H": H, "d": d, "kind": kind, "switches": args.switches}
     for bwd in (False, True):
         tag = "fwdbwd" if bwd else "fwd"
-        row[f"{tag}_naive_tok_s"] = B * Tn / timeit(memory_call(memory_naive, xn, spec, C, bwd), device, 1,
-                                                     args.naive_reps)  # fmt: skip
-        row[f"{tag}_naive_T"] = Tn
+        if keep is None or "naive" in keep:
+            row[f"{tag}_naive_tok_s"] = B * Tn / timeit(memory_call(memory_naive, xn, spec, C, bwd), device, 1,
+                                                         args.naive_reps)  # fmt: skip
+            row[f"{tag}_naive_T"] = Tn
         row[f"{tag}_sdpa_tok_s"] = B * T / timeit(sdpa_call(B, T, H, d, device, bwd), device, args.warmup, args.reps)
         if args.fla and device == "cuda":
             row[f"{tag}_fla_tok_s"], row[f"{tag}_fla_note"] = time_fla(B, T, H, d, bwd, args)
-        for name, op in paths(spec, x, C, device).items():
+        for name, op in paths(spec, x, C, device, keep).items():
             call = memory_call(op, x, spec, C, bwd)
             row[f"{tag}_{name}_tok_s"] = B * T / timeit(call, device, args.warmup, args.reps)
             row[f"{tag}_{name}_peak_mb"] = peak_mb(call, device)
@@ -207,15 +222,17 @@ def header(device: str) -> str:
 
 def table(rows: list[dict]) -> str:
     """One line per case, pass and path: tokens/s, ratio to the chunk form and to SDPA, peak MiB."""
-    lines = ["| kind | B | T | C | H | d | pass | path | tok/s | x chunk | x SDPA | MiB |", "|" + "---|" * 12]
+    lines = ["| kind | switches | B | T | C | H | d | pass | path | tok/s | x chunk | x SDPA | MiB |",
+             "|" + "---|" * 13]  # fmt: skip
     for r in rows:
         for tag in ("fwd", "fwdbwd"):
-            chunk, sdpa = r[f"{tag}_chunk_tok_s"], r[f"{tag}_sdpa_tok_s"]
+            chunk, sdpa = r.get(f"{tag}_chunk_tok_s"), r[f"{tag}_sdpa_tok_s"]  # no chunk row under --paths
             names = [k[len(tag) + 1 : -len("_tok_s")] for k in r if k.startswith(f"{tag}_") and k.endswith("_tok_s")]
             for name in names:
                 t = r[f"{tag}_{name}_tok_s"]
                 lines.append(
-                    f"| {r['kind']} | {r['B']} | {r['T']} | {r['C']} | {r['H']} | {r['d']} | {tag} | {name} | "
+                    f"| {r['kind']} | {r.get('switches', 'default')} | {r['B']} | {r['T']} | {r['C']} | {r['H']} | "
+                    f"{r['d']} | {tag} | {name} | "
                     f"{_num(t)} | {_ratio(t, chunk)} | {_ratio(t, sdpa)} | {_num(r.get(f'{tag}_{name}_peak_mb'))} |"
                 )
     return "\n".join(lines)
@@ -225,8 +242,8 @@ def _num(x: float | None) -> str:
     return "-" if x is None else f"{x:,.0f}"
 
 
-def _ratio(a: float | None, b: float) -> str:
-    return "-" if a is None else f"{a / b:.3f}x"
+def _ratio(a: float | None, b: float | None) -> str:
+    return "-" if a is None or b is None else f"{a / b:.3f}x"
 
 
 def main() -> None:
@@ -242,6 +259,9 @@ def main() -> None:
     p.add_argument("--max-cases", type=int, default=None, help="time only the first N cases of each kind")
     p.add_argument("--cases", default=None, help="B,T,C,H,d cases separated by ';' instead of the defaults")
     p.add_argument("--fla", action="store_true", help="also time fla's chunk_gated_delta_rule (CUDA, if installed)")
+    p.add_argument("--switches", default="default", choices=sorted(SWITCHES), help="the MLP memory's switches")
+    p.add_argument("--paths", default=None, help="time only these paths (comma-separated: naive, chunk, lean, "
+                   "adjoint, adjoint_kernel, affine, fused)")  # fmt: skip
     p.set_defaults(naive_tokens=1 << 30 if p.parse_known_args()[0].device == "cpu" else 4096)  # by device
     args = p.parse_args()
     if args.threads:
