@@ -83,6 +83,9 @@ class CausalLM(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
+        # the config's fingerprint, computed once: hashing the config (json + sha256) inside `forward` broke an
+        # outer torch.compile's graph at every call (`tests/train/test_compile.py`)
+        self.fingerprint = config.fingerprint()
         self.embed = nn.Embedding(config.vocab_size, config.d_model)
         self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
         self.norm = RMSNorm(config.d_model, config.norm_eps)
@@ -110,7 +113,7 @@ class CausalLM(nn.Module):
 
     def init_state(self, batch_size: int) -> ModelState:
         """The meta-learned initial state for `batch_size` sequences (where every new sequence starts)."""
-        return ModelState(tuple(b.init_state(batch_size) for b in self.blocks), 0, self.config.fingerprint())
+        return ModelState(tuple(b.init_state(batch_size) for b in self.blocks), 0, self.fingerprint)
 
     def forward(
         self, input_ids: Tensor, state: ModelState | None = None, *, learn: bool = True
@@ -123,7 +126,7 @@ class CausalLM(nn.Module):
         """
         self._check(input_ids, state)
         if state is None:  # every block builds its own initial state (see Block.forward)
-            state = ModelState((None,) * len(self.blocks), 0, self.config.fingerprint())
+            state = ModelState((None,) * len(self.blocks), 0, self.fingerprint)
         end = state.position + input_ids.shape[1]
         if self.online_segment is None:
             logits, blocks = self._forward_blocks(input_ids, state.blocks)
@@ -364,7 +367,7 @@ class CausalLM(nn.Module):
     def _check_state(self, state: ModelState) -> None:
         if not isinstance(state, ModelState):
             raise ValueError(f"state must be a ModelState from model.init_state or forward, got {type(state).__name__}")
-        if state.fingerprint != self.config.fingerprint():
+        if state.fingerprint != self.fingerprint:
             raise ValueError(
                 "state comes from a model with another configuration; use model.init_state(batch_size) or a state "
                 "this model produced or saved"

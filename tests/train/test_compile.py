@@ -1,6 +1,7 @@
-"""`compile=true`: a static model trains under `torch.compile` with the eager run's losses; a model with online CMS
-levels is refused with the fix, and the reason is pinned: compiled, the CMS levels' outer gradients differ from
-eager ones (torch 2.13). When that test fails, torch.compile handles the inner gradient and the refusal can go."""
+"""`compile=true`: a static model trains under `torch.compile` with the eager run's losses; every variant's forward
+(static CMS levels) is one graph, no break, the MLP kernels' custom ops included; a model with online CMS levels is
+refused with the fix, and the reason is pinned: compiled, the CMS levels' outer gradients differ from eager ones
+(torch 2.13). When that test fails, torch.compile handles the inner gradient and the refusal can go."""
 
 from __future__ import annotations
 
@@ -20,6 +21,32 @@ def test_compiled_training_gives_the_eager_losses(data, tmp_path) -> None:
     assert [s for s, *_ in compiled] == [1, 2, 3]
     for (_, a, _), (_, b, _) in zip(eager, compiled, strict=True):
         assert abs(a - b) <= 1e-4 * abs(a)
+
+
+@pytest.mark.parametrize(
+    ("variant", "impl"),
+    [("transformer", "auto"), ("hope_attention", "auto"), ("hope", "auto"), ("hope", "fused"),
+     ("titans_lmm", "auto"), ("titans_lmm", "fused"), ("titans_mac", "auto"), ("titans_mag", "auto"),
+     ("titans_mal", "auto")],
+)  # fmt: skip
+def test_every_variant_traces_to_one_graph(variant: str, impl: str) -> None:
+    """Dynamo's view of a training forward and loss (static CMS levels): one graph, no break. "fused" takes the MLP
+    memory's kernels (their custom ops; Triton's interpreter on CPU). The config's fingerprint, hashed inside
+    `forward`, broke every call's graph before it was computed once per model (`CausalLM.fingerprint`)."""
+    fields = {"impl": impl} if variant not in ("transformer", "hope_attention") else {}
+    fields |= {"cms_online_layers": ()} if variant in ("hope", "hope_attention") else {}
+    cfg = preset("debug", variant, n_layers=2, d_model=32, n_heads=2, **fields)
+    torch.manual_seed(0)
+    model = CausalLM(cfg)
+    ids = torch.randint(0, cfg.vocab_size, (1, 32))
+
+    def loss(ids: torch.Tensor) -> torch.Tensor:
+        logits = model(ids)[0]
+        return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
+
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(loss)(ids)
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
 
 
 def test_online_cms_levels_are_refused_with_the_fix(data, tmp_path) -> None:
