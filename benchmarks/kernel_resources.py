@@ -57,7 +57,7 @@ def compile_kernel(
     fn = KERNELS[name]
     consts = dict(n=n, LOGN=n.bit_length() - 1, D=D, E=E, **SWITCHES[variant], P=precision)
     if "ANCHOR" in fn.arg_names:  # the backward: its flag and its scratch slots (`launch_mlp_backward`)
-        consts.update(ANCHOR=True, SLOT=max(n * max(n, E), D * E), NS=K.NSLOT)
+        consts.update(ANCHOR=True, SLOT=n * max(n, E), NS=K.NSLOT)
     kinds = {"N": "i32", "eps": "fp32", "clip": "fp32"}
     signature = {a: "constexpr" if a in consts else kinds.get(a, "*fp32") for a in fn.arg_names}
     t0 = time.perf_counter()

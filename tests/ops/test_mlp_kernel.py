@@ -127,11 +127,14 @@ def test_kernel_supports_refuses_what_it_does_not_hold() -> None:
     assert kernel_supports(long[0], long_state, 64) and not kernel_supports(long[0], long_state, 128)
     assert kernel_supports(long[0], long_state, 64, backward=True)
     assert not kernel_supports(long[0], long_state, 128, backward=True)  # the kernels' shared memory
-    # 16-wide heads: chunks of 32 tokens at most (adjoint.MIN_HEAD_AT_64)
+    # 16-wide heads, or a hidden width of 32: chunks of 32 tokens at most (adjoint.MIN_HEAD_AT_64, MIN_HIDDEN_AT_64)
     narrow = [x.float().to(DEVICE) for x in inputs(1, 128, 2, 16, spec)]
     narrow_state = MemoryState(tuple(narrow[6:8]), tuple(narrow[8:10]))
     assert kernel_supports(narrow[0], narrow_state, 32) and not kernel_supports(narrow[0], narrow_state, 64)
     assert not kernel_supports(narrow[0], narrow_state, 64, backward=True)
+    square = [x.float().to(DEVICE) for x in inputs(1, 128, 2, 32, MemorySpec(kind="mlp", expansion=1))]  # E = 32
+    square_state = MemoryState(tuple(square[6:8]), tuple(square[8:10]))
+    assert kernel_supports(square[0], square_state, 32) and not kernel_supports(square[0], square_state, 64)
     assert not kernel_supports(ok[0][:, :12], state, 16)  # a call shorter than 16 tokens: one chunk of 12
     assert not kernel_supports(ok[0].double(), MemoryState(*(tuple(w.double() for w in ws) for ws in (
         state.weights, state.momenta))), 16)  # fmt: skip

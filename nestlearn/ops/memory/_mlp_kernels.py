@@ -12,8 +12,8 @@ state. `_mlp_backward_kernel` walks the chunks back: it recomputes each chunk fr
 `adjoint.mlp_chunk_adjoint` (the two matrix steps' adjoints, the MLP's chain, the frozen surprise), carrying the
 state's adjoint in its scratch buffer (below); it writes the adjoints of every chunk's q, k, k̂, v and gate
 products (which autograd then takes back through the chunk layout, as `adjoint.py` does) and of the initial
-state. Its shared memory is
-kept down by a per-program scratch buffer in global memory (`NSLOT` slots): every tensor a dot takes is stashed
+state. Its shared memory is kept down by a per-program scratch buffer in global memory (`NSLOT` slots and the
+state's adjoint): every tensor a dot takes is stashed
 there (or read from its input) and read back fresh just before its dots (section comment below), so that each
 on-chip copy lives only around its own dots; without that the backward at 64-token chunks needed 640 KiB. The
 adjoints it builds up (the state's, carried from chunk to chunk, and each matrix step's of its inputs) are
@@ -22,7 +22,8 @@ gate products (decay and momentum, `_Coef`) come in precomputed, so the decay an
 data; DGD, self-generated values, the objective and the activation are compile-time switches.
 What it is not: the branch LayerNorm, or a kernel for large states: the forward's state lives in
 registers, so D and E are powers of two with D, n >= 16 and D * E <= 64 * 128, and chunks of at most 64 tokens
-(`adjoint.kernel_supports`; `benchmarks/kernel_resources.py` prints what each kernel needs of an sm_90 GPU).
+(over 32 only with D >= 32 and E >= 64: other shapes computed wrong results on the H200;
+`adjoint.kernel_supports`; `benchmarks/kernel_resources.py` prints what each kernel needs of an sm_90 GPU).
 """
 
 import os
@@ -293,8 +294,8 @@ def _step_stash(Wp, Sp, Xp, Xhp, Qp, Errp, SV, eta, gam, gam_p, m, m_p, RMp, RPp
                 n: tl.constexpr, LOGN: tl.constexpr, O_: tl.constexpr, I_: tl.constexpr, SLOT: tl.constexpr,
                 DGD: tl.constexpr, P: tl.constexpr):  # fmt: skip
     """One matrix step's reads O (returned) and what its adjoint reuses, stashed at SV: QX, QXh, A, XX, Y, Tinv,
-    U in slots 0..6, slot 7 for the adjoint's dY (`adjoint._Step`; the DGD ones only with DGD). W, S `[O_, I_]`,
-    X, X̂, Q `[n, I_]` and Err `[n, O_]` are read from their pointers."""
+    U in slots 0..6, slot 7 for the adjoint's X̂ dW'ᵀ, then its dY (`adjoint._Step`; the DGD ones only with DGD).
+    W, S `[O_, I_]`, X, X̂, Q `[n, I_]` and Err `[n, O_]` are read from their pointers."""
     Q = _get(Qp, n, I_)
     QX = _mm(Q, tl.trans(_get(Xp, n, I_)), P)
     _put(SV, QX, n, n)
@@ -358,7 +359,8 @@ def _step_adjoint(Wp, Sp, Xp, Xhp, Qp, Errp, SV, dOp, DWN, DSN, GW, GS, GX, GXH,
     adjoint dW', dS' `[O_, I_]` at DWN, DSN: the adjoints dW, dS, dX, dX̂, dQ, dE are stored at GW, GS, GX, GXH,
     GQ, GE (accumulated there term by term, so that none of them is held whole on chip across the dots), the gate
     products' vector adjoints (eta, gam, gam_prev, m, m_prev, gam_e, m_e, b_e, R_e, D_e, Lb_e) returned; the
-    [n, n] ones (R, R_prev, D, D_prev) are stored at CRMp, CRPp, CDMp, CDPp (ACC: added to what is there)."""
+    [n, n] ones (R, R_prev, D, D_prev) are stored at CRMp, CRPp, CDMp, CDPp (ACC: added to what is there). No
+    output may alias an input: the outputs are written before the inputs' last reads."""
     # chunk-end momentum S' and weight W'
     S = _get(Sp, O_, I_)
     dSn = _get(DSN, O_, I_)
@@ -429,18 +431,25 @@ def _step_adjoint(Wp, Sp, Xp, Xhp, Qp, Errp, SV, dOp, DWN, DSN, GW, GS, GX, GXH,
         _acc_store(GX, _mm(tl.trans(dXX), _get(Xhp, n, I_), P), n, I_, True)
         # T = I + diag(eta)(Rp ∘ X̂ X̂ᵀ)
         _acc_store(GXH, _mm(dA + tl.trans(dA), _get(Xhp, n, I_), P), n, I_, True)
-    else:
-        _acc_store(CRMp, tl.zeros((n, n), tl.float32), n, n, ACC)
-        _acc_store(CRPp, tl.zeros((n, n), tl.float32), n, n, ACC)
-        _acc_store(CDPp, tl.zeros((n, n), tl.float32), n, n, ACC)
+    elif not ACC:  # without DGD those three adjoints are zeros: the first step writes them, the second has nothing
+        _put(CRMp, tl.zeros((n, n), tl.float32), n, n)
+        _put(CRPp, tl.zeros((n, n), tl.float32), n, n)
+        _put(CDPp, tl.zeros((n, n), tl.float32), n, n)
     return (c_eta, c_gam, c_gp, c_m, c_mp, c_game, c_me, c_be, c_Re, c_De, c_Lbe)
 
 
-# scratch slots of `_mlp_backward_kernel` (each max(n max(n, E), D E) floats): the two steps' stashes, then the
-# surprise's tensors, the W1 step's inputs, the W1 step's adjoints of its inputs and errors (the first carried to the
-# surprise's), the W2 step's adjoint of its errors, and two sets of four for the state's adjoint (the one coming in
-# from the chunk after, the one going out to the chunk before; they swap roles every chunk)
-NSLOT = 39
+# scratch of `_mlp_backward_kernel`, per program: NSLOT slots of n max(n, E) floats (the two steps' stashes, then
+# the surprise's tensors, the W1 step's inputs, the W1 step's adjoints of its inputs and errors, all read by the
+# surprise's adjoint, and the W2 step's adjoint of its errors), then two sets of the state's adjoint, each four
+# [D, E] blocks (dW1, dW2, dS1, dS2: the chunk end's, read, and the chunk start's, built up; they swap every chunk)
+NSLOT = 31
+
+
+@triton.jit
+def _adjoint_set(ST, s, D: tl.constexpr, E: tl.constexpr):
+    """Set s (0 or 1) of the state's adjoint in the scratch's state region ST: dW1, dW2, dS1, dS2 pointers."""
+    base = ST + s * 4 * D * E
+    return base, base + D * E, base + 2 * D * E, base + 3 * D * E
 
 
 @triton.jit(do_not_specialize=["N"])
@@ -453,7 +462,7 @@ def _mlp_backward_kernel(
     DA1, DA2,  # the anchor's adjoint (added to the last chunk's start when the call ends inside it)
     DQ, DK, DKH, DV,  # out: [BH, N, n, D]
     CETA, CGAM, CGAMP, CMM, CMMP, CRM, CRP, CDM, CDP, CGAME, CME, CBE, CRE, CDE, CLBE,  # out: gate adjoints
-    SCRATCH,  # [BH, NSLOT, SLOT]
+    SCRATCH,  # [BH, NSLOT * SLOT + 8 * D * E]
     N, eps, clip,
     n: tl.constexpr, LOGN: tl.constexpr, D: tl.constexpr, E: tl.constexpr, DGD: tl.constexpr,
     SELF_VALUES: tl.constexpr, L2: tl.constexpr, ACT: tl.constexpr, CLIP: tl.constexpr, ANCHOR: tl.constexpr,
@@ -461,7 +470,8 @@ def _mlp_backward_kernel(
 ):  # fmt: skip
     bh = tl.program_id(0).to(tl.int64)
     an = tl.arange(0, n)
-    SC = SCRATCH + bh * NS * SLOT
+    SC = SCRATCH + bh * (NS * SLOT + 8 * D * E)
+    ST = SC + NS * SLOT  # the state's adjoint: two sets (`_adjoint_set`)
     SV1 = SC + 0 * SLOT  # the W1 step's stash (8 slots)
     SV2 = SC + 8 * SLOT  # the W2 step's stash (8 slots)
     SZ = SC + 16 * SLOT
@@ -479,13 +489,13 @@ def _mlp_backward_kernel(
     SDHR = SC + 28 * SLOT
     SDE1 = SC + 29 * SLOT
     SDE2 = SC + 30 * SLOT
-    # the state's adjoint (W1, W2, S1, S2) lives in scratch: one set in slots 31-34, the other in 35-38
     d1, d2, ds1, ds2 = _load_state(DW1, DW2, DS1, DS2, bh, D, E)
-    _store_state(SC + 31 * SLOT, SC + 32 * SLOT, SC + 33 * SLOT, SC + 34 * SLOT, 0, d1, d2, ds1, ds2, D, E)
+    I1, I2, IS1, IS2 = _adjoint_set(ST, 0, D, E)
+    _store_state(I1, I2, IS1, IS2, 0, d1, d2, ds1, ds2, D, E)
     for jj in range(N):
         j = N - 1 - jj
-        IN = SC + (31 + 4 * (jj % 2)) * SLOT  # the chunk-end state's adjoint
-        OUT = SC + (35 - 4 * (jj % 2)) * SLOT  # the chunk-start state's, built up below
+        I1, I2, IS1, IS2 = _adjoint_set(ST, jj % 2, D, E)  # the chunk end's state adjoint
+        O1, O2, OS1, OS2 = _adjoint_set(ST, 1 - jj % 2, D, E)  # the chunk start's, built up below
         c = bh * N + j
         W1p, W2p, S1p, S2p = _state_ptrs(STARTS1, STARTS2, STARTT1, STARTT2, c, D, E)
         Qp, Kp, KHp, Vp = _chunk_ptrs(Q, K, KH, V, c, n, D)
@@ -542,7 +552,7 @@ def _mlp_backward_kernel(
         # inputs go straight to the chunk's dk, dk̂, dq
         dqp, dkp, dkhp, dvp = _chunk_ptrs(DQ, DK, DKH, DV, c, n, D)
         (c_eta, c_gam, c_gp, c_m, c_mp, c_game, c_me, c_be, c_Re, c_De, c_Lbe) = _step_adjoint(
-            W1p, S1p, SH, SHH, SHR, SE1, SV1, DOp, IN, IN + 2 * SLOT, OUT, OUT + 2 * SLOT, SDH, SDHH, SDHR, SDE1,
+            W1p, S1p, SH, SHH, SHR, SE1, SV1, DOp, I1, IS1, O1, OS1, SDH, SDHH, SDHR, SDE1,
             eta, gam, gam_p, m, m_p, RMp, RPp, DMp, DPp, gam_e, m_e, b_e, R_e, D_e, Lb_e, CRMp, CRPp, CDMp, CDPp,
             False, n, D, E, SLOT, DGD, P)  # fmt: skip
         if DGD:  # through h_hat = h / |h|
@@ -551,7 +561,7 @@ def _mlp_backward_kernel(
             _acc_store(SDH, (dHh - _rowdot(dHh, hh)[:, None] * hh) / nrm[:, None], n, E, True)
         _put(SZR, _get(SDHR, n, E) * _dsigma(_get(SZR, n, E), ACT), n, E)  # zr's slot now holds dzr
         (c_eta2, c_gam2, c_gp2, c_m2, c_mp2, c_game2, c_me2, c_be2, c_Re2, c_De2, c_Lbe2) = _step_adjoint(
-            W2p, S2p, Kp, KHp, Qp, SE2, SV2, SZR, IN + SLOT, IN + 3 * SLOT, OUT + SLOT, OUT + 3 * SLOT, dkp, dkhp,
+            W2p, S2p, Kp, KHp, Qp, SE2, SV2, SZR, I2, IS2, O2, OS2, dkp, dkhp,
             dqp, SDE2, eta, gam, gam_p, m, m_p, RMp, RPp, DMp, DPp, gam_e, m_e, b_e, R_e, D_e, Lb_e, CRMp, CRPp,
             CDMp, CDPp, True, n, E, D, SLOT, DGD, P)  # fmt: skip
         _acc_store(dqp, _get(DOp, n, D), n, D, True)  # the residual of Eq. 89
@@ -577,25 +587,25 @@ def _mlp_backward_kernel(
         drW1 = dback * _dsigma(z, ACT)
         dz = dback * _get(SRW1, n, E) * _d2sigma(z, ACT)
         dr += -(eta * cf)[:, None] * _get(SDE1, n, D) + _mm(drW1, tl.trans(_get(W1p, D, E)), P)
-        _acc_store(OUT, _mm(tl.trans(_get(SR, n, D)), drW1, P), D, E, True)
+        _acc_store(O1, _mm(tl.trans(_get(SR, n, D)), drW1, P), D, E, True)
         if L2:
             dK += dr
             _acc_store(SDH, _mm(dr, _get(W1p, D, E), P), n, E, True)
-            _acc_store(OUT, _mm(tl.trans(dr), _get(SH, n, E), P), D, E, True)
+            _acc_store(O1, _mm(tl.trans(dr), _get(SH, n, E), P), D, E, True)
         dz += _get(SDH, n, E) * _dsigma(_get(SZ, n, E), ACT)
         dK += _mm(dz, _get(W2p, E, D), P)
-        _acc_store(OUT + SLOT, _mm(tl.trans(dz), _get(Kp, n, D), P), E, D, True)
+        _acc_store(O2, _mm(tl.trans(dz), _get(Kp, n, D), P), E, D, True)
         dv = -dr
         if SELF_VALUES:  # v_t = v + W1 σ(W2 v) at the chunk start
             zv = _mm(_get(Vp, n, D), tl.trans(_get(W2p, E, D)), P)
-            _acc_store(OUT, -_mm(tl.trans(dr), _sigma(zv, ACT), P), D, E, True)
+            _acc_store(O1, -_mm(tl.trans(dr), _sigma(zv, ACT), P), D, E, True)
             dzv = -_mm(dr, _get(W1p, D, E), P) * _dsigma(zv, ACT)
-            _acc_store(OUT + SLOT, _mm(tl.trans(dzv), _get(Vp, n, D), P), E, D, True)
+            _acc_store(O2, _mm(tl.trans(dzv), _get(Vp, n, D), P), E, D, True)
             dv += _mm(dzv, _get(W2p, E, D), P)
         if ANCHOR:  # noqa: SIM102 (compile-time switch around a run-time test): the last (open) chunk's start
             if j == N - 1:
-                _acc_store(OUT, _load2(DA1 + bh * D * E, D, E), D, E, True)
-                _acc_store(OUT + SLOT, _load2(DA2 + bh * E * D, E, D), E, D, True)
+                _acc_store(O1, _load2(DA1 + bh * D * E, D, E), D, E, True)
+                _acc_store(O2, _load2(DA2 + bh * E * D, E, D), E, D, True)
         _acc_store(dkp, dK, n, D, True)
         _store2(dvp, dv, n, D)
         tl.store(CETA + c * n + an, c_eta)
@@ -609,11 +619,11 @@ def _mlp_backward_kernel(
         tl.store(CRE + c * n + an, c_Re + c_Re2)
         tl.store(CDE + c * n + an, c_De + c_De2)
         tl.store(CLBE + c * n + an, c_Lbe + c_Lbe2)
-    FIN = SC + (35 - 4 * ((N - 1) % 2)) * SLOT  # the last chunk's OUT: the initial state's adjoint
-    d1 = _get(FIN, D, E)
-    d2 = _get(FIN + SLOT, E, D)
-    ds1 = _get(FIN + 2 * SLOT, D, E)
-    ds2 = _get(FIN + 3 * SLOT, E, D)
+    F1, F2, FS1, FS2 = _adjoint_set(ST, N % 2, D, E)  # the first chunk's start: the initial state's adjoint
+    d1 = _get(F1, D, E)
+    d2 = _get(F2, E, D)
+    ds1 = _get(FS1, D, E)
+    ds2 = _get(FS2, E, D)
     _store_state(DW1, DW2, DS1, DS2, bh, d1, d2, ds1, ds2, D, E)
 
 
@@ -671,14 +681,14 @@ def launch_mlp_backward(
     """Run `_mlp_backward_kernel`: `x`, `coef`, `starts` as the forward's; `dout [B, H, N, n, D]`; `d_state` the
     final state's adjoint (contiguous float32, overwritten with the initial state's); `d_anchor` the anchor's
     adjoint (W1, W2) when the call ends inside its last chunk, else None; `dx = (dq, dk, dk̂, dv)` and `dcoef` (the
-    15 `_Coef` fields' shapes) are filled. Allocates the kernel's scratch: `B H NSLOT max(n max(n, E), D E)` floats
-    (at B = 4, H = 8, n = 64, D = 32, E = 128: 39 MiB)."""
+    15 `_Coef` fields' shapes) are filled. Allocates the kernel's scratch: `B H (NSLOT n max(n, E) + 8 D E)` floats
+    (at B = 4, H = 8, n = 64, D = 32, E = 128: 35 MiB)."""
     B, H, N, n, D = x[0].shape
     E = d_state[0].shape[-1]
     precision = products(dout.device, mixed)
     anchor = d_anchor if d_anchor is not None else d_state[:2]
-    slot = max(n * max(n, E), D * E)  # a dot operand [n, n] or [n, E], or a state adjoint [D, E]
-    scratch = dout.new_empty(B * H * NSLOT * slot)
+    slot = n * max(n, E)  # a dot operand, [n, n] or [n, E]
+    scratch = dout.new_empty(B * H * (NSLOT * slot + 8 * D * E))  # and two sets of the state's adjoint
     _mlp_backward_kernel[(B * H,)](
         *x, *coef, *starts, dout, *d_state, *anchor, *dx, *dcoef, scratch, N, eps, 1.0 if clip is None else clip,
         n=n, LOGN=n.bit_length() - 1, D=D, E=E, DGD=dgd, SELF_VALUES=self_values, L2=l2, ACT=ACTIVATIONS[act],

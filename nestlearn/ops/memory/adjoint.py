@@ -64,23 +64,25 @@ MAX_STATE = 64 * 128  # D * E of one weight matrix that a kernel program holds o
 # KiB of shared memory at 64 tokens and the backward 96 KiB (Hopper: 227); at 128 the forward would not fit.
 # Longer chunks run that direction's PyTorch loop (docs/decisions.md).
 MAX_CHUNK_FORWARD, MAX_CHUNK_BACKWARD = 64, 64
-# Chunks over 32 tokens need heads of at least 32: on the H200 (Triton 3.6) both kernels at 64-token chunks with
-# 16-wide heads (E = 32) computed wrong reads (float32 dots, relative error 0.2) or faulted (illegal memory access),
-# where 16- and 32-token chunks at that width and 64-token chunks at 32-wide heads agree with the loops
-# (tests/ops/test_mlp_kernel.py; docs/decisions.md).
-MIN_HEAD_AT_64 = 32
+# Chunks over 32 tokens need heads of at least 32 and hidden widths of at least 64: on the H200 (Triton 3.6) both
+# kernels at 64-token chunks with 16-wide heads (E = 32) computed wrong reads (float32 dots, relative error 0.2) or
+# faulted (illegal memory access), where 16- and 32-token chunks at that shape and 64-token chunks at D = 32 with
+# E = 64 or 128 agree with the loops (tests/ops/test_mlp_kernel.py; docs/decisions.md). Untried shapes in between
+# (D = 32, E = 32) stay on the loop.
+MIN_HEAD_AT_64, MIN_HIDDEN_AT_64 = 32, 64
 
 
 def kernel_supports(q: Tensor, state: MemoryState, chunk_size: int, *, backward: bool = False) -> bool:
     """Whether the forward kernel (`backward=True`: the backward kernel, `_mlp_kernels.py`) takes this call: where
     a kernel runs (`triton_available`, the interpreter included), float32 state, chunks of 16 tokens up to
-    `MAX_CHUNK_FORWARD` (`MAX_CHUNK_BACKWARD`) and head dims that are powers of two (D >= 16; D >=
-    `MIN_HEAD_AT_64` for chunks over 32 tokens) with `D * E` within what a program holds."""
+    `MAX_CHUNK_FORWARD` (`MAX_CHUNK_BACKWARD`) and head dims that are powers of two (D >= 16; for chunks over 32
+    tokens D >= `MIN_HEAD_AT_64` and E >= `MIN_HIDDEN_AT_64`) with `D * E` within what a program holds."""
     W1 = state.weights[0]
     D, E = W1.shape[-2:]
     n = min(chunk_size, q.shape[1])
     pow2 = all(x >= 16 and x & (x - 1) == 0 for x in (n, D, E))
-    short = n <= (MAX_CHUNK_BACKWARD if backward else MAX_CHUNK_FORWARD) and (n <= 32 or D >= MIN_HEAD_AT_64)
+    tried = n <= 32 or (D >= MIN_HEAD_AT_64 and E >= MIN_HIDDEN_AT_64)  # shapes run on a GPU at long chunks
+    short = n <= (MAX_CHUNK_BACKWARD if backward else MAX_CHUNK_FORWARD) and tried
     fits = pow2 and short and D * E <= MAX_STATE and W1.dtype == torch.float32 and q.dtype != torch.float64
     return fits and triton_available(q.device, interpret=True)
 

@@ -10,7 +10,8 @@ a call that starts at a chunk boundary.
 For the MLP memory (whose errors are not affine in the weights, so its chunks stay sequential) `memory_fused` is
 `memory_adjoint(kernel=True)`: the chunk loop forward and backward as one Triton program per sequence and head
 each (`_mlp_kernels.py`), where the state fits on chip and the chunk is a power of two from 16 tokens to what
-each direction's kernel holds (`adjoint.kernel_supports`: 64 tokens; otherwise the same function
+each direction's kernel holds (`adjoint.kernel_supports`: 64 tokens, with heads of 32 and hidden widths of 64
+or more over 32 tokens; otherwise the same function
 through `adjoint.py`'s PyTorch loops). `memory_auto` takes it on CUDA from every chunk boundary: forward +
 backward 6.4x the chunk form at C = 64 and 32x at C = 16 on the H200 with the kernels, at a third of its memory
 (docs/results/memory_op.md). Each kernel variant (switches, chunk length, head shape) compiles once per
