@@ -292,15 +292,19 @@ def _put(ptr, x, R: tl.constexpr, C: tl.constexpr):
 @triton.jit
 def _step_stash(Wp, Sp, Xp, Xhp, Qp, Errp, SV, eta, gam, gam_p, m, m_p, RMp, RPp, DMp, DPp,
                 n: tl.constexpr, LOGN: tl.constexpr, O_: tl.constexpr, I_: tl.constexpr, SLOT: tl.constexpr,
-                DGD: tl.constexpr, P: tl.constexpr):  # fmt: skip
-    """One matrix step's reads O (returned) and what its adjoint reuses, stashed at SV: QX, QXh, A, XX, Y, Tinv,
-    U in slots 0..6, slot 7 for the adjoint's X̂ dW'ᵀ, then its dY (`adjoint._Step`; the DGD ones only with DGD).
-    W, S `[O_, I_]`, X, X̂, Q `[n, I_]` and Err `[n, O_]` are read from their pointers."""
+                DGD: tl.constexpr, READS: tl.constexpr, P: tl.constexpr):  # fmt: skip
+    """One matrix step's reads O (returned; zeros unless READS: the backward needs W2's, which W1 takes, not W1's)
+    and what its adjoint reuses, stashed at SV: QX, QXh, A, XX, Y, Tinv, U in slots 0..6, slot 7 for the
+    adjoint's X̂ dW'ᵀ, then its dY (`adjoint._Step`; the DGD ones only with DGD). W, S `[O_, I_]`, X, X̂, Q
+    `[n, I_]` and Err `[n, O_]` are read from their pointers."""
     Q = _get(Qp, n, I_)
     QX = _mm(Q, tl.trans(_get(Xp, n, I_)), P)
     _put(SV, QX, n, n)
-    O = gam[:, None] * _mm(Q, tl.trans(_get(Wp, O_, I_)), P) + m[:, None] * _mm(Q, tl.trans(_get(Sp, O_, I_)), P)
-    O += _mm(_get(DMp, n, n) * QX, _get(Errp, n, O_), P)
+    O = tl.zeros((n, O_), tl.float32)
+    if READS:
+        O += gam[:, None] * _mm(Q, tl.trans(_get(Wp, O_, I_)), P) + m[:, None] * _mm(
+            Q, tl.trans(_get(Sp, O_, I_)), P)  # fmt: skip
+        O += _mm(_get(DMp, n, n) * QX, _get(Errp, n, O_), P)
     if DGD:
         Xh = _get(Xhp, n, I_)
         QXh = _mm(_get(Qp, n, I_), tl.trans(Xh), P)
@@ -318,7 +322,8 @@ def _step_stash(Wp, Sp, Xp, Xhp, Qp, Errp, SV, eta, gam, gam_p, m, m_p, RMp, RPp
         _put(SV + 5 * SLOT, Tinv, n, n)
         U = _mm(Tinv, -eta[:, None] * Y, P)
         _put(SV + 6 * SLOT, U, n, O_)
-        O += _mm(_get(RMp, n, n) * QXh, _get(SV + 6 * SLOT, n, O_), P)
+        if READS:
+            O += _mm(_get(RMp, n, n) * QXh, _get(SV + 6 * SLOT, n, O_), P)
     return O
 
 
@@ -540,14 +545,14 @@ def _mlp_backward_kernel(
         _put(SE2, step[:, None] * back, n, E)
         # the W2 step (inputs the keys): its reads, its stash for the adjoint below
         zr = _step_stash(W2p, S2p, Kp, KHp, Qp, SE2, SV2, eta, gam, gam_p, m, m_p, RMp, RPp, DMp, DPp, n, LOGN, E,
-                         D, SLOT, DGD, P)  # fmt: skip
+                         D, SLOT, DGD, True, P)  # fmt: skip
         _put(SZR, zr, n, E)
         _put(SHR, _sigma(zr, ACT), n, E)
         h = _get(SH, n, E)
         nrm = tl.sqrt(tl.sum(h * h, axis=1) + eps * eps)
         _put(SHH, h / nrm[:, None], n, E)
         _ = _step_stash(W1p, S1p, SH, SHH, SHR, SE1, SV1, eta, gam, gam_p, m, m_p, RMp, RPp, DMp, DPp, n, LOGN, D,
-                        E, SLOT, DGD, P)  # fmt: skip
+                        E, SLOT, DGD, False, P)  # fmt: skip
         # W1 reads σ(W2's reads): its adjoint first, then W2's with the chained read adjoint; W2's adjoints of its
         # inputs go straight to the chunk's dk, dk̂, dq
         dqp, dkp, dkhp, dvp = _chunk_ptrs(DQ, DK, DKH, DV, c, n, D)
