@@ -99,8 +99,7 @@ def main() -> None:
         p.error(f"--precisions takes {', '.join(choices)}, not {args.precisions!r}")
     limit = SHARED_LIMIT[args.arch]
     print(f"triton {triton.__version__}, sm_{args.arch}, {args.variant} switches, D={args.D}, E={args.E}, "
-          f"num_stages={args.stages}, shared "
-          f"memory limit {limit / 1024:.0f} KiB", flush=True)  # fmt: skip
+          f"num_stages={args.stages}, shared memory limit {limit / 1024:.0f} KiB", flush=True)  # fmt: skip
     rows = []
     for name, n, precision, w in itertools.product(
         args.kernels.split(","), (int(c) for c in args.chunks.split(",")), precisions, warps

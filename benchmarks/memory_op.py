@@ -35,6 +35,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from nestlearn.layers.titans import INNER_GRAD_CLIP
 from nestlearn.ops.memory import MemorySpec, MemoryState, init_state, memory_chunk, memory_fused, memory_naive
 from nestlearn.ops.memory.adjoint import kernel_supports, memory_adjoint
 from nestlearn.ops.memory.adjoint import supports as adjoint_supports
@@ -46,7 +47,11 @@ from nestlearn.ops.memory.lean import memory_lean
 # the memory's switches besides `kind` (`--switches`): MemorySpec's defaults, the Titans variants' memory
 # (`titans.titans_spec`: plain GD, each token's gradient clipped) and HOPE's projection memories' (self-generated
 # values, Eq. 84)
-SWITCHES = {"default": {}, "titans": {"dgd": False, "max_grad_norm": 3.0}, "self_values": {"self_values": True}}
+SWITCHES = {
+    "default": {},
+    "titans": {"dgd": False, "max_grad_norm": INNER_GRAD_CLIP},
+    "self_values": {"self_values": True},
+}
 
 # (B, T, C, H, d)
 CPU_CASES = [(1, 1024, 16, 4, 64), (1, 1024, 64, 4, 64), (2, 1024, 64, 8, 64)]

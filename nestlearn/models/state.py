@@ -54,7 +54,7 @@ def load_state(directory: str | Path, model: CausalLM) -> ModelState:
             f"this version reads format {STATE_FORMAT}. States hold what a model read, not weights: read the "
             "documents again with this version (model.learn) and save that state"
         )
-    if meta["fingerprint"] != model.config.fingerprint():
+    if meta["fingerprint"] != model.fingerprint:
         raise ValueError(
             f"the state in {directory} was saved by a model with another configuration; load it into that model "
             "or start from model.init_state(batch_size)"
