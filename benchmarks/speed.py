@@ -53,7 +53,9 @@ Sections (`--sections`, default all):
   `nestlearn generate --cuda-graphs`): `GRAPH_WARMUP` more warm-up steps first, so that every call's graph is
   captured (a key's graph is captured the second time it is seen); the note counts the timed steps' replayed and
   eager block calls. Transformer++ has none (its cache grows at every token). `--decode-rows REGEX` keeps the rows
-  whose label matches (and Transformer++'s, the reference).
+  whose label matches (and Transformer++'s, the reference). `--decode-impl chunk` runs HOPE's memories on the
+  PyTorch chunk form instead of the preset's `impl` (the one-token steps take it anyway: the kernels need chunks
+  of 16 tokens or more; the prefill and the CMS learning steps then run without compiling a kernel).
 - `peers`: titans-pytorch 0.5.5's `NeuralMemory` against our `TitansMemory` (the blocks' width, batch 4 x
   4,096; titans-pytorch's `chunk_size` and TTT `batch_size` both 64, so its gradients are taken at the
   chunk-start weights and T / 64 chunks run in sequence, as in our chunk form, but it makes one update per chunk
@@ -389,6 +391,7 @@ def decode_jobs(args: argparse.Namespace, plan: Plan) -> Iterator[Job]:
         if not re.search(args.decode_rows, variant + (" + CUDA graphs" if graphs else "")) and variant != "transformer":
             continue
         over = {"max_seq_len": top + warm + steps + 1} if variant == "transformer" else {}
+        over |= {"impl": args.decode_impl} if args.decode_impl and variant != "transformer" else {}
         carry: dict[str, Any] = {}
 
         def setup(variant: str = variant, over: dict = over, carry: dict = carry, graphs: bool = graphs) -> None:
@@ -654,6 +657,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--train-rows", default="", help="regex: only train rows whose label matches (and transformer)")
     p.add_argument("--train-presets", default="", help="comma-separated: only these train presets (e.g. 20M)")
     p.add_argument("--decode-rows", default="", help="regex: only decode rows whose label matches (and transformer)")
+    p.add_argument("--decode-impl", default="", help="the decode rows' memory impl (e.g. chunk; default: the preset's)")
     p.add_argument(
         "--no-eager", action="store_true", help="train rows only with --graphs / --compile (transformer eager too)"
     )

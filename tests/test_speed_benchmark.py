@@ -136,3 +136,19 @@ def test_graphs_and_compile_rows_follow_each_row() -> None:
     labels = [label for label, _, _ in speed.TRAIN_ROWS]
     assert modes == [(label, mode) for label in labels for mode in ("eager", "graphs", "compile")]
     assert {mode for _, mode in speed._train_modes(speed.parse(FAST))} == {"eager"}
+
+
+def test_decode_impl_reaches_the_memory_models_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--decode-impl chunk`: HOPE's decode rows build their model on that impl, Transformer++ keeps its config."""
+    seen: dict[str, str] = {}
+
+    def fake_decode(carry: dict, ctx: int, plan: speed.Plan, args: object) -> dict:
+        cfg = carry["model"].config
+        seen[cfg.variant] = cfg.impl
+        return {}
+
+    monkeypatch.setattr(speed, "decode_at", fake_decode)
+    args = speed.parse(["--device", "cpu", "--smoke", "--contexts", "64", "--decode-impl", "chunk"])
+    for _, job in speed.decode_jobs(args, args.plan):
+        job()
+    assert seen == {"transformer": "auto", "hope": "chunk"}

@@ -31,14 +31,16 @@ def test_compiled_training_gives_the_eager_losses(data, tmp_path) -> None:
 )  # fmt: skip
 def test_every_variant_traces_to_one_graph(variant: str, impl: str) -> None:
     """Dynamo's view of a training forward and loss (static CMS levels): one graph, no break. "fused" takes the MLP
-    memory's kernels (their custom ops; Triton's interpreter on CPU). The config's fingerprint, hashed inside
-    `forward`, broke every call's graph before it was computed once per model (`CausalLM.fingerprint`)."""
+    memory's kernels (their custom ops): on the GPU where there is one (without one, Triton's interpreter on CPU;
+    on a GPU machine the interpreter is off and the kernels refuse CPU tensors). The config's fingerprint, hashed
+    inside `forward`, broke every call's graph before it was computed once per model (`CausalLM.fingerprint`)."""
     fields = {"impl": impl} if variant not in ("transformer", "hope_attention") else {}
     fields |= {"cms_online_layers": ()} if variant in ("hope", "hope_attention") else {}
     cfg = preset("debug", variant, n_layers=2, d_model=32, n_heads=2, **fields)
     torch.manual_seed(0)
-    model = CausalLM(cfg)
-    ids = torch.randint(0, cfg.vocab_size, (1, 32))
+    device = "cuda" if impl == "fused" and torch.cuda.is_available() else "cpu"
+    model = CausalLM(cfg).to(device)
+    ids = torch.randint(0, cfg.vocab_size, (1, 32), device=device)
 
     def loss(ids: torch.Tensor) -> torch.Tensor:
         logits = model(ids)[0]
