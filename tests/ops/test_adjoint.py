@@ -18,6 +18,8 @@ import torch.nn.functional as F
 from nestlearn.ops.memory import MemorySpec, MemoryState, init_state, memory_chunk
 from nestlearn.ops.memory.adjoint import (
     _Coef,
+    _prepare,
+    _prepare_adjoint,
     adjoint_memory,
     matrix_step,
     matrix_step_adjoint,
@@ -103,6 +105,24 @@ def test_one_matrix_step_adjoint_equals_autograd(dgd: bool) -> None:
     got = [got[0], got[1], got[2], got[3], got[4], got[5], *(dc[name] for name in _Coef._fields)]
     want = [w if w is not None else torch.zeros_like(x) for w, x in zip(want, leaves, strict=True)]
     assert_close(got, want, FP64_RTOL)
+
+
+@pytest.mark.parametrize(("T", "C"), [(13, 4), (16, 16), (3, 8), (17, 16)])
+def test_layout_adjoint_equals_autograd_through_the_layout(T: int, C: int) -> None:
+    """The backward's written-out adjoint of the chunk layout, the keys' normalisation and every gate product
+    (`_prepare_adjoint`) against autograd through `_prepare`: T not a multiple of C, one short chunk, gates of
+    exactly 0 and 1 among them."""
+    spec = MemorySpec(kind="mlp")
+    seq = [t.clone().requires_grad_() for t in inputs(2, T, 3, 5, spec)[:6]]
+    with torch.no_grad():
+        seq[4][0, :2] = 0.0  # a decay gate of exactly 0, then one of exactly 1
+        seq[5][1, 1] = 1.0
+    prep = _prepare(seq, C, spec, mixed=False)
+    g = torch.Generator().manual_seed(5)
+    grads = [torch.randn(t.shape, generator=g, dtype=t.dtype) for t in prep.flat()]
+    want = torch.autograd.grad(prep.flat(), seq, grads)
+    detached = _prepare([t.detach() for t in seq], C, spec, mixed=False)
+    assert_close(_prepare_adjoint(detached, T, spec, grads), list(want), FP64_RTOL)
 
 
 def test_what_it_does_not_cover_is_refused() -> None:

@@ -32,12 +32,11 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from .chunk import _Coef, _vector_chunks, chunk_layout
+from .chunk import _Coef, _vector_chunks, chunk_layout_adjoint, chunk_layout_products
 from .common import (
     MemorySpec,
     MemoryState,
     activation,
-    autograd_inside_op,
     check_inputs,
     check_save_every,
     clip_factor,
@@ -135,6 +134,7 @@ class _Prepared(NamedTuple):
     v: Tensor
     coef: _Coef  # fields [B, H, N, ...]
     mixed: bool  # the call runs under bf16 / float16 autocast (the kernels' dots: `_mlp_kernels.products`)
+    products: tuple[Tensor, Tensor] | None = None  # the segment products of alpha and beta (`_prepare_adjoint`)
 
     def flat(self) -> list[Tensor]:
         return [self.q, self.k, self.kh, self.v, *self.coef]
@@ -143,8 +143,19 @@ class _Prepared(NamedTuple):
 def _prepare(seq: list[Tensor], C: int, spec: MemorySpec, mixed: bool) -> _Prepared:
     """Chunk layout (inert padding) and gate products of `seq = (q, k, v, eta, alpha, beta)` (`chunk_layout`), with
     the keys' normalisation; `mixed`: the call runs under bf16 / float16 autocast."""
-    q, k, v, coef = chunk_layout(seq, C)
-    return _Prepared(q, k, normalize(k, spec.norm_eps), v, coef, mixed)
+    q, k, v, coef, products = chunk_layout_products(seq, C)
+    return _Prepared(q, k, normalize(k, spec.norm_eps), v, coef, mixed, products)
+
+
+def _prepare_adjoint(prep: _Prepared, T: int, spec: MemorySpec, grads: list[Tensor]) -> list[Tensor]:
+    """The adjoint of `_prepare` over T tokens, written out: `grads` (those of `prep.flat()`) -> the adjoints of
+    `(q, k, v, eta, alpha, beta)`. The keys' normalisation `k̂ = k r`, `r = (|k|² + eps²)^-1/2`, takes
+    `dk += r dk̂ - r³ (k · dk̂) k`."""
+    dq, dk, dkh, dv, *dcoef = grads
+    r = torch.rsqrt(_rowdot(prep.k, prep.k) + spec.norm_eps**2)[..., None]
+    dk = dk + r * dkh - (r**3 * _rowdot(prep.k, dkh)[..., None]) * prep.k
+    assert prep.products is not None
+    return chunk_layout_adjoint(T, prep.products, dq, dk, dv, _Coef(*dcoef))
 
 
 def mixed_precision(q: Tensor) -> bool:
@@ -481,10 +492,9 @@ def adjoint_memory_backward(
     spec = spec_from_args(kind, objective, activation, expansion, dgd, momentum, decay, out_norm, self_values, eps,
                           clip)  # fmt: skip
     seq, dt = [q, k, v, eta, alpha, beta], starts[0].dtype
-    with autograd_inside_op(), torch.enable_grad(), no_autocast(q):
-        leaves = [x.detach().to(dt).requires_grad_() for x in seq]
-        prep = _prepare(leaves, chunk_size, spec, mixed)
-    flat, T = prep.flat(), q.shape[1]
+    with no_autocast(q):
+        prep = _prepare([x.to(dt) for x in seq], chunk_size, spec, mixed)
+    T = q.shape[1]
     N, n = prep.q.shape[2:4]
     do_c = _vector_chunks(grads_out[0].to(dt), n, N * n - T)
     d_end = tuple(g.to(dt) for g in grads_out[1:5])
@@ -495,9 +505,8 @@ def adjoint_memory_backward(
     with no_autocast(q):
         grads, d_start = _backward_segments(prep, tuple(starts), save_every, do_c, d_end,
                                             None if ends else d_anchor, spec, kernel, kernel_forward)  # fmt: skip
-    with autograd_inside_op(), no_autocast(q):
-        seq_grads = torch.autograd.grad(flat, leaves, grads, allow_unused=True)
-    grads = [g if g is not None else torch.zeros_like(x) for g, x in zip(seq_grads, leaves, strict=True)]
+    with no_autocast(q):
+        grads = _prepare_adjoint(prep, T, spec, grads)
     # contiguous, as the fake implementation says: a gradient takes its input's strides (HOPE's generated eta is a
     # transposed view), and a compiled backward that trusted the fake strides viewed it as contiguous
     return [g.contiguous() for g in (*grads, *d_start)]

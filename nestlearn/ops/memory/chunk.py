@@ -313,13 +313,22 @@ class _Coef(NamedTuple):
 
 def _coefficients(eta: Tensor, alpha: Tensor, beta: Tensor, last: int) -> _Coef:
     """Decay and momentum products for gates `[B, H, N, n]` (all chunks at once)."""
+    return _coefficients_of(eta, _segment_products(alpha), _segment_products(beta), last)
+
+
+def _chunk_ends(N: int, n: int, last: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """Chunk indices `[N]` and the row of each chunk's last real token (n; `last` in the final chunk)."""
+    idx = torch.arange(N, device=device)
+    return idx, torch.full((N,), n, device=device) - (n - last) * (idx == N - 1)  # no host-to-device copy
+
+
+def _coefficients_of(eta: Tensor, pa: Tensor, pb: Tensor, last: int) -> _Coef:
+    """`_coefficients` from the segment products `pa, pb [B, H, N, n+1, n+1]` of alpha and beta."""
     N, n = eta.shape[-2:]
-    pa, pb = _segment_products(alpha), _segment_products(beta)  # [..., n+1, n+1]
     ra = pa[..., :, 1:]  # R with the chunk-start row: [n+1, n]
     d = ra @ pb[..., 1:, 1:]  # D[t, s] = sum_r R[t, r] Lβ[r, s]
     m = (ra @ pb[..., 1:, 0, None])[..., 0]  # m_t = sum_r R[t, r] b_r
-    idx = torch.arange(N, device=eta.device)
-    ends = torch.full((N,), n, device=eta.device) - (n - last) * (idx == N - 1)  # no host-to-device copy
+    idx, ends = _chunk_ends(N, n, last, eta.device)
     pa_e, pb_e, d_e, m_e = pa[:, :, idx, ends], pb[:, :, idx, ends], d[:, :, idx, ends], m[:, :, idx, ends]
     return _Coef(
         eta=eta,
@@ -370,9 +379,14 @@ class _SegmentProducts(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> Tensor:  # type: ignore[override]
         (P,) = ctx.saved_tensors
-        n = P.shape[-1] - 1
-        M = P[..., :n, :] @ grad.mT  # [..., r-1, t] = sum_s P[r-1, s] G[t, s]
-        return (M * P.mT[..., 1:, :]).sum(-1)
+        return _segment_products_adjoint(P, grad)
+
+
+def _segment_products_adjoint(P: Tensor, grad: Tensor) -> Tensor:
+    """The gates' adjoint `[..., n]` from the products `P` and their adjoint `grad` (`[..., n+1, n+1]` each)."""
+    n = P.shape[-1] - 1
+    M = P[..., :n, :] @ grad.mT  # [..., r-1, t] = sum_s P[r-1, s] G[t, s]
+    return (M * P.mT[..., 1:, :]).sum(-1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -383,13 +397,64 @@ def chunk_layout(seq: list[Tensor] | tuple[Tensor, ...], C: int) -> tuple[Tensor
     """`seq = (q, k, v, eta, alpha, beta)` in `N` chunks of `n = min(C, T)` tokens: q, k, v `[B, H, N, n, D]` and
     every chunk's gate products (state-independent, all at once). The last chunk is padded with inert tokens
     (eta = 0 writes nothing, alpha = beta = 1) and its chunk-end rows are those of its last real token."""
+    q, k, v, coef, _ = chunk_layout_products(seq, C)
+    return q, k, v, coef
+
+
+def chunk_layout_products(
+    seq: list[Tensor] | tuple[Tensor, ...], C: int
+) -> tuple[Tensor, Tensor, Tensor, _Coef, tuple[Tensor, Tensor]]:
+    """`chunk_layout`, and the segment products of alpha and beta `[B, H, N, n+1, n+1]` that its gate products
+    come from (what `chunk_layout_adjoint` takes)."""
     q, k, v, eta, alpha, beta = seq
     T = q.shape[1]
     n = min(C, T)
     N = -(-T // n)
     pad = N * n - T
-    gates = (_gate_chunks(g, n, pad, fill) for g, fill in ((eta, 0), (alpha, 1), (beta, 1)))
-    return (*(_vector_chunks(x, n, pad) for x in (q, k, v)), _coefficients(*gates, last=T - (N - 1) * n))
+    e, a, b = (_gate_chunks(g, n, pad, fill) for g, fill in ((eta, 0), (alpha, 1), (beta, 1)))
+    pa, pb = _segment_products(a), _segment_products(b)
+    chunks = (_vector_chunks(x, n, pad) for x in (q, k, v))
+    return (*chunks, _coefficients_of(e, pa, pb, last=T - (N - 1) * n), (pa, pb))
+
+
+def chunk_layout_adjoint(T: int, products: tuple[Tensor, Tensor], dq: Tensor, dk: Tensor, dv: Tensor,
+                         dcoef: _Coef) -> list[Tensor]:  # fmt: skip
+    """The adjoint of `chunk_layout` over T tokens, written out (no autograd): from the adjoints of the chunked
+    q, k, v `[B, H, N, n, D]` and of every gate product field (`_Coef`, `[B, H, N, ...]`) and the forward's segment
+    products `(pa, pb)` (`chunk_layout_products`) -> the adjoints of `(q, k, v, eta, alpha, beta)` in their
+    `[B, T, H, ...]` shapes."""
+    pa, pb = products
+    N, n = dcoef.eta.shape[-2:]
+    g = dcoef
+    dpa, dpb = torch.zeros_like(pa), torch.zeros_like(pb)
+    dd = pa.new_zeros(*pa.shape[:-1], n)  # D with the chunk-start row: [n+1, n]
+    dm = pa.new_zeros(pa.shape[:-1])  # m: [n+1]
+    dpa[..., 1:, 0] += g.gam
+    dpa[..., :-1, 0] += g.gam_prev
+    dpa[..., 1:, 1:] += g.R
+    dpa[..., :-1, 1:] += g.R_prev
+    dd[..., 1:, :] += g.D
+    dd[..., :-1, :] += g.D_prev
+    dm[..., 1:] += g.m
+    dm[..., :-1] += g.m_prev
+    idx, ends = _chunk_ends(N, n, T - (N - 1) * n, pa.device)  # the chunk-end rows (unique per chunk)
+    dpa[:, :, idx, ends] += torch.cat([g.gam_e[..., None], g.R_e], dim=-1)
+    dpb[:, :, idx, ends] += torch.cat([g.b_e[..., None], g.Lb_e], dim=-1)
+    dd[:, :, idx, ends] += g.D_e
+    dm[:, :, idx, ends] += g.m_e
+    # d = R Lβ and m = R b, R = pa[..., :, 1:] (with the chunk-start row), Lβ = pb[..., 1:, 1:], b = pb[..., 1:, 0]
+    ra = pa[..., :, 1:]
+    dpa[..., :, 1:] += dd @ pb[..., 1:, 1:].mT + dm[..., :, None] * pb[..., None, 1:, 0]
+    dpb[..., 1:, 1:] += ra.mT @ dd
+    dpb[..., 1:, 0] += (ra.mT @ dm[..., :, None])[..., 0]
+    gates = (g.eta, _segment_products_adjoint(pa, dpa), _segment_products_adjoint(pb, dpb))
+    return [_unchunk(x, T) for x in (dq, dk, dv)] + [_unchunk(x[..., None], T)[..., 0] for x in gates]
+
+
+def _unchunk(x: Tensor, T: int) -> Tensor:
+    """`[B, H, N, n, D] -> [B, T, H, D]` (the adjoint of `_vector_chunks`: padding dropped)."""
+    B, H, N, n, D = x.shape
+    return x.reshape(B, H, N * n, D)[:, :, :T].transpose(1, 2)
 
 
 def _vector_chunks(x: Tensor, n: int, pad: int) -> Tensor:
