@@ -24,6 +24,7 @@ from nestlearn.ops.memory.adjoint import (
     matrix_step,
     matrix_step_adjoint,
     memory_adjoint,
+    mixed_precision,
     saved_count,
 )
 from nestlearn.ops.memory.chunk import _coefficients
@@ -181,6 +182,22 @@ def test_a_callers_autocast_does_not_reach_inside_the_op(save_every: int) -> Non
     with torch.autocast("cpu", dtype=torch.bfloat16):
         got = run(op, xs, spec, 4)
     assert_close(got, want, 0.0)
+
+
+def test_mixed_precision_reads_autocast_without_asking_torch_at_call_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Whether a call runs under bf16 / float16 autocast, decided without `torch.amp.is_autocast_available`, which
+    torch 2.11's dynamo cannot trace (on the H200 it broke a compiled HOPE's graph 13 times, Titans' 6)."""
+
+    def untraceable(kind: str) -> bool:
+        raise AssertionError("is_autocast_available called inside a memory call")
+
+    monkeypatch.setattr(torch.amp, "is_autocast_available", untraceable)
+    q = torch.zeros(1, 2)
+    assert not mixed_precision(q) and not mixed_precision(q.to("meta"))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert mixed_precision(q) and not mixed_precision(q.to("meta"))
+    with torch.autocast("cpu", dtype=torch.float32):
+        assert not mixed_precision(q)
 
 
 def test_save_every_is_checked() -> None:

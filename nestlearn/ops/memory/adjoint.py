@@ -158,11 +158,19 @@ def _prepare_adjoint(prep: _Prepared, T: int, spec: MemorySpec, grads: list[Tens
     return chunk_layout_adjoint(T, prep.products, dq, dk, dv, _Coef(*dcoef))
 
 
+# The device types autocast runs on, asked once at import: inside a compiled model torch 2.11's dynamo cannot trace
+# `torch.amp.is_autocast_available` (a graph break at every memory call, found on the H200), a set lookup it can.
+_AUTOCAST_DEVICES = frozenset(
+    kind for kind in ("cpu", "cuda", "xpu", "mps", "hpu", "mtia", "xla", "privateuseone")
+    if torch.amp.is_autocast_available(kind)
+)  # fmt: skip
+
+
 def mixed_precision(q: Tensor) -> bool:
     """Whether the caller runs under autocast to bf16 or float16 on `q`'s device (the model's own products round
     to 8 or 11 significant bits; the kernels then take one-pass tf32 dots: `_mlp_kernels.products`)."""
     kind = q.device.type
-    if not torch.amp.is_autocast_available(kind):  # e.g. meta tensors
+    if kind not in _AUTOCAST_DEVICES:  # e.g. meta tensors
         return False
     return torch.is_autocast_enabled(kind) and torch.get_autocast_dtype(kind) in (torch.bfloat16, torch.float16)
 
@@ -449,7 +457,9 @@ def adjoint_memory(
     B, T, H, D = q.shape
     o = o.reshape(B, H, -1, D)[:, :, :T].transpose(1, 2).to(q.dtype)
     anchor = tuple(s[:, :, -1] for s in starts[:2]) if not ends else state[:2]
-    return [o.contiguous(), *fresh(state), *fresh(anchor), *_saved_starts(starts, save_every)]
+    # the final state is new (the kernel's own buffers or the loop's results, never an input); the anchor may be the
+    # final weights, and a custom op's outputs may not alias each other: it is copied
+    return [o.contiguous(), *state, *fresh(anchor), *_saved_starts(starts, save_every)]
 
 
 def saved_count(N: int, save_every: int) -> int:

@@ -429,26 +429,32 @@ def chunk_layout_adjoint(T: int, products: tuple[Tensor, Tensor], dq: Tensor, dk
     dpa, dpb = torch.zeros_like(pa), torch.zeros_like(pb)
     dd = pa.new_zeros(*pa.shape[:-1], n)  # D with the chunk-start row: [n+1, n]
     dm = pa.new_zeros(pa.shape[:-1])  # m: [n+1]
-    dpa[..., 1:, 0] += g.gam
-    dpa[..., :-1, 0] += g.gam_prev
-    dpa[..., 1:, 1:] += g.R
-    dpa[..., :-1, 1:] += g.R_prev
-    dd[..., 1:, :] += g.D
-    dd[..., :-1, :] += g.D_prev
-    dm[..., 1:] += g.m
-    dm[..., :-1] += g.m_prev
+    # each field adds into the slice of the product it was read from (`add_` on the view: no write-back copy)
+    dpa[..., 1:, 0].add_(g.gam)
+    dpa[..., :-1, 0].add_(g.gam_prev)
+    dpa[..., 1:, 1:].add_(g.R)
+    dpa[..., :-1, 1:].add_(g.R_prev)
+    dd[..., 1:, :].add_(g.D)
+    dd[..., :-1, :].add_(g.D_prev)
+    dm[..., 1:].add_(g.m)
+    dm[..., :-1].add_(g.m_prev)
     idx, ends = _chunk_ends(N, n, T - (N - 1) * n, pa.device)  # the chunk-end rows (unique per chunk)
-    dpa[:, :, idx, ends] += torch.cat([g.gam_e[..., None], g.R_e], dim=-1)
-    dpb[:, :, idx, ends] += torch.cat([g.b_e[..., None], g.Lb_e], dim=-1)
-    dd[:, :, idx, ends] += g.D_e
-    dm[:, :, idx, ends] += g.m_e
+    for buf, grad in ((dpa, torch.cat([g.gam_e[..., None], g.R_e], dim=-1)), (dd, g.D_e), (dm, g.m_e),
+                      (dpb, torch.cat([g.b_e[..., None], g.Lb_e], dim=-1))):  # fmt: skip
+        _add_at_rows(buf, idx, ends, grad)
     # d = R Lβ and m = R b, R = pa[..., :, 1:] (with the chunk-start row), Lβ = pb[..., 1:, 1:], b = pb[..., 1:, 0]
     ra = pa[..., :, 1:]
-    dpa[..., :, 1:] += dd @ pb[..., 1:, 1:].mT + dm[..., :, None] * pb[..., None, 1:, 0]
-    dpb[..., 1:, 1:] += ra.mT @ dd
-    dpb[..., 1:, 0] += (ra.mT @ dm[..., :, None])[..., 0]
+    dpa[..., :, 1:].add_(dd @ pb[..., 1:, 1:].mT + dm[..., :, None] * pb[..., None, 1:, 0])
+    dpb[..., 1:, 1:].add_(ra.mT @ dd)
+    dpb[..., 1:, 0].add_((ra.mT @ dm[..., :, None])[..., 0])
     gates = (g.eta, _segment_products_adjoint(pa, dpa), _segment_products_adjoint(pb, dpb))
     return [_unchunk(x, T) for x in (dq, dk, dv)] + [_unchunk(x[..., None], T)[..., 0] for x in gates]
+
+
+def _add_at_rows(buf: Tensor, idx: Tensor, rows: Tensor, x: Tensor) -> Tensor:
+    """`buf[:, :, idx, rows] += x` in one indexed add: buf `[B, H, N, R, ...]`, x `[B, H, len(idx), ...]`."""
+    lead = (2, 3, 0, 1, *range(4, buf.dim()))
+    return buf.permute(lead).index_put_((idx, rows), x.permute(2, 0, 1, *range(3, x.dim())), accumulate=True)
 
 
 def _unchunk(x: Tensor, T: int) -> Tensor:
