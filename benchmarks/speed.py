@@ -96,6 +96,7 @@ import re
 import subprocess
 import sys
 import time
+import typing
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import SimpleNamespace
@@ -105,6 +106,7 @@ import torch
 
 from benchmarks.common import run_meta, sync, time_training
 from benchmarks.memory_op import header, time_fla, timeit
+from nestlearn.layers.fast_weights import Impl
 from nestlearn.models import CausalLM, ModelConfig, next_token_loss, preset
 from nestlearn.models.block import build_mixers
 from nestlearn.models.config import RECURRENT, fields_for
@@ -657,7 +659,12 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--train-rows", default="", help="regex: only train rows whose label matches (and transformer)")
     p.add_argument("--train-presets", default="", help="comma-separated: only these train presets (e.g. 20M)")
     p.add_argument("--decode-rows", default="", help="regex: only decode rows whose label matches (and transformer)")
-    p.add_argument("--decode-impl", default="", help="the decode rows' memory impl (e.g. chunk; default: the preset's)")
+    p.add_argument(
+        "--decode-impl",
+        default="",
+        choices=("", *typing.get_args(Impl)),
+        help="the decode rows' memory impl (default: the preset's)",
+    )
     p.add_argument(
         "--no-eager", action="store_true", help="train rows only with --graphs / --compile (transformer eager too)"
     )
@@ -696,7 +703,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     meta = run_meta(args.device, triton=_triton(), smoke=args.smoke, sections=args.sections,
                     train_steps=args.train_steps, warmup=args.warmup, reps=args.reps, decode_steps=args.decode_steps,
                     checkpoint=args.checkpoint, memory_save_every=args.memory_save_every, graphs=args.graphs,
-                    compile=args.compile, plan=dataclasses.asdict(args.plan))  # fmt: skip
+                    compile=args.compile, decode_impl=args.decode_impl or "preset",
+                    plan=dataclasses.asdict(args.plan))  # fmt: skip
     deadline = time.monotonic() + 60 * args.max_minutes if args.max_minutes is not None else float("inf")
     print(head, flush=True)
     rows: list[dict[str, Any]] = []

@@ -126,6 +126,31 @@ def test_layout_adjoint_equals_autograd_through_the_layout(T: int, C: int) -> No
     assert_close(_prepare_adjoint(detached, T, spec, grads), list(want), FP64_RTOL)
 
 
+@pytest.mark.gpu
+def test_layout_adjoint_is_captured_in_a_cuda_graph() -> None:
+    """The backward's layout adjoint (indexed adds included) replays in a CUDA graph, as the models' captured
+    training steps need: no host sync inside it."""
+    spec = MemorySpec(kind="mlp")
+    seq = [t.float().cuda() for t in inputs(2, 100, 3, 8, spec)[:6]]
+    prep = _prepare(seq, 16, spec, mixed=False)
+    grads = [torch.randn_like(t) for t in prep.flat()]
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # warm-up outside capture
+        _prepare_adjoint(prep, 100, spec, grads)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        got = _prepare_adjoint(prep, 100, spec, grads)
+    for g in grads:
+        g.copy_(torch.randn_like(g))
+    graph.replay()
+    leaves = [t.clone().requires_grad_() for t in seq]
+    want = torch.autograd.grad(_prepare(leaves, 16, spec, mixed=False).flat(), leaves, grads)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
 def test_what_it_does_not_cover_is_refused() -> None:
     spec = MemorySpec(kind="mlp", out_norm=True)
     xs = inputs(1, 4, 1, 4, spec)
@@ -191,12 +216,15 @@ def test_mixed_precision_reads_autocast_without_asking_torch_at_call_time(monkey
     def untraceable(kind: str) -> bool:
         raise AssertionError("is_autocast_available called inside a memory call")
 
-    monkeypatch.setattr(torch.amp, "is_autocast_available", untraceable)
     q = torch.zeros(1, 2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # traced whole (a break raises under fullgraph)
+        assert torch.compile(mixed_precision, fullgraph=True, backend="eager")(q)
+    monkeypatch.setattr(torch.amp, "is_autocast_available", untraceable)
     assert not mixed_precision(q) and not mixed_precision(q.to("meta"))
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert mixed_precision(q) and not mixed_precision(q.to("meta"))
-    with torch.autocast("cpu", dtype=torch.float32):
+    for dtype in (torch.bfloat16, torch.float16):
+        with torch.autocast("cpu", dtype=dtype):
+            assert mixed_precision(q) and not mixed_precision(q.to("meta"))
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=False):
         assert not mixed_precision(q)
 
 

@@ -6,7 +6,8 @@ backward is written out: the forward runs the chunk loop without recording a gra
 start state `(W1, W2, S1, S2)`; the backward walks the chunks from the last to the first, recomputes each chunk from
 its saved state and applies its adjoint equations, handing the start state's adjoint to the chunk before. What
 does not depend on the state (the chunk layout, the keys' normalisation and the gate products of every chunk) is
-differentiated once, batched over all chunks, by autograd from the adjoints the loop collects.
+differentiated once, batched over all chunks, from the adjoints the loop collects, by their adjoint written out too
+(`chunk.chunk_layout_adjoint`, `_prepare_adjoint`).
 The adjoint of one weight matrix over one chunk (`matrix_step_adjoint`) follows the chunk form's equations
 (`chunk.py`, `_matrix_chunk`) in reverse: the chunk-end state, the reads (masked products), the unit-triangular
 DGD system (its transpose solve through the explicit inverse), its right-hand side and its matrix. The MLP chains
@@ -124,7 +125,7 @@ def memory_adjoint(
 
 
 # ---------------------------------------------------------------------------------------------
-# the state-independent inputs of every chunk (differentiated by autograd, once, batched)
+# the state-independent inputs of every chunk (differentiated once, batched, by their written-out adjoint)
 
 
 class _Prepared(NamedTuple):
@@ -161,7 +162,7 @@ def _prepare_adjoint(prep: _Prepared, T: int, spec: MemorySpec, grads: list[Tens
 # The device types autocast runs on, asked once at import: inside a compiled model torch 2.11's dynamo cannot trace
 # `torch.amp.is_autocast_available` (a graph break at every memory call, found on the H200), a set lookup it can.
 _AUTOCAST_DEVICES = frozenset(
-    kind for kind in ("cpu", "cuda", "xpu", "mps", "hpu", "mtia", "xla", "privateuseone")
+    kind for kind in ("cpu", "cuda", "xpu", "mps", "hpu", "mtia", "xla", torch._C._get_privateuse1_backend_name())
     if torch.amp.is_autocast_available(kind)
 )  # fmt: skip
 
@@ -450,7 +451,7 @@ def adjoint_memory(
     seq = [q, k, v, eta, alpha, beta]
     dt = compute_dtype(*seq, *weights, *momenta)
     with no_autocast(q):  # the gate products and the loops in the compute dtype, as the backward recomputes them
-        prep = _prepare([x.to(dt) for x in seq], chunk_size, spec, mixed)
+        prep = _prepare([x.to(dt) for x in seq], chunk_size, spec, mixed)._replace(products=None)  # backward's only
         ends = q.shape[1] % chunk_size == 0
         state = tuple(w.to(dt) for w in (*weights, *momenta))
         o, state, starts = (_forward_kernel if kernel else _forward_loop)(prep, state, spec, ends)

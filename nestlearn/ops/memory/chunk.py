@@ -451,10 +451,11 @@ def chunk_layout_adjoint(T: int, products: tuple[Tensor, Tensor], dq: Tensor, dk
     return [_unchunk(x, T) for x in (dq, dk, dv)] + [_unchunk(x[..., None], T)[..., 0] for x in gates]
 
 
-def _add_at_rows(buf: Tensor, idx: Tensor, rows: Tensor, x: Tensor) -> Tensor:
-    """`buf[:, :, idx, rows] += x` in one indexed add: buf `[B, H, N, R, ...]`, x `[B, H, len(idx), ...]`."""
-    lead = (2, 3, 0, 1, *range(4, buf.dim()))
-    return buf.permute(lead).index_put_((idx, rows), x.permute(2, 0, 1, *range(3, x.dim())), accumulate=True)
+def _add_at_rows(buf: Tensor, idx: Tensor, rows: Tensor, x: Tensor) -> None:
+    """`buf[:, :, idx, rows] += x` as one `index_add_` over the flattened (chunk, row) dim: buf `[B, H, N, R, ...]`
+    contiguous, x `[B, H, len(idx), ...]` (the pairs are distinct; no host sync, so a CUDA graph captures it)."""
+    B, H, N, R = buf.shape[:4]
+    buf.view(B, H, N * R, *buf.shape[4:]).index_add_(2, idx * R + rows, x)
 
 
 def _unchunk(x: Tensor, T: int) -> Tensor:
