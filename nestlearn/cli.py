@@ -1,10 +1,11 @@
 """The `nestlearn` command: `nestlearn data fetch NAME...`, `nestlearn data prepare ...`, `nestlearn data verify DIR`,
-`nestlearn train ...`, `nestlearn generate ...`, `nestlearn eval TASK ...`, `nestlearn synth ...`.
+`nestlearn train ...`, `nestlearn generate ...`, `nestlearn eval TASK ...`, `nestlearn synth ...`,
+`nestlearn kernels ...`.
 
 What this is: argument parsing that calls `data.corpora.fetch`, `data.shards.prepare`, `data.shards.Shards.verify`,
-`train.main` and `eval.command.main` (generate, eval, synth); every command runs inside `errors.user_errors`, so a
-mistake a user can fix is one line on stderr (`nestlearn <cmd>: <message>`, exit status 2; the traceback only with
-NESTLEARN_DEBUG=1).
+`train.main`, `eval.command.main` (generate, eval, synth) and `warm.main` (kernels); every command runs inside
+`errors.user_errors`, so a mistake a user can fix is one line on stderr (`nestlearn <cmd>: <message>`, exit status
+2; the traceback only with NESTLEARN_DEBUG=1).
 What it is not: any of the work itself.
 """
 
@@ -25,6 +26,11 @@ def main(argv: list[str] | None = None) -> None:
         from .train import main as train_main
 
         train_main(argv[1:])
+        return
+    if argv[:1] == ["kernels"]:
+        from .warm import main as kernels_main
+
+        kernels_main(argv[1:])
         return
     if argv[:1] and argv[0] in ("generate", "eval", "synth"):
         from .eval.command import main as eval_main
@@ -54,6 +60,7 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("generate", help="stream text from a trained run (see `nestlearn generate --help`)")
     sub.add_parser("eval", help="evaluate a trained run: lm, niah, babilong (see `nestlearn eval --help`)")
     sub.add_parser("synth", help="synthetic tasks (see `nestlearn synth --help`)")
+    sub.add_parser("kernels", help="compile a run's GPU kernels ahead of it (see `nestlearn kernels --help`)")
     return p
 
 

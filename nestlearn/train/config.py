@@ -145,9 +145,10 @@ def check_model_overrides(overrides: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def load_config(path: str | None, overrides: list[str]) -> TrainConfig:
+def load_config(path: str | None, overrides: list[str], *, need_data: bool = True) -> TrainConfig:
     """A YAML (`.yaml`/`.yml`) or Python (`.py` defining `config`) file, then `key=value` overrides (values
-    parsed as YAML, then typed by their field; `model_overrides.<key>=value` sets one ModelConfig field)."""
+    parsed as YAML, then typed by their field; `model_overrides.<key>=value` sets one ModelConfig field).
+    `need_data=False`: a config without `data` is taken (`nestlearn kernels`, which builds the model only)."""
     values: dict[str, Any] = {}
     if path:
         values = _read_config_file(Path(path))
@@ -167,7 +168,9 @@ def load_config(path: str | None, overrides: list[str]) -> TrainConfig:
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         raise ValueError(f"unknown config keys {unknown}{hint}; valid keys: {sorted(known)}")
     if "data" not in values:
-        raise ValueError("the config needs `data`: a directory made by `nestlearn data prepare`")
+        if need_data:
+            raise ValueError("the config needs `data`: a directory made by `nestlearn data prepare`")
+        values["data"] = ""
     return TrainConfig(**values)
 
 
