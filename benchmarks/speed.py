@@ -20,8 +20,8 @@ Sections (`--sections`, default all):
   (`--train-steps` timed steps after `--warmup`). `--graphs` adds, after each row, the
   same step with every block call replayed as a CUDA graph (`nestlearn.models.graphs.StepGraphs`; the note gives
   the warm-up's seconds, capture included); `--compile` adds each row under `torch.compile` as `nestlearn train
-  compile=true` runs it (the warm-up, compile included, in the note; rows with online CMS levels record the
-  refusal). `--train-rows REGEX` keeps the rows whose label matches and
+  compile=true` runs it (the warm-up, compile included, in the note; online CMS levels with buffer donation off,
+  `train.loop.prepare_compile`). `--train-rows REGEX` keeps the rows whose label matches and
   `--no-eager` drops their eager runs (Transformer++'s eager row, the reference, always runs);
   `--train-presets 20M` keeps one preset.
   `--memory-save-every N` sets the recurrent variants' `memory_save_every` (every N-th chunk state kept for the
@@ -293,8 +293,8 @@ MODE_SUFFIX = {"eager": "", "graphs": " + CUDA graphs", "compile": " + torch.com
 
 def _train_modes(args: argparse.Namespace) -> Iterator[tuple[tuple[str, str, dict[str, Any]], str]]:
     """Each train row whose label `--train-rows` matches, eagerly unless `--no-eager`, then with `--graphs` with
-    CUDA graphs (`nestlearn.models.graphs`) and with `--compile` under `torch.compile` (a row with online CMS
-    levels records the refusal). Transformer++'s eager row always runs: the ratios' reference."""
+    CUDA graphs (`nestlearn.models.graphs`) and with `--compile` under `torch.compile`. Transformer++'s eager row
+    always runs: the ratios' reference."""
     for row in TRAIN_ROWS:
         label, variant, _ = row
         if not re.search(args.train_rows, label) and variant != "transformer":
@@ -655,7 +655,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                    help="train rows of the recurrent variants keep every N-th chunk state (0: none; ModelConfig."
                         "memory_save_every)")  # fmt: skip
     p.add_argument("--graphs", action="store_true", help="train rows also with CUDA graphs (models/graphs.py)")
-    p.add_argument("--compile", action="store_true", help="train rows also under torch.compile (static CMS only)")
+    p.add_argument("--compile", action="store_true", help="train rows also under torch.compile")
     p.add_argument("--train-rows", default="", help="regex: only train rows whose label matches (and transformer)")
     p.add_argument("--train-presets", default="", help="comma-separated: only these train presets (e.g. 20M)")
     p.add_argument("--decode-rows", default="", help="regex: only decode rows whose label matches (and transformer)")

@@ -212,7 +212,11 @@ class CausalLM(nn.Module):
         full = self.config.cms_meta_grad == "full" and outer
         targets = tokens[:, 1:] if after is None else torch.cat([tokens[:, 1:], after], dim=1)
         with torch.enable_grad():
-            logits, blocks = self._forward_blocks(tokens, self._differentiable(start, fresh=not outer), full)
+            start = self._differentiable(start, tokens.shape[0], fresh=not outer)
+            # compiled, the inner gradient needs the fast weights as inputs of the graph that makes the loss: a
+            # graph break here (a no-op eagerly), so that those made above are not the graph's own intermediates
+            torch._dynamo.graph_break()
+            logits, blocks = self._forward_blocks(tokens, start, full)
             cms_states = {i: blocks[i].cms for i in self.online_blocks}
             fast = {i: self.blocks[i].cms.fast_weights(st) for i, st in cms_states.items()}
             grads = _inner_grads(logits, targets, [w for ws in fast.values() for w in ws], full, outer)
@@ -226,15 +230,19 @@ class CausalLM(nn.Module):
             logits, out = logits.detach(), _detach(out)
         return logits, out
 
-    def _differentiable(self, states: tuple[BlockState | None, ...], fresh: bool) -> tuple[BlockState | None, ...]:
+    def _differentiable(
+        self, states: tuple[BlockState | None, ...], batch: int, fresh: bool
+    ) -> tuple[BlockState | None, ...]:
         """The block states with every online fast weight differentiable: a new detached leaf where it was not,
-        or everywhere when `fresh` (no outer graph to keep). A block not yet run (None) builds its fast weights
-        from the parameters inside its forward."""
+        or everywhere when `fresh` (no outer graph to keep). An online block not yet run (None) gets its initial
+        state here, not inside its forward: the inner gradient is taken with respect to the fast weights the block
+        was given, and fast weights a compiled block made inside its graph come out as new tensors that the loss
+        does not depend on (zero inner gradients in the first segment; `tests/train/test_compile.py`). Its
+        parameters are gathered here too: with online levels a sharded model is one FSDP unit (`train/loop.py`)."""
         new = list(states)
         for i in self.online_blocks:
-            st = states[i]
-            if st is not None:
-                new[i] = st._replace(cms=self.blocks[i].cms.map_fast_weights(st.cms, lambda w: _leaf(w, fresh)))
+            st = states[i] if states[i] is not None else self.blocks[i].init_state(batch)
+            new[i] = st._replace(cms=self.blocks[i].cms.map_fast_weights(st.cms, lambda w: _leaf(w, fresh)))
         return tuple(new)
 
     # -----------------------------------------------------------------------------------------

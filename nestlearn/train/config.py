@@ -35,9 +35,9 @@ class TrainConfig:
     Safety: `max_nonfinite` non-finite steps in a row (loss or gradient norm NaN / inf; each one skipped) stop the
     run. `allow_changes` names the fields that may differ from the checkpoint's when a run resumes (e.g.
     `("lr", "steps")`, or `("all",)`); any other difference is refused with every differing field named.
-    Speed: `compile` (torch.compile; static CMS levels only) and `cuda_graphs` (every block call of a training step
-    replayed as a CUDA graph, `models/graphs.py`: one GPU, no DDP / FSDP / compile / activation checkpointing;
-    online CMS levels included).
+    Speed: `compile` (torch.compile; with online CMS levels AOTAutograd's buffer donation goes off) and
+    `cuda_graphs` (every block call of a training step replayed as a CUDA graph, `models/graphs.py`: one GPU, no
+    DDP / FSDP / compile / activation checkpointing; online CMS levels included).
     """
 
     data: str

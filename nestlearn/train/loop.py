@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
+import torch._functorch.config
 import torch.distributed as dist
 
 from ..data.shards import Shards
@@ -87,7 +88,7 @@ def _setup(cfg: TrainConfig, stop: Stop) -> Run:
         _check_fsdp(cfg)
         _shard(core)
     if cfg.compile:
-        check_compile(core)
+        prepare_compile(core)
         model = torch.compile(model)
     opt = route(core, cfg.optimizer, lr=cfg.matrix_lr, adamw_lr=cfg.lr, weight_decay=cfg.weight_decay,
                 adamw_kwargs={"betas": (0.9, 0.95)})  # fmt: skip
@@ -182,18 +183,15 @@ def _check_graphs(cfg: TrainConfig, mode: str) -> None:
         raise ValueError("cuda_graphs=true and compile=true exclude each other: set one of them false")
 
 
-def check_compile(core: CausalLM) -> None:
-    """`torch.compile` (torch 2.13) cannot take the online CMS's inner gradient: the compiled backward refuses the
-    second call that the inner `torch.autograd.grad` and the outer backward make (donated buffers), and with donation
-    off the outer gradients of the CMS levels come out wrong (up to 108 % of their size at the debug Hope-Attention,
-    where eager float32 agrees with float64 to 1e-6; `tests/train/test_compile.py`). Static-level models compile
-    and train as eager ones do."""
+def prepare_compile(core: CausalLM) -> None:
+    """What `torch.compile` of `core` needs: with online CMS levels, AOTAutograd's buffer donation off (process-wide,
+    `torch._functorch.config.donated_buffer`): their compiled backward runs twice for each learned segment, once
+    for the inner gradient and once in the outer backward, and a backward that donated its saved buffers refuses
+    the second call. The inner gradient itself is compiled correctly since the online driver gives each block its
+    fast weights from outside the block's graph (`CausalLM._differentiable`; docs/decisions.md). Static-level
+    models are compiled as they are."""
     if core.online_segment is not None:
-        raise ValueError(
-            "compile=true does not support online CMS levels (torch.compile's backward cannot take the inner "
-            "gradient the online levels need; docs/decisions.md); use compile=false, or static levels "
-            "(model_overrides.cms_online_layers=[])"
-        )
+        torch._functorch.config.donated_buffer = False
 
 
 def _shard(core: CausalLM) -> None:
