@@ -11,6 +11,7 @@ warm-up's seconds reported as `capture_s`).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import resource
@@ -74,20 +75,22 @@ def training_step(
         raise ValueError("graphs and compile exclude each other (as cuda_graphs and compile do in nestlearn train)")
     torch.manual_seed(0)
     model = CausalLM(cfg).to(device)
-    if compile:
-        prepare_compile(model)  # as nestlearn train compiles it (online CMS levels: buffer donation off)
+    # the settings nestlearn train compiles and runs it under (online CMS levels: buffer donation off), for the
+    # step only, so that later rows in the process compile with torch's own; its refusals come here, at set-up
+    settings = prepare_compile(model) if compile else contextlib.nullcontext()
     forward = torch.compile(model) if compile else model
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
     ids = torch.randint(0, cfg.vocab_size, (batch, seq), device=device)
     captured = StepGraphs(model) if graphs else None
 
     def step() -> torch.Tensor:
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            if captured is not None:
-                loss = next_token_loss(captured.logits(ids)[:, :-1], ids[:, 1:])
-            else:
-                loss = next_token_loss(forward(ids)[0][:, :-1], ids[:, 1:])
-        loss.backward()
+        with settings:
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                if captured is not None:
+                    loss = next_token_loss(captured.logits(ids)[:, :-1], ids[:, 1:])
+                else:
+                    loss = next_token_loss(forward(ids)[0][:, :-1], ids[:, 1:])
+            loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         return loss

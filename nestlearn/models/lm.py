@@ -213,9 +213,8 @@ class CausalLM(nn.Module):
         targets = tokens[:, 1:] if after is None else torch.cat([tokens[:, 1:], after], dim=1)
         with torch.enable_grad():
             start = self._differentiable(start, tokens.shape[0], fresh=not outer)
-            # compiled, the inner gradient needs the fast weights as inputs of the graph that makes the loss: a
-            # graph break here (a no-op eagerly), so that those made above are not the graph's own intermediates
-            torch._dynamo.graph_break()
+            if torch.compiler.is_compiling():  # the inner gradient needs the fast weights as inputs of the graph
+                torch._dynamo.graph_break()  # that makes the loss, not as its own intermediates (made above)
             logits, blocks = self._forward_blocks(tokens, start, full)
             cms_states = {i: blocks[i].cms for i in self.online_blocks}
             fast = {i: self.blocks[i].cms.fast_weights(st) for i, st in cms_states.items()}

@@ -50,8 +50,8 @@ class StepResult(NamedTuple):
 
 def train(cfg: TrainConfig) -> list[dict[str, Any]]:
     """Run (or resume) training; returns the metric records of the whole run (rank 0; [] on other ranks)."""
-    with Stop() as stop:
-        run = _setup(cfg, stop)
+    with Stop() as stop, contextlib.ExitStack() as scope:
+        run = _setup(cfg, stop, scope)
         try:
             _loop(run)
             if dist.is_initialized():
@@ -67,7 +67,7 @@ def train(cfg: TrainConfig) -> list[dict[str, Any]]:
 # set-up
 
 
-def _setup(cfg: TrainConfig, stop: Stop) -> Run:
+def _setup(cfg: TrainConfig, stop: Stop, scope: contextlib.ExitStack) -> Run:
     rank, world, device, mode = _distributed(cfg)
     if rank == 0:
         for message in cfg.warnings():
@@ -88,7 +88,7 @@ def _setup(cfg: TrainConfig, stop: Stop) -> Run:
         _check_fsdp(cfg)
         _shard(core)
     if cfg.compile:
-        prepare_compile(core)
+        scope.enter_context(prepare_compile(core))  # for the run (`train`)
         model = torch.compile(model)
     opt = route(core, cfg.optimizer, lr=cfg.matrix_lr, adamw_lr=cfg.lr, weight_decay=cfg.weight_decay,
                 adamw_kwargs={"betas": (0.9, 0.95)})  # fmt: skip
@@ -183,15 +183,23 @@ def _check_graphs(cfg: TrainConfig, mode: str) -> None:
         raise ValueError("cuda_graphs=true and compile=true exclude each other: set one of them false")
 
 
-def prepare_compile(core: CausalLM) -> None:
-    """What `torch.compile` of `core` needs: with online CMS levels, AOTAutograd's buffer donation off (process-wide,
-    `torch._functorch.config.donated_buffer`): their compiled backward runs twice for each learned segment, once
-    for the inner gradient and once in the outer backward, and a backward that donated its saved buffers refuses
-    the second call. The inner gradient itself is compiled correctly since the online driver gives each block its
-    fast weights from outside the block's graph (`CausalLM._differentiable`; docs/decisions.md). Static-level
-    models are compiled as they are."""
-    if core.online_segment is not None:
-        torch._functorch.config.donated_buffer = False
+def prepare_compile(core: CausalLM) -> contextlib.AbstractContextManager[Any]:
+    """The settings under which `torch.compile` of `core` compiles and runs (enter them for as long as the compiled
+    model runs): with online CMS levels, AOTAutograd's buffer donation off (`torch._functorch.config.
+    donated_buffer`), since their compiled backward runs twice for each learned segment, once for the inner
+    gradient and once in the outer backward, and a backward that donated its saved buffers refuses the second call.
+    The inner gradient itself compiles correctly since the online driver gives each block its fast weights from
+    outside the block's graph (`CausalLM._differentiable`; docs/decisions.md). Refused: online levels with the full
+    meta-gradient (`cms_meta_grad="full"`), whose inner gradient keeps its graph: a compiled backward cannot be
+    differentiated again. Static-level models compile as they are."""
+    if core.online_segment is None:
+        return contextlib.nullcontext()
+    if core.config.cms_meta_grad == "full":
+        raise ValueError(
+            "compile=true does not support online CMS levels with cms_meta_grad=full (a compiled backward cannot be "
+            "differentiated again); use compile=false, or model_overrides.cms_meta_grad=first_order"
+        )
+    return torch._functorch.config.patch(donated_buffer=False)
 
 
 def _shard(core: CausalLM) -> None:

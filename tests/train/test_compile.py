@@ -51,14 +51,16 @@ def test_every_variant_traces_to_one_graph(variant: str, impl: str) -> None:
     assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
 
 
-ONLINE = {**TINY, "variant": "hope_attention",
+# 24 tokens in segments of 8: three learned segments a sequence, so a compiled backward runs more than once a step
+ONLINE = {**TINY, "variant": "hope_attention", "seq_len": 24,
           "model_overrides": {**TINY["model_overrides"], "cms_levels": [None, 16, 8]}}  # fmt: skip
 
 
 def test_compiled_online_training_gives_the_eager_losses(data, tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """`compile=true` with online CMS levels (`train.loop.prepare_compile` turns buffer donation off, without which
-    the second backward call of each segment is refused), with the "aot_eager" backend to keep Inductor's compile
-    out of the CPU suite (Inductor's gradients: the next test's measurement in its docstring)."""
+    """`compile=true` with online CMS levels (`train.loop.prepare_compile` turns buffer donation off for the run,
+    without which a compiled backward's second call is refused: this test then fails), with the "aot_eager"
+    backend to keep Inductor's compile out of the CPU suite. The losses move too little to show a zero inner
+    gradient in the first segment: `test_compiled_online_levels_get_the_eager_gradients` pins that."""
     real = torch.compile
     monkeypatch.setattr(torch, "compile", lambda model, **kw: real(model, backend="aot_eager"))
     with torch._functorch.config.patch(donated_buffer=True):  # the default, which `prepare_compile` turns off
@@ -75,6 +77,13 @@ def _grads(model: torch.nn.Module, ids: torch.Tensor) -> list[torch.Tensor]:
     loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
     loss.backward()
     return [p.grad.clone() for p in model.parameters()]
+
+
+def test_compile_refuses_online_levels_with_the_full_meta_gradient(data, tmp_path) -> None:
+    """A compiled backward cannot be differentiated again: refused with the fix, not a torch-internal error."""
+    full = {**ONLINE, "model_overrides": {**ONLINE["model_overrides"], "cms_meta_grad": "full"}}
+    with pytest.raises(ValueError, match=r"cms_meta_grad=full.*compile=false"):
+        train(TrainConfig(data=str(data), out=str(tmp_path), steps=1, compile=True, **full))
 
 
 @torch._functorch.config.patch(donated_buffer=False)
