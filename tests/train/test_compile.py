@@ -53,7 +53,7 @@ def test_every_variant_traces_to_one_graph(variant: str, impl: str) -> None:
 
 # 24 tokens in segments of 8: three learned segments a sequence, so a compiled backward runs more than once a step
 ONLINE = {**TINY, "variant": "hope_attention", "seq_len": 24,
-          "model_overrides": {**TINY["model_overrides"], "cms_levels": [None, 16, 8]}}  # fmt: skip
+          "model_overrides": {**TINY["model_overrides"], "n_layers": 1, "cms_levels": [None, 16, 8]}}  # fmt: skip
 
 
 def test_compiled_online_training_gives_the_eager_losses(data, tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -64,10 +64,10 @@ def test_compiled_online_training_gives_the_eager_losses(data, tmp_path, monkeyp
     real = torch.compile
     monkeypatch.setattr(torch, "compile", lambda model, **kw: real(model, backend="aot_eager"))
     with torch._functorch.config.patch(donated_buffer=True):  # the default, which `prepare_compile` turns off
-        train(TrainConfig(data=str(data), out=str(tmp_path / "eager"), steps=2, **ONLINE))
-        train(TrainConfig(data=str(data), out=str(tmp_path / "compiled"), steps=2, compile=True, **ONLINE))
+        train(TrainConfig(data=str(data), out=str(tmp_path / "eager"), steps=1, **ONLINE))
+        train(TrainConfig(data=str(data), out=str(tmp_path / "compiled"), steps=1, compile=True, **ONLINE))
     eager, compiled = losses(tmp_path / "eager"), losses(tmp_path / "compiled")
-    assert [s for s, *_ in compiled] == [1, 2]
+    assert [s for s, *_ in compiled] == [1]
     for (_, a, _), (_, b, _) in zip(eager, compiled, strict=True):
         assert abs(a - b) <= 1e-4 * abs(a)
 
@@ -97,7 +97,7 @@ def test_compiled_online_levels_get_the_eager_gradients(whole: bool) -> None:
     then off by 1.9e-3 here, up to 108 % at the debug preset. The config is patched by torch's own `patch`:
     pytest's monkeypatch deletes the entry on undo (it is not in the module's `__dict__`), which hides it and
     breaks every later compile."""
-    for online in (True, False):
+    for online in (True, False) if not whole else (True,):  # a static model's whole compile: the tests above
         cfg = preset("debug", "hope_attention", n_layers=2, d_model=32, n_heads=2, mlp_hidden=48,
                      cms_levels=(None, 16, 8), **({} if online else {"cms_online_layers": ()}))  # fmt: skip
         torch.manual_seed(0)
