@@ -92,8 +92,7 @@ def find_variants(model_cfg: ModelConfig, device: torch.device, seq_len: int, mo
     with _recording(seen):
         if mode == "train":
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                logits = model(ids)[0]
-                loss = torch.nn.functional.cross_entropy(logits[0, :-1].float(), ids[0, 1:])
+                loss = model.loss(ids)[0]
             loss.backward()
         else:
             model.eval()
@@ -154,6 +153,7 @@ USAGE = """examples:
 
 def main(argv: list[str] | None = None) -> list[tuple[Variant, float, str | None]]:
     from .train.config import load_config
+    from .train.loop import resolve_device, uses_bf16
 
     p = argparse.ArgumentParser(prog="nestlearn kernels", description=__doc__.split("\n\n")[0], epilog=USAGE,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
@@ -169,10 +169,9 @@ def main(argv: list[str] | None = None) -> list[tuple[Variant, float, str | None
     args = p.parse_args(argv)
     with user_errors("nestlearn kernels", debug=args.debug):
         cfg = load_config(args.config, args.overrides, need_data=False)
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else \
-            torch.device(cfg.device)  # fmt: skip
+        device = resolve_device(cfg.device)
         model_cfg = preset(cfg.model, cfg.variant, ablation=cfg.ablation, **cfg.model_overrides)
-        bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
+        bf16 = uses_bf16(cfg, device)
         variants = find_variants(model_cfg, device, cfg.seq_len, args.mode, bf16)
         if not variants:
             print(f"{cfg.variant} at {cfg.model} launches no MLP memory kernel on {device.type} (impl, head shape "

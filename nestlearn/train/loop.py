@@ -362,5 +362,9 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
 
 
 def _autocast(run: Run) -> Any:
-    bf16 = run.cfg.precision == "bf16" or (run.cfg.precision == "auto" and run.device.type == "cuda")
-    return torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=bf16)
+    return torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=uses_bf16(run.cfg, run.device))
+
+
+def uses_bf16(cfg: TrainConfig, device: torch.device) -> bool:
+    """Whether a run of `cfg` on `device` trains under bf16 autocast (precision bf16, or auto on CUDA)."""
+    return cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")

@@ -11,7 +11,7 @@ product of log2(n) factors is exact). It writes every chunk's outputs, every chu
 state. `_mlp_backward_kernel` walks the chunks back: it recomputes each chunk from its saved start and applies
 `adjoint.mlp_chunk_adjoint` (the two matrix steps' adjoints, the MLP's chain, the frozen surprise), carrying the
 state's adjoint in its scratch buffer (below); it writes the adjoints of every chunk's q, k, k̂, v and gate
-products (which autograd then takes back through the chunk layout, as `adjoint.py` does) and of the initial
+products (which `adjoint._prepare_adjoint` takes back through the chunk layout) and of the initial
 state. Its shared memory is kept down by a per-program scratch buffer in global memory (`NSLOT` slots and the
 state's adjoint): every tensor a dot takes is stashed
 there (or read from its input) and read back fresh just before its dots (section comment below), so that each
