@@ -140,11 +140,28 @@ class StepGraphs:
     def _capture(
         self, block: Block, leaves: list[Any], spec: Any, slots: list[int], tensors: list[Tensor]
     ) -> tuple[_FlatCall, Any]:
-        flat = _FlatCall(block, leaves, spec, slots)
-        samples = [t.detach().clone().requires_grad_(t.requires_grad) for t in tensors]
-        amp = torch.is_autocast_enabled("cuda")
-        with torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"), enabled=amp, cache_enabled=False):
-            return flat, _graphed(flat, samples, self.warmup, retain=self.model.online_segment is not None)
+        retain = self.model.online_segment is not None
+        return _capture_call(block, leaves, spec, slots, tensors, self.warmup, retain=retain, params=True)
+
+
+def _capture_call(
+    block: Block,
+    leaves: list[Any],
+    spec: Any,
+    slots: list[int],
+    tensors: list[Tensor],
+    warmup: int,
+    *,
+    retain: bool,
+    params: bool,
+) -> tuple[_FlatCall, Any]:
+    """One differentiable block call captured by `_graphed` under the caller's autocast dtype (weight cache off,
+    as capture requires). -> the flattened call and its graphed function of the call's tensors."""
+    flat = _FlatCall(block, leaves, spec, slots)
+    samples = [t.detach().clone().requires_grad_(t.requires_grad) for t in tensors]
+    amp = torch.is_autocast_enabled("cuda")
+    with torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"), enabled=amp, cache_enabled=False):
+        return flat, _graphed(flat, samples, warmup, retain=retain, params=params)
 
 
 @contextlib.contextmanager
@@ -163,7 +180,7 @@ def _capturing(graph: torch.cuda.CUDAGraph, pool: Any) -> Iterator[None]:
             gc.enable()
 
 
-def _graphed(fn: nn.Module, samples: list[Tensor], warmup: int, *, retain: bool = False) -> Any:
+def _graphed(fn: nn.Module, samples: list[Tensor], warmup: int, *, retain: bool = False, params: bool = True) -> Any:
     """`fn(*tensors) -> tuple of tensors` as an autograd function whose forward and backward each replay one CUDA
     graph (the pattern of `torch.cuda.make_graphed_callables`, in a private memory pool). Unlike that function's,
     the backward returns copies of the graph's gradient buffers: autograd may keep a returned gradient (as a
@@ -172,9 +189,10 @@ def _graphed(fn: nn.Module, samples: list[Tensor], warmup: int, *, retain: bool 
     gradient, then the outer loss), so it is captured with `retain_graph`: captured without it, it frees the
     forward's saved tensors into the pool as it goes and its own later temporaries overwrite them, which a
     second replay would read. Without `retain` the pool reuses that memory (HOPE, static levels, 20M, 8 x 2,048
-    on the H200: 13.0 GiB peak without, 112.4 GiB with)."""
-    params = [p for p in fn.parameters() if p.requires_grad]
-    inputs = samples + params
+    on the H200: 13.0 GiB peak without, 112.4 GiB with). `params=False`: the backward gives no gradient to
+    `fn`'s parameters (callers that never need them: the online CMS's learning step without an outer graph)."""
+    weights = [p for p in fn.parameters() if p.requires_grad] if params else []
+    inputs = samples + weights
     wants = [t.requires_grad for t in inputs]
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
@@ -220,7 +238,7 @@ def _graphed(fn: nn.Module, samples: list[Tensor], warmup: int, *, retain: bool 
             return tuple(None if b is None else b.clone() for b in grad_in)
 
     def call(*args: Tensor) -> tuple[Tensor, ...]:
-        return Graphed.apply(*args, *params)
+        return Graphed.apply(*args, *weights)
 
     return call
 
@@ -242,16 +260,23 @@ class DecodeGraphs:
     pool: the replay's outputs are copied out at once (the caller owns the state it gets), so a graph's buffers hold
     nothing live between replays and the graphs may reuse each other's memory in any order. Semantics are the eager
     calls': the same kernels on the same values (the graphs read the parameters' storage, so in-place weight updates
-    are seen). What is not captured (runs as before): calls with gradients (the online CMS's learning step every S
-    tokens, training), in training mode, with more than one token (a prompt), a block's first call (no state yet).
+    are seen). The online CMS's learning step (every S tokens: the segment's forward and the inner gradient
+    through it, `CausalLM.inner_only`) is captured too, each block call's forward and backward as one graph each
+    (`_graphed`, without the parameters' gradients, which that step never takes), keyed as above and captured at
+    the key's second sighting; its outputs are copied out as well. At 32K tokens of context on the H200 the
+    eager learning step of HOPE 20M took 1.75 s, 3.4 ms of the 12.7 ms amortised per decoded token
+    (docs/results/speed.md). What is not captured (runs as before): other calls with gradients (training, an
+    outer graph), in training mode, prompts outside a learning step, a block's first call (no state yet).
     What it is not: available on CPU."""
 
     def __init__(self, model: CausalLM) -> None:
         self.model = model
         self.pool = self._new_pool()
         self.graphs: dict[tuple, tuple[_FlatCall, Any, list[Tensor], tuple[Tensor, ...]]] = {}
+        self.learning: dict[tuple, tuple[_FlatCall, Any]] = {}  # the learning step's block calls
         self.seen: set[int] = set()
-        self.counts = {"eager": 0, "replayed": 0}  # one-token block calls without gradients, since install
+        # block calls since install: one-token calls without gradients; the learning step's calls
+        self.counts = {"eager": 0, "replayed": 0, "learning eager": 0, "learning replayed": 0}
         self._inner = model.block_runner
         model.block_runner = self._run
 
@@ -268,6 +293,7 @@ class DecodeGraphs:
         if self.model.block_runner == self._run:
             self.model.block_runner = self._inner
         self.graphs.clear()
+        self.learning.clear()
 
     def __enter__(self) -> DecodeGraphs:
         return self
@@ -281,15 +307,17 @@ class DecodeGraphs:
         return block(x, state, second_order=second_order)
 
     def _run(self, index: int, block: Block, x: Tensor, state: BlockState | None, second_order: bool):
-        if torch.is_grad_enabled() or self.model.training or state is None or x.shape[1] != 1:
+        if self.model.training or state is None:
+            return self._eager(index, block, x, state, second_order)
+        if torch.is_grad_enabled():
+            return self._learn(index, block, x, state, second_order)
+        if x.shape[1] != 1:
             return self._eager(index, block, x, state, second_order)
         leaves, spec, slots, tensors, consts = _flatten(x, state)
         signature = tuple((tuple(t.shape), t.dtype) for t in tensors)
         key = (index, repr(spec), consts, signature, torch.is_autocast_enabled("cuda"))
         if key not in self.graphs:
-            if hash(key) not in self.seen:  # hashes only: an attention block adds one key per token
-                self.seen.add(hash(key))
-                self.counts["eager"] += 1
+            if self._first_sighting(key, "eager"):
                 return self._eager(index, block, x, state, second_order)
             self.graphs[key] = self._capture(block, leaves, spec, slots, tensors)
         self.counts["replayed"] += 1
@@ -298,6 +326,30 @@ class DecodeGraphs:
             static.copy_(real)
         graph.replay()
         return flat.rebuild(tensors, tuple(o.clone() for o in static_out))
+
+    def _first_sighting(self, key: tuple, count: str) -> bool:
+        """Whether `key` is seen for the first time (the call then runs eagerly, counted under `count`)."""
+        if hash(key) in self.seen:  # hashes only: an attention block adds one key per token
+            return False
+        self.seen.add(hash(key))
+        self.counts[count] += 1
+        return True
+
+    def _learn(self, index: int, block: Block, x: Tensor, state: BlockState, second_order: bool):
+        """A block call with gradients: replayed when it belongs to the learning step (`CausalLM.inner_only`)
+        and something in it is differentiated, else eager. The outputs are copies (the caller owns them)."""
+        leaves, spec, slots, tensors, consts = _flatten(x, state)
+        if not self.model.inner_only or second_order or not any(t.requires_grad for t in tensors):
+            return self._eager(index, block, x, state, second_order)
+        signature = tuple((tuple(t.shape), t.dtype, t.requires_grad) for t in tensors)
+        key = ("learning", index, repr(spec), consts, signature, torch.is_autocast_enabled("cuda"))
+        if key not in self.learning:
+            if self._first_sighting(key, "learning eager"):
+                return self._eager(index, block, x, state, second_order)
+            self.learning[key] = _capture_call(block, leaves, spec, slots, tensors, 1, retain=False, params=False)
+        self.counts["learning replayed"] += 1
+        flat, graphed = self.learning[key]
+        return flat.rebuild(tensors, tuple(o.clone() for o in graphed(*tensors)))
 
     def _capture(self, block: Block, leaves: list[Any], spec: Any, slots: list[int], tensors: list[Tensor]):
         flat = _FlatCall(block, leaves, spec, slots)

@@ -36,8 +36,9 @@ What it is not: a trainer, a tokenizer, or the Hugging Face wrapper (`hf.py`).
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
 import torch
@@ -100,6 +101,10 @@ class CausalLM(nn.Module):
         # what runs a block call `(index, block, x, state, second_order) -> (x, state)` where it is not the
         # block itself: `graphs.StepGraphs` replays captured calls through it
         self.block_runner: Callable[..., tuple[Tensor, BlockState]] | None = None
+        # True while the online driver forwards a segment whose only gradient is its inner one (no outer graph:
+        # generation, prefill, `learn` under no_grad): each block call of it is then differentiated once, with
+        # respect to its inputs and fast weights, never its parameters (`graphs.DecodeGraphs` captures such calls)
+        self.inner_only = False
 
     def _init_weights(self) -> None:
         """N(0, init_std) for the embedding and every linear weight; biases (gate offsets) keep their values."""
@@ -215,7 +220,8 @@ class CausalLM(nn.Module):
             start = self._differentiable(start, tokens.shape[0], fresh=not outer)
             if torch.compiler.is_compiling():  # the inner gradient needs the fast weights as inputs of the graph
                 torch._dynamo.graph_break()  # that makes the loss, not as its own intermediates (made above)
-            logits, blocks = self._forward_blocks(tokens, start, full)
+            with contextlib.nullcontext() if outer else self._inner_only():
+                logits, blocks = self._forward_blocks(tokens, start, full)
             cms_states = {i: blocks[i].cms for i in self.online_blocks}
             fast = {i: self.blocks[i].cms.fast_weights(st) for i, st in cms_states.items()}
             grads = _inner_grads(logits, targets, [w for ws in fast.values() for w in ws], full, outer)
@@ -228,6 +234,14 @@ class CausalLM(nn.Module):
         if not outer:
             logits, out = logits.detach(), _detach(out)
         return logits, out
+
+    @contextlib.contextmanager
+    def _inner_only(self) -> Iterator[None]:
+        self.inner_only = True
+        try:
+            yield
+        finally:
+            self.inner_only = False
 
     def _differentiable(
         self, states: tuple[BlockState | None, ...], batch: int, fresh: bool

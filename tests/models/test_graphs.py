@@ -102,7 +102,7 @@ def test_flattened_calls_equal_eager_calls_on_cpu(variant: str, over: dict, monk
     """The bookkeeping around each capture (state flattened to tensors, outputs rebuilt, tensors handed through
     kept, one entry per call of a step) with the capture replaced by the call itself: exact in float32."""
     monkeypatch.setattr(graphs_module, "check_graphable", lambda model: None)
-    monkeypatch.setattr(graphs_module, "_graphed", lambda fn, samples, warmup, retain=False: fn)
+    monkeypatch.setattr(graphs_module, "_graphed", lambda fn, samples, warmup, retain, params: fn)
     _compare(variant, over, "cpu", False, dict(rtol=0, atol=0))
 
 
@@ -141,6 +141,7 @@ def test_decode_graphs_generate_the_eager_tokens(variant: str, over: dict) -> No
     for a, b in zip(state, state_g, strict=True):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
     assert (counts["replayed"] > 0) == _replays_expected(variant), counts
+    assert (counts["learning replayed"] > 0) == (variant == "hope" and over is LEARNING), counts
 
 
 class _CallGraph:
@@ -155,10 +156,11 @@ class _CallGraph:
                 o.copy_(n)
 
 
-@pytest.mark.parametrize("variant", ["hope", "titans_lmm", "transformer", "titans_mag"])
+@pytest.mark.parametrize("variant", ["hope", "titans_lmm", "transformer", "titans_mag", "hope_online"])
 def test_decode_bookkeeping_on_cpu(variant: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Keys, capture at a key's second sighting, outputs rebuilt and copied out, with the capture replaced by a
-    stand-in that reruns the call: exact in float32, and replays only where keys repeat."""
+    stand-in that reruns the call: exact in float32, and replays only where keys repeat. With online levels the
+    learning step's calls (every 8 tokens here) go through the same bookkeeping, their stand-in the call itself."""
 
     def capture(self, block, leaves, spec, slots, tensors):
         flat = graphs_module._FlatCall(block, leaves, spec, slots)
@@ -168,14 +170,18 @@ def test_decode_bookkeeping_on_cpu(variant: str, monkeypatch: pytest.MonkeyPatch
 
     monkeypatch.setattr(DecodeGraphs, "_new_pool", lambda self: None)
     monkeypatch.setattr(DecodeGraphs, "_capture", capture)
-    model = small(variant, **(STATIC if variant == "hope" else {})).eval()
-    tokens, state, _ = _decode(model, False, steps=24)
-    tokens_g, state_g, counts = _decode(model, True, steps=24)
+    monkeypatch.setattr(graphs_module, "_graphed", lambda fn, samples, warmup, retain, params: fn)
+    online, variant = variant.endswith("_online"), variant.removesuffix("_online")
+    model = small(variant, **(LEARNING if online else STATIC if variant == "hope" else {})).eval()
+    steps = 40 if online else 24  # the learning step's keys repeat every third segment (3-token memory chunks)
+    tokens, state, _ = _decode(model, False, steps=steps)
+    tokens_g, state_g, counts = _decode(model, True, steps=steps)
     assert torch.equal(tokens, tokens_g)
     for a, b in zip(state, state_g, strict=True):
         torch.testing.assert_close(b, a, rtol=0, atol=0)
     assert (counts["replayed"] > 0) == _replays_expected(variant), counts
-    assert model.block_runner is None  # given back on exit
+    assert (counts["learning replayed"] > 0) == online, counts
+    assert model.block_runner is None and not model.inner_only  # given back on exit
 
 
 def test_decode_graphs_refuse_a_cpu_model() -> None:
