@@ -172,7 +172,8 @@ class CMS(nn.Module):
         levels = list(state.levels)
         for i in self.online_levels:
             st = self._online(state, i)
-            levels[i] = st._replace(weights=tuple(fn(w) for w in st.weights))
+            # the constructor, not `_replace` (which torch 2.11's dynamo cannot rebuild at a graph break: lm.py)
+            levels[i] = CMSLevel(tuple(fn(w) for w in st.weights), st.grads, st.start, st.start_grads)
         return CMSState(tuple(levels))
 
     def step(self, state: CMSState, grads: Sequence[Tensor], end: int) -> CMSState:

@@ -228,7 +228,7 @@ class CausalLM(nn.Module):
             new, k = list(blocks), 0
             for i, st in cms_states.items():
                 n = len(fast[i])
-                new[i] = blocks[i]._replace(cms=self.blocks[i].cms.step(st, grads[k : k + n], end))
+                new[i] = BlockState(blocks[i].mixers, self.blocks[i].cms.step(st, grads[k : k + n], end))
                 k += n
         out: tuple[BlockState, ...] = tuple(new)
         if not outer:
@@ -255,7 +255,9 @@ class CausalLM(nn.Module):
         new = list(states)
         for i in self.online_blocks:
             st = states[i] if states[i] is not None else self.blocks[i].init_state(batch)
-            new[i] = st._replace(cms=self.blocks[i].cms.map_fast_weights(st.cms, lambda w: _leaf(w, fresh)))
+            # the constructor, not `_replace`: torch 2.11's dynamo cannot rebuild a NamedTuple that `_replace` made
+            # inside a compiled region at the graph break below (AssertionError in side_effects.py)
+            new[i] = BlockState(st.mixers, self.blocks[i].cms.map_fast_weights(st.cms, lambda w: _leaf(w, fresh)))
         return tuple(new)
 
     # -----------------------------------------------------------------------------------------
