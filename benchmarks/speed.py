@@ -66,7 +66,9 @@ Sections (`--sections`, default all):
   fast state is shared by the batch, so parameter counts differ: both are in the notes). Forward + backward:
   nested-learning's online training step for one chunk spanning the sequence (read with a fresh fast state,
   loss, backward, then its update pass with the teach signal under `no_grad`, where its memories learn), ours
-  `loss(ids).backward()` (our memories learn inside the forward). The ratio is the peer's tokens/s over ours.
+  `loss(ids).backward()` (our memories learn inside the forward; with `--graphs` on CUDA also with its block
+  calls replayed as CUDA graphs, `StepGraphs`, the first warm-up call capturing them). The ratio is each row's
+  tokens/s over our eager row's.
   The peers come from wheels (`scripts/fetch_peer_wheels.sh` downloads them into `.wheels/peers/`;
   `--install-peers` installs `.wheels/peers/*.whl` and `.wheels/*.whl` with `pip --no-deps --no-index` first,
   then starts the run again); a peer that does not import is recorded with the reason.
@@ -110,7 +112,7 @@ from nestlearn.layers.fast_weights import Impl
 from nestlearn.models import CausalLM, ModelConfig, next_token_loss, preset
 from nestlearn.models.block import build_mixers
 from nestlearn.models.config import RECURRENT, fields_for
-from nestlearn.models.graphs import DecodeGraphs
+from nestlearn.models.graphs import DecodeGraphs, StepGraphs
 from nestlearn.models.presets import PRESETS
 
 SECTIONS = ("train", "blocks", "decode", "peers")
@@ -487,6 +489,9 @@ def peer_jobs(args: argparse.Namespace, plan: Plan) -> Iterator[Job]:
     name, batch, seq = plan.peer_hope
     group = {"section": "peers", "group": "peers hope", "shape": f"{name} sizes: {batch} x {seq}", "vs": "ours"}
     yield {**group, "name": "ours: HOPE (CausalLM)", "ref": True}, lambda: hope_row(None, batch, seq, args, plan)
+    if args.graphs and args.device == "cuda":
+        name = "ours: HOPE + CUDA graphs"
+        yield {**group, "name": name, "ref": False}, lambda: hope_row("graphs", batch, seq, args, plan)
     yield {**group, "name": "nested-learning HOPEModel", "ref": False}, lambda: hope_row("peer", batch, seq, args, plan)
 
 
@@ -548,17 +553,21 @@ def peer_hope_model(cfg: ModelConfig) -> torch.nn.Module:
 
 
 def hope_row(which: str | None, batch: int, seq: int, args: argparse.Namespace, plan: Plan) -> dict[str, Any]:
-    """Forward + backward of our HOPE (`which=None`) or nested-learning's (`"peer"`) on one batch of random ids."""
+    """Forward + backward of our HOPE (`which=None`; `"graphs"`: its block calls replayed as CUDA graphs, the
+    first warm-up call capturing them, as `nestlearn train cuda_graphs=true` runs it) or nested-learning's
+    (`"peer"`) on one batch of random ids."""
     cfg = preset(plan.peer_hope[0], "hope")
     torch.manual_seed(0)
     ids = torch.randint(0, cfg.vocab_size, (batch, seq), device=args.device)
-    if which is None:
+    if which in (None, "graphs"):
         model = CausalLM(cfg).to(args.device)
+        captured = StepGraphs(model) if which == "graphs" else None
 
         def call() -> None:
             model.zero_grad(set_to_none=True)
             with autocast(args.device):
-                loss, _ = model.loss(ids)
+                logits = model(ids)[0] if captured is None else captured.logits(ids)
+                loss = next_token_loss(logits[:, :-1], ids[:, 1:])
             loss.backward()
 
         note = f"{n_params(model):,} params"
