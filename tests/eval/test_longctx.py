@@ -273,13 +273,14 @@ def test_streamed_scoring_equals_one_pass_for_a_recurrent_model() -> None:
     whole = lc.score_sample(model, TOK, sample, chunk=10_000)[0]
     streamed = lc.score_sample(model, TOK, sample, chunk=23)[0]
     q = sample.queries[0]
+    rows = [sample.context + q.prompt + TOK.encode(" " + value) for value in (*q.answers, *q.distractors)]
+    m = len(TOK.encode(" " + q.answers[0]))
+    assert {len(ids) for ids in rows} == {len(rows[0])}  # passkeys of one length: one batch, a row each
     with torch.no_grad():
-        for score, value in zip(whole.scores[0], (*q.answers, *q.distractors), strict=True):
-            ids = sample.context + q.prompt + TOK.encode(" " + value)
-            m = len(TOK.encode(" " + value))
-            logits, _ = model(torch.tensor([ids[:-1]]))  # context + question + answer in one pass
-            logp = torch.log_softmax(logits[0, -m:], dim=-1)[torch.arange(m), torch.tensor(ids[-m:])]
-            assert score == pytest.approx(float(logp.mean()), abs=1e-9, rel=0)
+        logits, _ = model(torch.tensor([ids[:-1] for ids in rows]))  # context + question + answer in one pass
+    for score, ids, row_logits in zip(whole.scores[0], rows, logits, strict=True):
+        logp = torch.log_softmax(row_logits[-m:], dim=-1)[torch.arange(m), torch.tensor(ids[-m:])]
+        assert score == pytest.approx(float(logp.mean()), abs=1e-9, rel=0)
     assert streamed.generated == whole.generated
     for a, b in zip(streamed.scores[0], whole.scores[0], strict=True):
         assert a == pytest.approx(b, abs=1e-9, rel=0)

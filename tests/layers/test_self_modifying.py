@@ -293,23 +293,31 @@ def _two_calls(layer: SelfModifyingTitans, x: torch.Tensor) -> list[torch.Tensor
     return [y1, y2, *states, *torch.autograd.grad(loss, list(layer.parameters()))]
 
 
-@pytest.mark.parametrize("save_every", [1, 2])
 @pytest.mark.parametrize("name", ["hope", "adaptive_q", "no_momentum", "no_weight_decay", "static_k"])
 def test_compiled_step_gives_the_eager_results(
-    name: str, save_every: int, fresh_compiles: None, monkeypatch: pytest.MonkeyPatch
+    name: str, fresh_compiles: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """`compile_step` (traced by dynamo and AOTAutograd, no code generation: "aot_eager"), float64, C_proj = 3:
     the second call's first chunk finishes an open one and its last is short (both eager), the rest compiled,
-    inside checkpointed segments with `save_every` 2: the eager loop's outputs, states and every gradient, from
-    one graph for every compiled chunk."""
+    inside checkpointed segments with `save_every` 2, then without them (`save_every` 1): the eager loop's
+    outputs, states and every gradient, from one graph for every compiled chunk of both runs. The graph is traced
+    once, inside the checkpointed segments; the second run takes it without a recompile (each run was its own
+    test case, tracing the same graph again)."""
     monkeypatch.setattr(self_modifying, "COMPILE_BACKEND", "aot_eager")
+    compiled_chunks: list[object] = []  # the plans of the chunks that took the compiled step
+    run_compiled = self_modifying._run_compiled
+    monkeypatch.setattr(self_modifying, "_run_compiled",
+                        lambda plan, *args: compiled_chunks.append(plan) or run_compiled(plan, *args))  # fmt: skip
     x = torch.randn(2, 23, 16, dtype=torch.float64)
-    kw = dict(mem_chunk=4, proj_chunk=3, save_every=save_every)
-    want = _two_calls(build(ABLATIONS[name], **kw), x)
-    got = _two_calls(build(ABLATIONS[name], compile_step=True, **kw), x)
-    for a, b in zip(want, got, strict=True):
-        torch.testing.assert_close(b, a, rtol=0, atol=1e-12)
-    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+    for save_every in (2, 1):
+        kw = dict(mem_chunk=4, proj_chunk=3, save_every=save_every)
+        want = _two_calls(build(ABLATIONS[name], **kw), x)
+        compiled_chunks.clear()
+        got = _two_calls(build(ABLATIONS[name], compile_step=True, **kw), x)
+        assert compiled_chunks and not set(compiled_chunks) & self_modifying._EAGER_PLANS, save_every
+        for a, b in zip(want, got, strict=True):
+            torch.testing.assert_close(b, a, rtol=0, atol=1e-12)
+        assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1, save_every
 
 
 def test_compiled_step_only_where_it_trains(fresh_compiles: None, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -37,8 +37,13 @@ def _compare(spec: MemorySpec, B: int, T: int, H: int, D: int, C: int, device: s
 
 
 @pytest.mark.parametrize("switch", sorted(SWITCHES))
-@pytest.mark.parametrize("shape", [(16, 40), (32, 32), (16, 16)], ids=lambda s: "C{}_T{}".format(*s))
+@pytest.mark.parametrize("shape", [(16, 40), (32, 32)], ids=lambda s: "C{}_T{}".format(*s))
 def test_kernel_forward_equals_the_chunk_loop(switch: str, shape: tuple[int, int]) -> None:
+    """Every switch at two shapes: three 16-token chunks, the last open (the anchor, the backward's alternating
+    state-adjoint sets past their first swap), and one whole 32-token chunk (a call ending on a chunk boundary, no
+    saved starts). A whole 16-token chunk (C16_T16, dropped for CI's time: about 16 s in the interpreter) ran no
+    branch these two do not: its chunk length is the first shape's, its one-chunk call and boundary end the
+    second's."""
     C, T = shape
     spec = MemorySpec(kind="mlp", expansion=2, **SWITCHES[switch])
     _compare(spec, 1, T, 2, 16, C, DEVICE)

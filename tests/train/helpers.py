@@ -8,6 +8,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
+
+from nestlearn.train import load_config, train
+
 SMALL = {"n_layers": 2, "d_model": 32, "n_heads": 2, "mlp_hidden": 48}
 TINY = dict(model="debug", variant="transformer", seq_len=16, batch_size=4, warmup=2, log_every=1, eval_every=3,
             eval_windows=2, ckpt_every=3, model_overrides=SMALL)  # fmt: skip
@@ -32,3 +36,15 @@ def torchrun(nproc: int, args: list[str]) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
     result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
+
+
+def one_process(args: list[str]) -> None:
+    """`python -m nestlearn.train *args` in this process on one thread: the run `torchrun(1, args)` makes, the same
+    losses and weights bit for bit on CPU (its rank also runs one thread and takes the whole batch), without
+    starting torchrun's two interpreters (about 4 s of a 2-core machine's time each)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        train(load_config(None, args))
+    finally:
+        torch.set_num_threads(threads)

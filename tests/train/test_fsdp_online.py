@@ -11,7 +11,7 @@ import pytest
 import torch.distributed as dist
 
 from nestlearn.io import load_bundle
-from tests.train.helpers import losses, torchrun
+from tests.train.helpers import losses, one_process, torchrun
 
 pytestmark = pytest.mark.skipif(
     not (dist.is_available() and dist.is_gloo_available()), reason="needs torch.distributed with gloo"
@@ -50,7 +50,7 @@ def test_two_process_fsdp2_with_online_cms_and_resume_equals_one_process(data, t
     """Hope-Attention: 2 ranks x 2 sequences == 1 process x 4; the FSDP run is stopped at step 3 and resumed from
     its gathered checkpoint."""
     common, one, two = _common(data, "hope_attention"), tmp_path / "one", tmp_path / "two"
-    torchrun(1, [*common, f"out={one}"])
+    one_process([*common, f"out={one}"])
     torchrun(2, [*common, "distributed=fsdp", "stop_at=3", f"out={two}"])
     assert [s for s, *_ in losses(two)] == [1, 2, 3]
     torchrun(2, [*common, "distributed=fsdp", f"out={two}"])
@@ -60,6 +60,6 @@ def test_two_process_fsdp2_with_online_cms_and_resume_equals_one_process(data, t
 def test_two_process_fsdp2_hope_equals_one_process(data, tmp_path) -> None:
     """HOPE (self-modifying memories whose states also start from the parameters), without the stop."""
     common, one, two = _common(data, "hope"), tmp_path / "one", tmp_path / "two"
-    torchrun(1, [*common, f"out={one}"])
+    one_process([*common, f"out={one}"])
     torchrun(2, [*common, "distributed=fsdp", f"out={two}"])
     _same_run(one, two)

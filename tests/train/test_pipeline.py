@@ -10,7 +10,7 @@ import pytest
 
 from nestlearn.train import TrainConfig, load_config, lr_factor, train
 from nestlearn.train import checkpoints as train_mod
-from tests.train.helpers import TINY, losses, torchrun
+from tests.train.helpers import TINY, losses, one_process, torchrun
 
 
 def test_stop_and_resume_gives_the_same_loss_curve(data, tmp_path) -> None:
@@ -38,7 +38,7 @@ def test_two_process_ddp_equals_one_process(data, tmp_path) -> None:
               "model_overrides.n_layers=2", "model_overrides.d_model=32", "model_overrides.n_heads=2",
               "model_overrides.mlp_hidden=32", "model_overrides.cms_levels=[null,8]",
               "model_overrides.cms_lr=[0.0,0.1]"]  # fmt: skip
-    torchrun(1, [*common, f"out={tmp_path / 'one'}"])
+    one_process([*common, f"out={tmp_path / 'one'}"])
     torchrun(2, [*common, f"out={tmp_path / 'two'}"])
     one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
     assert [s for s, *_ in one] == [1, 2, 3]
@@ -111,7 +111,7 @@ def test_two_process_fsdp2_with_resume_equals_one_process(data, tmp_path) -> Non
               "warmup=1", "log_every=1", "eval_every=3", "eval_windows=2", "ckpt_every=3",
               "model_overrides.n_layers=2", "model_overrides.d_model=32", "model_overrides.n_heads=2",
               "model_overrides.mlp_hidden=32"]  # fmt: skip
-    torchrun(1, [*common, f"out={tmp_path / 'one'}"])
+    one_process([*common, f"out={tmp_path / 'one'}"])
     torchrun(2, [*common, "distributed=fsdp", "stop_at=3", f"out={tmp_path / 'two'}"])
     torchrun(2, [*common, "distributed=fsdp", f"out={tmp_path / 'two'}"])
     one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
