@@ -87,7 +87,8 @@ def _generate_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--state-out", default=None, metavar="DIR", help="save the state (and next-token logits) here")
     p.add_argument("--no-stop", action="store_true", help="do not stop at the end-of-text token")
     p.add_argument("--cuda-graphs", action="store_true",
-                   help="replay recurrent blocks' one-token calls as CUDA graphs (CUDA only)")  # fmt: skip
+                   help="replay recurrent blocks' one-token calls and online CMS learning steps as CUDA graphs "
+                        "(CUDA only)")  # fmt: skip
     p.set_defaults(func=generate.command)
 
 

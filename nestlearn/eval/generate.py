@@ -11,7 +11,8 @@ exactly where the call stopped: greedy decoding in two calls gives the same text
 `--state-in` reads the prompt after what the state holds. Without a prompt or saved logits, generation starts a
 new document (the tokenizer's end-of-text token). Generation stops at the end-of-text token unless
 `--no-stop`. `--no-learn` keeps the online CMS levels from learning (the sequence mixers still read every token).
-`--cuda-graphs` replays the recurrent blocks' one-token calls as CUDA graphs (`models.graphs.DecodeGraphs`).
+`--cuda-graphs` replays the recurrent blocks' one-token calls and the online CMS's learning steps as CUDA graphs
+(`models.graphs.DecodeGraphs`).
 What it is not: batched generation (`CausalLM.generate`), or the Hugging Face adapter's `generate`.
 """
 
