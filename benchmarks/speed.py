@@ -67,11 +67,13 @@ Sections (`--sections`, default all):
   nested-learning's online training step for one chunk spanning the sequence (read with a fresh fast state,
   loss, backward, then its update pass with the teach signal under `no_grad`, where its memories learn), ours
   `loss(ids).backward()` (our memories learn inside the forward; with `--graphs` on CUDA also with its block
-  calls replayed as CUDA graphs, `StepGraphs`, the first warm-up call capturing them). The ratio is each row's
+  calls replayed as CUDA graphs, `StepGraphs`, the first warm-up call capturing them, and again with
+  `compile_projection`). The ratio is each row's
   tokens/s over our eager row's.
   The peers come from wheels (`scripts/fetch_peer_wheels.sh` downloads them into `.wheels/peers/`;
   `--install-peers` installs `.wheels/peers/*.whl` and `.wheels/*.whl` with `pip --no-deps --no-index` first,
-  then starts the run again); a peer that does not import is recorded with the reason.
+  then starts the run again); a peer that does not import is recorded with the reason. `--peer-rows REGEX` keeps
+  the rows whose label matches (a group's ratios need its reference row, "ours: ...", among them).
 
 Peak memory (CUDA only; "-" on CPU, where one process's peak is not a row's): `train` as `time_training` reads
 it (model, optimizer state and activations), `blocks` and `peers` above what was allocated before the row,
@@ -480,6 +482,13 @@ def decode_at(carry: dict[str, Any], ctx: int, plan: Plan, args: argparse.Namesp
 
 
 def peer_jobs(args: argparse.Namespace, plan: Plan) -> Iterator[Job]:
+    """The peers rows whose label `--peer-rows` matches (each group's first row is its ratios' reference)."""
+    for base, fn in _peer_jobs(args, plan):
+        if re.search(args.peer_rows, base["name"]):
+            yield base, fn
+
+
+def _peer_jobs(args: argparse.Namespace, plan: Plan) -> Iterator[Job]:
     sizes = PRESETS[plan.block_width]
     D, H, T = sizes["d_model"], sizes["n_heads"], plan.peer_titans_T
     B = plan.block_tokens // T
@@ -492,6 +501,8 @@ def peer_jobs(args: argparse.Namespace, plan: Plan) -> Iterator[Job]:
     if args.graphs and args.device == "cuda":
         name = "ours: HOPE + CUDA graphs"
         yield {**group, "name": name, "ref": False}, lambda: hope_row("graphs", batch, seq, args, plan)
+        name = "ours: HOPE + CUDA graphs, compiled projection"
+        yield {**group, "name": name, "ref": False}, lambda: hope_row("graphs+compile", batch, seq, args, plan)
     yield {**group, "name": "nested-learning HOPEModel", "ref": False}, lambda: hope_row("peer", batch, seq, args, plan)
 
 
@@ -554,14 +565,17 @@ def peer_hope_model(cfg: ModelConfig) -> torch.nn.Module:
 
 def hope_row(which: str | None, batch: int, seq: int, args: argparse.Namespace, plan: Plan) -> dict[str, Any]:
     """Forward + backward of our HOPE (`which=None`; `"graphs"`: its block calls replayed as CUDA graphs, the
-    first warm-up call capturing them, as `nestlearn train cuda_graphs=true` runs it) or nested-learning's
+    first warm-up call capturing them, as `nestlearn train cuda_graphs=true` runs it; `"graphs+compile"`: the
+    same with `compile_projection`, the projection memories' chunk steps compiled) or nested-learning's
     (`"peer"`) on one batch of random ids."""
     cfg = preset(plan.peer_hope[0], "hope")
+    if which == "graphs+compile":
+        cfg = dataclasses.replace(cfg, compile_projection=True)
     torch.manual_seed(0)
     ids = torch.randint(0, cfg.vocab_size, (batch, seq), device=args.device)
-    if which in (None, "graphs"):
+    if which in (None, "graphs", "graphs+compile"):
         model = CausalLM(cfg).to(args.device)
-        captured = StepGraphs(model) if which == "graphs" else None
+        captured = StepGraphs(model) if which in ("graphs", "graphs+compile") else None
 
         def call() -> None:
             model.zero_grad(set_to_none=True)
@@ -668,6 +682,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--train-rows", default="", help="regex: only train rows whose label matches (and transformer)")
     p.add_argument("--train-presets", default="", help="comma-separated: only these train presets (e.g. 20M)")
     p.add_argument("--decode-rows", default="", help="regex: only decode rows whose label matches (and transformer)")
+    p.add_argument("--peer-rows", default="", help="regex: only peers rows whose label matches (keep the references)")
     p.add_argument(
         "--decode-impl",
         default="",
