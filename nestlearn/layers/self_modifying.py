@@ -345,7 +345,9 @@ def _compiled_step(plan: _Plan, backend: str) -> Callable[..., tuple[dict[str, T
     step = torch.compile(traced, backend=backend, fullgraph=True)
 
     def run(*args: object) -> tuple[dict[str, Tensor], MemoryState]:
-        with torch._functorch.config.patch(activation_memory_budget=plan.budget):
+        # donated buffers off: with online CMS levels the step's backward runs twice (the segment's inner gradient,
+        # then the outer loss), which a backward that donated its saved buffers refuses (seen on torch 2.11)
+        with torch._functorch.config.patch(activation_memory_budget=plan.budget, donated_buffer=False):
             return step(*args)
 
     return run

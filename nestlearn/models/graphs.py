@@ -20,7 +20,9 @@ its own buffers, rewritten by the next step's replay: the block states a step re
 step (a training step from the initial state discards them). A call whose shapes or state layout differ from the
 captured one gets a graph of its own (captured on first use: a few eager passes).
 Online CMS levels: the driver takes each segment's inner gradient through the captured calls and later the
-outer loss's, so their backward graphs are captured with `retain_graph` (`_graphed`'s `retain`; more memory).
+outer loss's, so their backward graphs are captured with `retain_graph` (`_graphed`'s `retain`; more memory),
+and each call gets a second backward graph without the parameters' gradients, which the inner gradient replays
+(`CausalLM.inner_gradient`; the outer backward replays the full one).
 What it is not: available on CPU, with activation checkpointing, DDP / FSDP (their hooks fire inside the blocks)
 or `torch.compile`; it captures nothing outside
 `logits`, nothing without gradients (evaluation, generation) and no call with full meta-gradients
@@ -31,7 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -141,7 +143,8 @@ class StepGraphs:
         self, block: Block, leaves: list[Any], spec: Any, slots: list[int], tensors: list[Tensor]
     ) -> tuple[_FlatCall, Any]:
         retain = self.model.online_segment is not None
-        return _capture_call(block, leaves, spec, slots, tensors, self.warmup, retain=retain, params=True)
+        return _capture_call(block, leaves, spec, slots, tensors, self.warmup, retain=retain, params=True,
+                             inputs_only=(lambda: self.model.inner_gradient) if retain else None)  # fmt: skip
 
 
 def _capture_call(
@@ -154,6 +157,7 @@ def _capture_call(
     *,
     retain: bool,
     params: bool,
+    inputs_only: Callable[[], bool] | None = None,
 ) -> tuple[_FlatCall, Any]:
     """One differentiable block call captured by `_graphed` under the caller's autocast dtype (weight cache off,
     as capture requires). -> the flattened call and its graphed function of the call's tensors."""
@@ -161,7 +165,7 @@ def _capture_call(
     samples = [t.detach().clone().requires_grad_(t.requires_grad) for t in tensors]
     amp = torch.is_autocast_enabled("cuda")
     with torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"), enabled=amp, cache_enabled=False):
-        return flat, _graphed(flat, samples, warmup, retain=retain, params=params)
+        return flat, _graphed(flat, samples, warmup, retain=retain, params=params, inputs_only=inputs_only)
 
 
 @contextlib.contextmanager
@@ -180,7 +184,15 @@ def _capturing(graph: torch.cuda.CUDAGraph, pool: Any) -> Iterator[None]:
             gc.enable()
 
 
-def _graphed(fn: nn.Module, samples: list[Tensor], warmup: int, *, retain: bool = False, params: bool = True) -> Any:
+def _graphed(
+    fn: nn.Module,
+    samples: list[Tensor],
+    warmup: int,
+    *,
+    retain: bool = False,
+    params: bool = True,
+    inputs_only: Callable[[], bool] | None = None,
+) -> Any:
     """`fn(*tensors) -> tuple of tensors` as an autograd function whose forward and backward each replay one CUDA
     graph (the pattern of `torch.cuda.make_graphed_callables`, in a private memory pool). Unlike that function's,
     the backward returns copies of the graph's gradient buffers: autograd may keep a returned gradient (as a
@@ -190,7 +202,13 @@ def _graphed(fn: nn.Module, samples: list[Tensor], warmup: int, *, retain: bool 
     forward's saved tensors into the pool as it goes and its own later temporaries overwrite them, which a
     second replay would read. Without `retain` the pool reuses that memory (HOPE, static levels, 20M, 8 x 2,048
     on the H200: 13.0 GiB peak without, 112.4 GiB with). `params=False`: the backward gives no gradient to
-    `fn`'s parameters (callers that never need them: the online CMS's learning step without an outer graph)."""
+    `fn`'s parameters (callers that never need them: the online CMS's learning step without an outer graph).
+    `inputs_only` (with `retain` and `params`): a second backward graph is captured without the parameters'
+    gradients, and replayed instead of the full one whenever `inputs_only()` is true at backward time (the online
+    driver's inner gradient inside a training step, `CausalLM.inner_gradient`: that pass differentiates only
+    towards the fast weights, and the outer backward that follows takes the parameters' gradients); the
+    parameters then get None from that replay. `counts` (an attribute of the returned function) counts the
+    backward replays of each kind."""
     weights = [p for p in fn.parameters() if p.requires_grad] if params else []
     inputs = samples + weights
     wants = [t.requires_grad for t in inputs]
@@ -217,6 +235,16 @@ def _graphed(fn: nn.Module, samples: list[Tensor], warmup: int, *, retain: bool 
     for w in wants:
         grad_in.append(next(it) if w else None)
     n_user = len(samples)
+    lean: torch.cuda.CUDAGraph | None = None  # the inputs-only backward (docstring)
+    if inputs_only is not None and retain and weights:
+        lean = torch.cuda.CUDAGraph()
+        with _capturing(lean, pool):
+            lean_grads = torch.autograd.grad([o for o, n in zip(static_out, needs, strict=True) if n],
+                                             [t for t in samples if t.requires_grad], grad_out, allow_unused=True,
+                                             retain_graph=True)  # fmt: skip
+        it = iter(lean_grads)
+        grad_lean = [next(it) if t.requires_grad else None for t in samples] + [None] * len(weights)
+    counts = {"backward": 0, "inputs-only backward": 0}
 
     class Graphed(torch.autograd.Function):
         @staticmethod
@@ -234,12 +262,18 @@ def _graphed(fn: nn.Module, samples: list[Tensor], warmup: int, *, retain: bool 
                 if n:
                     grad_out[k].copy_(gi)
                     k += 1
+            if lean is not None and inputs_only is not None and inputs_only():
+                lean.replay()
+                counts["inputs-only backward"] += 1
+                return tuple(None if b is None else b.clone() for b in grad_lean)
             bwd.replay()
+            counts["backward"] += 1
             return tuple(None if b is None else b.clone() for b in grad_in)
 
     def call(*args: Tensor) -> tuple[Tensor, ...]:
         return Graphed.apply(*args, *weights)
 
+    call.counts = counts  # type: ignore[attr-defined]
     return call
 
 

@@ -105,6 +105,10 @@ class CausalLM(nn.Module):
         # generation, prefill, `learn` under no_grad): each block call of it is then differentiated once, with
         # respect to its inputs and fast weights, never its parameters (`graphs.DecodeGraphs` captures such calls)
         self.inner_only = False
+        # True while the online driver takes a segment's inner gradient inside an outer graph (training): that
+        # backward needs no parameter's gradient, only the fast weights' (`graphs.StepGraphs` replays a captured
+        # backward without the parameters' gradients then); the outer backward comes later
+        self.inner_gradient = False
 
     def _init_weights(self) -> None:
         """N(0, init_std) for the embedding and every linear weight; biases (gate offsets) keep their values."""
@@ -220,11 +224,12 @@ class CausalLM(nn.Module):
             start = self._differentiable(start, tokens.shape[0], fresh=not outer)
             if torch.compiler.is_compiling():  # the inner gradient needs the fast weights as inputs of the graph
                 torch._dynamo.graph_break()  # that makes the loss, not as its own intermediates (made above)
-            with contextlib.nullcontext() if outer else self._inner_only():
+            with contextlib.nullcontext() if outer else self._flagged("inner_only"):
                 logits, blocks = self._forward_blocks(tokens, start, full)
             cms_states = {i: blocks[i].cms for i in self.online_blocks}
             fast = {i: self.blocks[i].cms.fast_weights(st) for i, st in cms_states.items()}
-            grads = _inner_grads(logits, targets, [w for ws in fast.values() for w in ws], full, outer)
+            with self._flagged("inner_gradient") if outer else contextlib.nullcontext():
+                grads = _inner_grads(logits, targets, [w for ws in fast.values() for w in ws], full, outer)
             new, k = list(blocks), 0
             for i, st in cms_states.items():
                 n = len(fast[i])
@@ -236,12 +241,13 @@ class CausalLM(nn.Module):
         return logits, out
 
     @contextlib.contextmanager
-    def _inner_only(self) -> Iterator[None]:
-        self.inner_only = True
+    def _flagged(self, flag: str) -> Iterator[None]:
+        """`self.<flag>` True inside (`inner_only`, `inner_gradient`), False again after, whatever happens."""
+        setattr(self, flag, True)
         try:
             yield
         finally:
-            self.inner_only = False
+            setattr(self, flag, False)
 
     def _differentiable(
         self, states: tuple[BlockState | None, ...], batch: int, fresh: bool

@@ -354,6 +354,21 @@ def test_recompile_limit_falls_back_to_eager(fresh_compiles: None, monkeypatch: 
     assert compiled.plan in self_modifying._EAGER_PLANS
 
 
+def test_compiled_step_differentiates_twice(fresh_compiles: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With online CMS levels the step's backward runs twice per segment (the inner gradient, then the outer loss),
+    so its graph is kept (`retain_graph`): the second pass gives the first one's gradients. (torch 2.11 refused the
+    second pass of a compiled backward that donated its saved buffers; the step turns donation off.)"""
+    monkeypatch.setattr(self_modifying, "COMPILE_BACKEND", "aot_eager_decomp_partition")
+    torch.manual_seed(0)
+    layer = SelfModifyingTitans(16, 2, spec=MemorySpec(), mem_chunk=8, proj_chunk=4, impl="adjoint", compile_step=True)
+    loss = layer(torch.randn(2, 16, 16))[0].square().sum()
+    first = torch.autograd.grad(loss, list(layer.parameters()), retain_graph=True)
+    second = torch.autograd.grad(loss, list(layer.parameters()))
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+    for a, b in zip(first, second, strict=True):
+        torch.testing.assert_close(b, a, rtol=0, atol=0)
+
+
 def test_compile_budget_keeps_less_for_the_backward(fresh_compiles: None, monkeypatch: pytest.MonkeyPatch) -> None:
     """`compile_budget` (AOTAutograd's activation memory budget; "aot_eager_decomp_partition" partitions as Inductor
     does, without code generation): at 0.05 the compiled step keeps less for the backward than the written-out

@@ -1,7 +1,8 @@
 """`StepGraphs` (CUDA graphs of every block call of a training step) computes the eager model's training step: the
 same losses and every parameter's gradient over several optimizer steps of two micro-batches (the graphs hold the
 parameters' storage; gradients accumulate over replays), for every variant (static CMS levels) and with online
-CMS levels learning inside the step (each captured backward replayed twice), under bf16 autocast too; the call
+CMS levels learning inside the step (each captured call differentiated twice: the inner gradient through a backward
+graph without the parameters' gradients, then the outer loss through the full one), under bf16 autocast too; the call
 bookkeeping (flattened states, outputs rebuilt, tensors handed through) is checked on CPU with the capture replaced
 by the call itself; the refusals name the fix. `DecodeGraphs` (one-token decoding) generates the eager tokens and
 states for every variant, with online CMS levels learning between replays, and replays only calls whose key
@@ -53,7 +54,7 @@ def _steps(model: CausalLM, ids: torch.Tensor, graphs: StepGraphs | None, amp: b
     return out
 
 
-def _compare(variant: str, over: dict, device: str, amp: bool, tol: dict) -> None:
+def _compare(variant: str, over: dict, device: str, amp: bool, tol: dict) -> StepGraphs:
     ids = torch.randint(0, 64, (4, 41), device=device, generator=torch.Generator(device).manual_seed(1))
     eager, graphed = small(variant, device, **over), small(variant, device, **over)
     graphs = StepGraphs(graphed)
@@ -62,6 +63,7 @@ def _compare(variant: str, over: dict, device: str, amp: bool, tol: dict) -> Non
         for x, y in zip(a, b, strict=True):
             torch.testing.assert_close(y, x, **tol)
     assert graphs.graphs, "no block call was captured"
+    return graphs
 
 
 @pytest.mark.gpu
@@ -83,7 +85,10 @@ def test_graphed_steps_with_online_levels_equal_eager_steps(variant: str, over: 
     """As above with online CMS levels learning inside the step: each captured call's backward is replayed twice
     (the segment's inner gradient, then the outer loss), so it must not free what its second replay reads."""
     tol = dict(rtol=2e-2, atol=1e-2) if amp else dict(rtol=1e-4, atol=1e-5)
-    _compare(variant, over, "cuda", amp, tol)
+    graphs = _compare(variant, over, "cuda", amp, tol)
+    counts = [graphed.counts for _, graphed in graphs.graphs.values()]
+    # the inner gradients took the backward without the parameters' gradients, every outer one the full one
+    assert sum(c["inputs-only backward"] for c in counts) > 0 and all(c["backward"] > 0 for c in counts), counts
 
 
 @pytest.mark.gpu
@@ -102,8 +107,28 @@ def test_flattened_calls_equal_eager_calls_on_cpu(variant: str, over: dict, monk
     """The bookkeeping around each capture (state flattened to tensors, outputs rebuilt, tensors handed through
     kept, one entry per call of a step) with the capture replaced by the call itself: exact in float32."""
     monkeypatch.setattr(graphs_module, "check_graphable", lambda model: None)
-    monkeypatch.setattr(graphs_module, "_graphed", lambda fn, samples, warmup, retain, params: fn)
+    seen: set[bool] = set()  # inputs_only() as each call's backward saw it
+
+    def stand_in(fn, samples, warmup, retain, params, inputs_only=None):
+        assert (inputs_only is not None) == retain  # an inputs-only backward only where backward runs twice
+
+        class Spy(torch.autograd.Function):
+            @staticmethod
+            def forward(ctx, *tensors):
+                return tuple(t.view_as(t) for t in tensors)
+
+            @staticmethod
+            def backward(ctx, *grads):
+                if inputs_only is not None:
+                    seen.add(inputs_only())
+                return grads
+
+        return lambda *tensors: fn(*Spy.apply(*tensors))
+
+    monkeypatch.setattr(graphs_module, "_graphed", stand_in)
     _compare(variant, over, "cpu", False, dict(rtol=0, atol=0))
+    # with online levels the inner gradient's backward is told it may skip the parameters, the outer one is not
+    assert seen == ({True, False} if "cms_levels" in over else set()), seen
 
 
 def test_refusals_name_the_fix() -> None:
@@ -170,7 +195,7 @@ def test_decode_bookkeeping_on_cpu(variant: str, monkeypatch: pytest.MonkeyPatch
 
     monkeypatch.setattr(DecodeGraphs, "_new_pool", lambda self: None)
     monkeypatch.setattr(DecodeGraphs, "_capture", capture)
-    monkeypatch.setattr(graphs_module, "_graphed", lambda fn, samples, warmup, retain, params: fn)
+    monkeypatch.setattr(graphs_module, "_graphed", lambda fn, samples, warmup, retain, params, **kw: fn)
     online, variant = variant.endswith("_online"), variant.removesuffix("_online")
     model = small(variant, **(LEARNING if online else STATIC if variant == "hope" else {})).eval()
     steps = 40 if online else 24  # the learning step's keys repeat every third segment (3-token memory chunks)
